@@ -1,0 +1,5 @@
+//! Numeric kernels, one file per op family.
+
+pub mod matmul;
+pub mod norm;
+pub mod wkv;

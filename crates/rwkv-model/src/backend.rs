@@ -1,0 +1,132 @@
+//! The contract between the engine and a compute backend (CPU, CUDA).
+//!
+//! A backend owns a pool of state slots. A forward step takes a ragged batch: several sequences,
+//! each naming its slot and bringing any number of new tokens (1 for decode, many for prefill),
+//! and returns logits only for the rows asked for. States never leave the backend unless
+//! [`Backend::save_state`] copies one out, which is what state swapping builds on.
+
+use crate::config::ModelConfig;
+use crate::state::State;
+
+/// Which positions of a sequence's new tokens need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputRows {
+    /// None (a prefill chunk that is not the last one).
+    None,
+    /// The last new token only (decode, end of prompt).
+    Last,
+    /// Every new token (scoring, conformance tests).
+    All,
+}
+
+impl OutputRows {
+    /// Number of logit rows this choice produces for `n_tokens` new tokens.
+    pub fn rows(self, n_tokens: usize) -> usize {
+        match self {
+            OutputRows::None => 0,
+            OutputRows::Last => usize::from(n_tokens > 0),
+            OutputRows::All => n_tokens,
+        }
+    }
+}
+
+/// One sequence's part of a forward step.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqStep<'a> {
+    /// The state slot this sequence reads and updates.
+    pub slot: usize,
+    /// New tokens, in order.
+    pub tokens: &'a [u32],
+    pub output: OutputRows,
+}
+
+/// Logit rows of a step: for each sequence in order, its requested rows, each `vocab` wide.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Logits {
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.vocab).unwrap_or(0)
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+/// Why a backend refused or failed a call.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("slot {slot} does not exist (the pool has {slots} slots)")]
+    BadSlot { slot: usize, slots: usize },
+    #[error("slot {slot} appears twice in one step")]
+    DuplicateSlot { slot: usize },
+    #[error("token id {token} is out of range (vocabulary size {vocab})")]
+    BadToken { token: u32, vocab: usize },
+    #[error("state does not fit this model: {0}")]
+    State(String),
+    #[error("device error: {0}")]
+    Device(String),
+}
+
+/// A compute backend with a pool of per-sequence state slots.
+pub trait Backend: Send {
+    /// The model this backend runs.
+    fn config(&self) -> &ModelConfig;
+
+    /// A short name for logs and metrics (`cpu`, `cuda:0`).
+    fn name(&self) -> String;
+
+    /// Number of state slots.
+    fn num_slots(&self) -> usize;
+
+    /// Runs one step over a ragged batch, updating each sequence's slot in place.
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError>;
+
+    /// Overwrites a slot with a state (swap-in, import, `--state-in`).
+    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError>;
+
+    /// Copies a slot's state out (swap-out, export).
+    fn save_state(&mut self, slot: usize) -> Result<State, BackendError>;
+
+    /// Resets a slot to the model's initial state (zeros, or the state-tuned `time_state`).
+    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError>;
+
+    /// Copies one slot into another (fork).
+    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError>;
+}
+
+/// The checks every backend applies before touching memory: slots exist and are distinct, and
+/// every token is inside the vocabulary.
+pub fn validate_steps(
+    cfg: &ModelConfig,
+    slots: usize,
+    steps: &[SeqStep<'_>],
+) -> Result<(), BackendError> {
+    let mut seen = vec![false; slots];
+    for step in steps {
+        check_slot(step.slot, slots)?;
+        if std::mem::replace(&mut seen[step.slot], true) {
+            return Err(BackendError::DuplicateSlot { slot: step.slot });
+        }
+        if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(BackendError::BadToken {
+                token,
+                vocab: cfg.vocab_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `slot` exists in a pool of `slots`.
+pub fn check_slot(slot: usize, slots: usize) -> Result<(), BackendError> {
+    if slot < slots {
+        Ok(())
+    } else {
+        Err(BackendError::BadSlot { slot, slots })
+    }
+}
