@@ -110,3 +110,48 @@ fn copied_state_continues_identically() {
     assert_eq!(a, b);
     assert_eq!(a, c);
 }
+
+/// Checkpoints generated after the implementation was written (tests/fixtures/extra): a new
+/// shape (C = 192, three heads, V = 777) and a state-tuned model whose initial state comes from
+/// `time_state`.
+const UNSEEN_MODELS: [&str; 2] = [
+    "extra/rwkv6-check-c192-l2",
+    "extra/rwkv6-check-timestate-c128-l2",
+];
+
+#[test]
+fn cpu_matches_reference_on_checkpoints_made_after_the_code() {
+    for model in UNSEEN_MODELS {
+        for ext in ["pth", "safetensors"] {
+            run_golden_cases(model, ext, CpuBackend::new, TOL);
+        }
+    }
+}
+
+#[test]
+fn state_tuned_initial_state_matches_reference_and_changes_the_output() {
+    let model = "extra/rwkv6-check-timestate-c128-l2";
+    let weights = ModelWeights::load(fixture(&format!("{model}.pth"))).unwrap();
+    let golden = Golden::load(model);
+    let init = weights.initial_state();
+    for i in 0..weights.config.n_layer {
+        assert_close(
+            &format!("init wkv {i}"),
+            init.layer(i).1,
+            &golden.f32(&format!("init.state.{i}.wkv")),
+            1e-7,
+        );
+    }
+    let mut cpu = CpuBackend::new(&weights, 1);
+    cpu.load_state(0, &rwkv_model::State::zeros(&weights.config))
+        .unwrap();
+    let zero = cpu
+        .forward(&[step(0, &golden.tokens, OutputRows::All)])
+        .unwrap();
+    assert_close(
+        "zero-state logits",
+        &zero.data,
+        &golden.f32("zero.logits"),
+        TOL,
+    );
+}

@@ -25,7 +25,7 @@ pub struct ModelConfig {
     pub decay_lora: usize,
     /// Storage dtype of the large matrices.
     pub weight_dtype: DType,
-    /// Whether the checkpoint carries a state-tuned initial state (`att.time_state`).
+    /// Whether the checkpoint carries a state-tuned initial state (`att.time_state`) in any block.
     pub has_time_state: bool,
 }
 
@@ -84,7 +84,10 @@ impl ModelConfig {
             maa_lora: dims("blocks.0.att.time_maa_w2", 3)?[1],
             decay_lora: dims("blocks.0.att.time_decay_w1", 2)?[1],
             weight_dtype: ckpt.require("blocks.0.att.key.weight")?.dtype(),
-            has_time_state: ckpt.get("blocks.0.att.time_state").is_some(),
+            has_time_state: ckpt
+                .tensors()
+                .keys()
+                .any(|k| k.ends_with(".att.time_state")),
         };
         if cfg.n_head * cfg.head_size != cfg.n_embd {
             return Err(not_v6(&format!(

@@ -220,12 +220,34 @@ fn fold_ln0(emb: &Tensor, ln0: &NormWeights) -> Tensor {
     let (w, b) = (ln0.weight.to_f32(), ln0.bias.to_f32());
     let mut values = emb.to_f32();
     for row in values.chunks_exact_mut(c) {
-        layer_norm_in_place(row, &w, &b, 1e-5);
+        layer_norm_exact(row, &w, &b, 1e-5);
         for x in row.iter_mut() {
             *x = emb.dtype().round_f32(*x);
         }
     }
     Tensor::from_f32(emb.dtype(), emb.shape().to_vec(), &values)
+}
+
+/// LayerNorm of one row accumulated in f64 and rounded once to f32.
+///
+/// The fold's result is rounded to bf16, so a one-ulp f32 difference that lands on a bf16
+/// rounding boundary flips a whole bf16 ulp (about 1e-2 relative) in the embedding. Torch's CPU
+/// kernel is accurate to well under one f32 ulp; a naive f32 sum over C values is not, and it
+/// measurably flipped entries on a C = 192 fixture (logit error 1.4e-4 instead of 3e-6).
+fn layer_norm_exact(x: &mut [f32], weight: &[f32], bias: &[f32], eps: f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|&v| (f64::from(v) - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, w), b) in x.iter_mut().zip(weight).zip(bias) {
+        // torch computes (x - mean) * rstd in float, then the affine in float.
+        let normed = ((f64::from(*v) - mean) * inv) as f32;
+        *v = normed * w + b;
+    }
 }
 
 /// LayerNorm over one row with biased variance; the shared definition of spec section 2.1.

@@ -28,6 +28,9 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let err = rel_l2(got, want);
+    if std::env::var_os("RWKV_PRINT_ERR").is_some() {
+        eprintln!("{what}: {err:.3e}");
+    }
     assert!(
         err <= tol,
         "{what}: relative L2 error {err:.3e} exceeds {tol:.0e}"
