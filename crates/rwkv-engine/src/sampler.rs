@@ -1,0 +1,250 @@
+//! The per-sequence sampler: bans, repetition penalties and a seeded `sample_logits`.
+//!
+//! One [`Sampler`] lives as long as one reply (the reference resets the occurrence counts for
+//! every reply). Per decode step the caller does, as `PIPELINE.generate` does (spec §5.2):
+//!
+//! 1. `let token = sampler.sample(&mut logits);` (bans, penalties, [`sample_logits`]);
+//! 2. if `sampler.is_stop_token(token)`: stop; the token is neither recorded nor emitted;
+//! 3. `sampler.record(token, is_frequency_exempt(text_of(token)))`;
+//! 4. feed the decoded text to a [`crate::StopChecker`].
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+use crate::logprobs::{token_logprobs, Logprobs};
+use crate::params::{SamplerError, SamplingParams};
+use crate::penalty::Penalties;
+use crate::sample_logits::{sample_logits, SampleScratch};
+
+/// Samples the tokens of one sequence reproducibly.
+///
+/// The RNG is ChaCha20 seeded from [`SamplingParams::seed`], so the same seed, parameters and
+/// logits give the same tokens on every platform. Without a seed, one is drawn from the OS and
+/// reported by [`Sampler::seed`] so that the run can be replayed.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    vocab_size: usize,
+    seed: u64,
+    rng: ChaCha20Rng,
+    penalties: Penalties,
+    /// Reused buffers: sampling a 65,536-entry vocabulary allocates nothing after construction.
+    scratch: SampleScratch,
+}
+
+impl Sampler {
+    /// Validates `params` against a model with `vocab_size` logits and builds the sampler.
+    pub fn new(params: SamplingParams, vocab_size: usize) -> Result<Self, SamplerError> {
+        params.validate_for_vocab(vocab_size)?;
+        let seed = params.seed.unwrap_or_else(rand::random);
+        let penalties = Penalties::new(
+            params.presence_penalty,
+            params.frequency_penalty,
+            params.penalty_decay,
+        );
+        Ok(Self {
+            params,
+            vocab_size,
+            seed,
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            penalties,
+            scratch: SampleScratch::new(vocab_size),
+        })
+    }
+
+    /// Picks the next token from the model's `logits` (one per vocabulary entry).
+    ///
+    /// In the reference order: banned logits become -inf, penalties are subtracted, then
+    /// [`sample_logits`] runs. `logits` is left holding the banned and penalised values (with NaN
+    /// as -inf), which is what [`token_logprobs`] should see.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        debug_assert_eq!(logits.len(), self.vocab_size, "logits of the wrong model");
+        self.ban_and_penalise(logits);
+        let p = &self.params;
+        let (temperature, top_p, top_k) = (p.temperature, p.top_p, p.top_k);
+        sample_logits(
+            logits,
+            temperature,
+            top_p,
+            top_k,
+            &mut self.scratch,
+            &mut self.rng,
+        )
+    }
+
+    /// [`Self::sample`], plus the log-probabilities of the chosen token and the `top_n` most likely
+    /// tokens, computed on the banned and penalised logits at temperature 1, before filtering.
+    pub fn sample_with_logprobs(&mut self, logits: &mut [f32], top_n: usize) -> Logprobs {
+        let token = self.sample(logits);
+        token_logprobs(logits, token, top_n)
+    }
+
+    /// Records a sampled, non-stop token for the repetition penalties (decay, then add 0 or 1).
+    pub fn record(&mut self, token: u32, excluded_from_frequency: bool) {
+        self.penalties.record(token, excluded_from_frequency);
+    }
+
+    /// True if sampling `token` ends the generation.
+    pub fn is_stop_token(&self, token: u32) -> bool {
+        self.params.stop_tokens.contains(&token)
+    }
+
+    /// The seed in use: the requested one, or the one drawn from the OS.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The validated parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The occurrence counts recorded so far.
+    pub fn penalties(&self) -> &Penalties {
+        &self.penalties
+    }
+
+    fn ban_and_penalise(&self, logits: &mut [f32]) {
+        for &token in &self.params.token_ban {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
+        self.penalties.apply(logits);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(seed: u64) -> SamplingParams {
+        SamplingParams {
+            seed: Some(seed),
+            ..SamplingParams::default()
+        }
+    }
+
+    /// Generates `n` tokens from fixed logits, recording each one as `generate` would.
+    fn run(sampler: &mut Sampler, logits: &[f32], n: usize) -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                let token = sampler.sample(&mut logits.to_vec());
+                sampler.record(token, false);
+                token
+            })
+            .collect()
+    }
+
+    fn flat(v: usize) -> Vec<f32> {
+        (0..v).map(|i| (i % 7) as f32 * 0.1).collect()
+    }
+
+    #[test]
+    fn same_seed_gives_the_same_sequence_and_different_seeds_differ() {
+        let logits = flat(1000);
+        let a = run(&mut Sampler::new(params(42), 1000).unwrap(), &logits, 64);
+        let b = run(&mut Sampler::new(params(42), 1000).unwrap(), &logits, 64);
+        let c = run(&mut Sampler::new(params(43), 1000).unwrap(), &logits, 64);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn an_unseeded_sampler_reports_a_seed_that_replays_it() {
+        let logits = flat(1000);
+        let mut first = Sampler::new(SamplingParams::default(), 1000).unwrap();
+        let replay = params(first.seed());
+        let a = run(&mut first, &logits, 32);
+        assert_eq!(
+            a,
+            run(&mut Sampler::new(replay, 1000).unwrap(), &logits, 32)
+        );
+    }
+
+    #[test]
+    fn banned_tokens_are_never_sampled() {
+        let mut logits = vec![0.0f32; 50];
+        logits[3] = 100.0;
+        logits[4] = 99.0;
+        let p = SamplingParams {
+            token_ban: vec![3, 4],
+            top_p: 1.0,
+            ..params(5)
+        };
+        let tokens = run(&mut Sampler::new(p, 50).unwrap(), &logits, 500);
+        assert!(tokens.iter().all(|&t| t != 3 && t != 4));
+    }
+
+    #[test]
+    fn penalties_and_decay_follow_the_reference_arithmetic() {
+        let p = SamplingParams {
+            temperature: 0.0,
+            ..params(1)
+        };
+        let mut sampler = Sampler::new(p, 8).unwrap();
+        sampler.record(5, false); // {5: 1}
+        sampler.record(5, false); // {5: 1·0.996 + 1}
+        sampler.record(3, true); // {5: 1.996·0.996, 3: 0}
+        let occ5 = (1.0 * 0.996 + 1.0) * 0.996;
+        assert_eq!(sampler.penalties().occurrence(5), Some(occ5));
+        assert_eq!(sampler.penalties().occurrence(3), Some(0.0));
+        let mut logits = [2.0f32; 8];
+        sampler.sample(&mut logits);
+        let (presence, frequency) = (0.2, 0.2);
+        assert_eq!(logits[5], 2.0 - (presence + occ5 * frequency) as f32);
+        assert_eq!(logits[3], 2.0 - presence as f32);
+        assert_eq!(logits[0], 2.0);
+    }
+
+    #[test]
+    fn penalties_steer_greedy_decoding_away_from_repeats() {
+        let p = SamplingParams {
+            temperature: 0.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.5,
+            ..params(1)
+        };
+        let tokens = run(&mut Sampler::new(p, 3).unwrap(), &[0.9, 0.6, 0.0], 3);
+        assert_eq!(tokens, [0, 1, 2]);
+    }
+
+    #[test]
+    fn stop_tokens_are_recognised() {
+        let p = SamplingParams {
+            stop_tokens: vec![0, 261],
+            ..params(1)
+        };
+        let sampler = Sampler::new(p, 65536).unwrap();
+        assert!(sampler.is_stop_token(0) && sampler.is_stop_token(261));
+        assert!(!sampler.is_stop_token(1));
+    }
+
+    #[test]
+    fn logprobs_describe_the_penalised_distribution_before_filtering() {
+        let p = SamplingParams {
+            temperature: 0.0,
+            token_ban: vec![2],
+            ..params(1)
+        };
+        let mut sampler = Sampler::new(p, 3).unwrap();
+        let lp = sampler.sample_with_logprobs(&mut [0.0, 0.0, 5.0], 3);
+        assert_eq!(lp.token, 0);
+        assert!((lp.logprob - 0.5f32.ln()).abs() < 1e-6);
+        assert_eq!(lp.top[2], (2, f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn invalid_parameters_are_rejected_at_construction() {
+        let p = SamplingParams {
+            top_p: 2.0,
+            ..params(1)
+        };
+        assert_eq!(Sampler::new(p, 10).unwrap_err().field(), "top_p");
+        let p = SamplingParams {
+            token_ban: vec![10],
+            ..params(1)
+        };
+        assert_eq!(Sampler::new(p, 10).unwrap_err().field(), "token_ban");
+    }
+}
