@@ -24,27 +24,21 @@ pub fn wkv6_sequence(inp: &WkvInputs<'_>, head_size: usize, state: &mut [f32], y
         );
         for (h, s) in state.chunks_exact_mut(n * n).enumerate() {
             let hr = h * n..(h + 1) * n;
-            wkv6_head_step(
-                (
-                    &r[hr.clone()],
-                    &k[hr.clone()],
-                    &v[hr.clone()],
-                    &w[hr.clone()],
-                    &inp.u[hr.clone()],
-                ),
-                s,
-                &mut y_t[hr],
-            );
+            let head = WkvInputs {
+                r: &r[hr.clone()],
+                k: &k[hr.clone()],
+                v: &v[hr.clone()],
+                w: &w[hr.clone()],
+                u: &inp.u[hr.clone()],
+            };
+            wkv6_head_step(&head, s, &mut y_t[hr]);
         }
     }
 }
 
 /// One token of one head: y[j] = Σ_i r[i]·(u[i]·k[i]·v[j] + S[i][j]); S[i][j] = w[i]·S[i][j] + k[i]·v[j].
-fn wkv6_head_step(
-    (r, k, v, w, u): (&[f32], &[f32], &[f32], &[f32], &[f32]),
-    s: &mut [f32],
-    y: &mut [f32],
-) {
+fn wkv6_head_step(head: &WkvInputs<'_>, s: &mut [f32], y: &mut [f32]) {
+    let WkvInputs { r, k, v, w, u } = *head;
     let n = v.len();
     y.fill(0.0);
     for (i, s_row) in s.chunks_exact_mut(n).enumerate() {
@@ -77,8 +71,8 @@ mod tests {
         };
         wkv6_sequence(&inp, 2, &mut s, &mut y);
         // y[j] = Σ_i r_i (u_i k_i v_j + S_ij)
-        let y0 = 1.0 * (0.1 * 0.5 * 2.0 + 1.0) + 2.0 * (0.2 * -1.0 * 2.0 + 3.0);
-        let y1 = 1.0 * (0.1 * 0.5 * 3.0 + 2.0) + 2.0 * (0.2 * -1.0 * 3.0 + 4.0);
+        let y0 = r[0] * (u[0] * k[0] * v[0] + 1.0) + r[1] * (u[1] * k[1] * v[0] + 3.0);
+        let y1 = r[0] * (u[0] * k[0] * v[1] + 2.0) + r[1] * (u[1] * k[1] * v[1] + 4.0);
         assert_eq!(y, vec![y0, y1]);
         assert_eq!(s, vec![0.5 + 1.0, 1.0 + 1.5, 0.75 - 2.0, 1.0 - 3.0]);
     }
