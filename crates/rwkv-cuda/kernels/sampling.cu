@@ -1,0 +1,93 @@
+// Sampling helpers for large batches (op family 10). One block per row; block size a multiple
+// of 32.
+//
+// softmax_f32: out[row] = softmax(x[row] * inv_temp), max-subtracted.
+// topk_f32:    the k largest entries of each row, in order (ties: lower index first; NaN counts
+//              as -inf). Round r picks the best entry that ranks after the pick of round r-1,
+//              so no per-row mask is needed; cost k * cols / blockDim per thread, meant for
+//              k up to a few hundred.
+
+extern "C" __global__ void softmax_f32(const float* __restrict__ x, float* __restrict__ out, int cols,
+                                       float inv_temp) {
+    __shared__ float scratch[32];
+    const float* xr = x + (i64)blockIdx.x * cols;
+    float* orow = out + (i64)blockIdx.x * cols;
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        m = fmaxf(m, xr[c] * inv_temp);
+    }
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        s += expf(xr[c] * inv_temp - m);
+    }
+    const float inv = 1.0f / block_sum(s, scratch);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        orow[c] = expf(xr[c] * inv_temp - m) * inv;
+    }
+}
+
+// Does (av, ai) rank before (bv, bi)? Larger value first, then lower index.
+__device__ __forceinline__ bool ranks_before(float av, int ai, float bv, int bi) {
+    return av > bv || (av == bv && ai < bi);
+}
+
+__device__ __forceinline__ void warp_best(float* v, int* i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, *v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, *i, o);
+        if (ranks_before(ov, oi, *v, *i)) {
+            *v = ov;
+            *i = oi;
+        }
+    }
+}
+
+extern "C" __global__ void topk_f32(const float* __restrict__ x, int* __restrict__ out_idx,
+                                    float* __restrict__ out_val, int cols, int k) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ float pick_v;
+    __shared__ int pick_i;
+    const float* xr = x + (i64)blockIdx.x * cols;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int warps = blockDim.x >> 5;
+    float prev_v = __int_as_float(0x7f800000); // +inf with index -1 ranks before everything
+    int prev_i = -1;
+    for (int round = 0; round < k; round++) {
+        float bv = NEG_INF;
+        int bi = 0x7fffffff;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            float v = xr[c];
+            if (v != v) {
+                v = NEG_INF;
+            }
+            if (ranks_before(prev_v, prev_i, v, c) && ranks_before(v, c, bv, bi)) {
+                bv = v;
+                bi = c;
+            }
+        }
+        warp_best(&bv, &bi);
+        __syncthreads();
+        if (lane == 0) {
+            sv[warp] = bv;
+            si[warp] = bi;
+        }
+        __syncthreads();
+        if (warp == 0) {
+            bv = lane < warps ? sv[lane] : NEG_INF;
+            bi = lane < warps ? si[lane] : 0x7fffffff;
+            warp_best(&bv, &bi);
+            if (lane == 0) {
+                out_idx[(i64)blockIdx.x * k + round] = bi;
+                out_val[(i64)blockIdx.x * k + round] = bv;
+                pick_v = bv;
+                pick_i = bi;
+            }
+        }
+        __syncthreads();
+        prev_v = pick_v;
+        prev_i = pick_i;
+    }
+}

@@ -1,0 +1,325 @@
+//! [`CudaBackend`]: the `rwkv_model::Backend` implementation on one device.
+
+use cudarc::driver::CudaSlice;
+use rwkv_model::backend::validate_steps;
+use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
+
+use crate::device::Device;
+use crate::error::{CudaError, Result};
+use crate::exec::{CudaExec, Workspace};
+use crate::forward::{GemmPrecision, Step};
+use crate::kernels::{Kernels, MAX_HEAD_SIZE};
+use crate::plan::BatchPlan;
+use crate::pool::{HostState, PoolLayout, StatePool};
+use crate::weights::{self, DeviceWeights, WeightViews};
+
+/// Options of a [`CudaBackend`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CudaOptions {
+    pub precision: GemmPrecision,
+}
+
+/// The k best entries of each row, from [`CudaBackend::top_k_probs`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TopK {
+    pub k: usize,
+    /// Token ids, `k` per row, best first.
+    pub ids: Vec<u32>,
+    /// Their probabilities (softmax of the whole row at the given temperature).
+    pub probs: Vec<f32>,
+}
+
+/// The RWKV-6 model on one CUDA device, with a pool of state slots in device memory.
+pub struct CudaBackend {
+    cfg: ModelConfig,
+    options: CudaOptions,
+    kernels: Kernels,
+    /// Raw views of `_weights` for kernel arguments (valid while it lives).
+    views: WeightViews,
+    _weights: DeviceWeights,
+    /// The model's initial state (zeros or `time_state`), for `reset_state`.
+    initial: CudaSlice<f32>,
+    pool: StatePool,
+    ws: Workspace,
+    dev: Device,
+}
+
+impl CudaBackend {
+    /// Uploads `weights` to device `device_ordinal`, compiles the kernels for it and allocates
+    /// `slots` state slots, each set to the model's initial state. Returns
+    /// [`CudaError::NoDevice`] where there is no CUDA driver or device (fall back to the CPU).
+    pub fn new(weights: &ModelWeights, slots: usize, device_ordinal: usize) -> Result<Self> {
+        Self::with_options(weights, slots, device_ordinal, CudaOptions::default())
+    }
+
+    /// [`CudaBackend::new`] with options.
+    pub fn with_options(
+        weights: &ModelWeights,
+        slots: usize,
+        device_ordinal: usize,
+        options: CudaOptions,
+    ) -> Result<Self> {
+        let cfg = weights.config.clone();
+        check_model(&cfg)?;
+        let dev = Device::open(device_ordinal)?;
+        if cfg.weight_dtype != rwkv_model::DType::BF16 {
+            tracing::warn!(
+                dtype = %cfg.weight_dtype,
+                "CUDA backend keeps weights in bf16; this checkpoint's weights are rounded"
+            );
+        }
+        let kernels = Kernels::load(&dev, cfg.head_size)?;
+        let weights_dev = weights::upload(&dev, weights)?;
+        let views = weights::views(&dev, &weights_dev);
+        let initial = dev.upload(weights.initial_state().as_flat())?;
+        let pool = StatePool::new(&dev, PoolLayout::new(&cfg, slots), &initial)?;
+        let ws = Workspace::new(&dev, &cfg, options.precision.split(), 16)?;
+        dev.compute
+            .synchronize()
+            .map_err(CudaError::driver("upload weights"))?;
+        tracing::info!(
+            device = %dev.name,
+            arch = %dev.arch,
+            slots,
+            precision = ?options.precision,
+            "CUDA backend ready"
+        );
+        Ok(Self {
+            cfg,
+            options,
+            kernels,
+            views,
+            _weights: weights_dev,
+            initial,
+            pool,
+            ws,
+            dev,
+        })
+    }
+
+    /// The device's name (e.g. `NVIDIA H100 80GB HBM3`).
+    pub fn device_name(&self) -> &str {
+        &self.dev.name
+    }
+
+    /// The NVRTC target the kernels were compiled for (`sm_90`).
+    pub fn arch(&self) -> &str {
+        &self.dev.arch
+    }
+
+    pub fn options(&self) -> CudaOptions {
+        self.options
+    }
+
+    /// A pinned host buffer the size of one state (reuse it across swaps: pinning is slow).
+    pub fn alloc_host_state(&self) -> Result<HostState> {
+        self.dev.bind()?;
+        HostState::alloc(&self.dev, self.pool.layout.state_len())
+    }
+
+    /// Copies a slot out to a new pinned host buffer (see [`CudaBackend::swap_out_into`]).
+    pub fn swap_out(&mut self, slot: usize) -> Result<HostState> {
+        let mut host = self.alloc_host_state()?;
+        self.swap_out_into(slot, &mut host)?;
+        Ok(host)
+    }
+
+    /// Starts copying a slot into `host` on the copy stream and returns at once; reading
+    /// `host` waits for the copy. Compute work issued later on this slot waits for the copy
+    /// to finish reading it; other slots are not held up.
+    pub fn swap_out_into(&mut self, slot: usize, host: &mut HostState) -> Result<()> {
+        self.dev.bind()?;
+        self.pool.swap_out(&self.dev, slot, host)
+    }
+
+    /// Starts copying `host` into a slot on the copy stream and returns at once; the next
+    /// forward step (or other compute work) on this slot waits for it.
+    pub fn swap_in(&mut self, slot: usize, host: &HostState) -> Result<()> {
+        self.dev.bind()?;
+        self.pool.swap_in(&self.dev, slot, host)
+    }
+
+    /// Waits for all work on both streams.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.bind()?;
+        self.dev
+            .copy
+            .synchronize()
+            .map_err(CudaError::driver("synchronize copy stream"))?;
+        self.dev
+            .compute
+            .synchronize()
+            .map_err(CudaError::driver("synchronize compute stream"))
+    }
+
+    /// Softmax at `temperature` and the `k` most likely tokens of each logit row, on the
+    /// device (for large batches, where doing this on the host is the bottleneck).
+    pub fn top_k_probs(&mut self, logits: &Logits, k: usize, temperature: f32) -> Result<TopK> {
+        self.dev.bind()?;
+        let (rows, cols) = (logits.rows(), logits.vocab);
+        if rows == 0 || k == 0 {
+            return Ok(TopK {
+                k,
+                ..TopK::default()
+            });
+        }
+        let x = self.dev.upload(&logits.data[..rows * cols])?;
+        let probs = self.dev.zeros::<f32>(rows * cols)?;
+        let idx = self.dev.zeros::<i32>(rows * k)?;
+        let val = self.dev.zeros::<f32>(rows * k)?;
+        let d = &self.dev;
+        self.kernels
+            .softmax(d.buf(&x), d.buf(&probs), rows, cols, temperature)?;
+        self.kernels
+            .top_k(d.buf(&probs), d.buf(&idx), d.buf(&val), rows, cols, k)?;
+        let ids = d
+            .compute
+            .clone_dtoh(&idx)
+            .map_err(CudaError::driver("download top-k"))?;
+        let probs = d
+            .compute
+            .clone_dtoh(&val)
+            .map_err(CudaError::driver("download top-k"))?;
+        d.compute
+            .synchronize()
+            .map_err(CudaError::driver("top-k"))?;
+        Ok(TopK {
+            k,
+            ids: ids.into_iter().map(|i| i as u32).collect(),
+            probs,
+        })
+    }
+
+    fn check_state(&self, state: &State) -> Result<(), BackendError> {
+        let want = self.cfg.state_len();
+        if state.as_flat().len() == want {
+            Ok(())
+        } else {
+            Err(BackendError::State(format!(
+                "state has {} values, the model needs {want}",
+                state.as_flat().len()
+            )))
+        }
+    }
+}
+
+/// Rejects models the kernels cannot run.
+fn check_model(cfg: &ModelConfig) -> Result<()> {
+    if cfg.head_size == 0 || cfg.head_size > MAX_HEAD_SIZE {
+        return Err(CudaError::Unsupported(format!(
+            "head size {} (the WKV kernels take 1..={MAX_HEAD_SIZE})",
+            cfg.head_size
+        )));
+    }
+    if cfg.n_head * cfg.head_size != cfg.n_embd {
+        return Err(CudaError::Unsupported(format!(
+            "{} heads of {} do not make n_embd {}",
+            cfg.n_head, cfg.head_size, cfg.n_embd
+        )));
+    }
+    Ok(())
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Buffers are freed on the compute stream; the copy stream may still be using the pool
+        // or a pinned buffer, so let both finish first. Errors here have nowhere to go.
+        let _ = self.synchronize();
+    }
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.dev.ordinal)
+    }
+
+    fn num_slots(&self) -> usize {
+        self.pool.layout.slots
+    }
+
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        validate_steps(&self.cfg, self.pool.layout.slots, steps)?;
+        self.dev.bind()?;
+        let plan = BatchPlan::new(steps)?;
+        let vocab = self.cfg.vocab_size;
+        let mut data = vec![0.0; plan.head_rows.len() * vocab];
+        if plan.rows() > 0 {
+            self.pool.before_compute(&self.dev, plan.slots())?;
+            let split = self.options.precision.split();
+            let bufs = self.ws.bufs(&self.dev, &self.cfg, split, plan.rows())?;
+            let exec = CudaExec {
+                dev: &self.dev,
+                kernels: &self.kernels,
+            };
+            let step = Step {
+                exec: &exec,
+                cfg: &self.cfg,
+                weights: &self.views,
+                pool: self.pool.arg(&self.dev),
+                layout: self.pool.layout,
+                bufs,
+                precision: self.options.precision,
+            };
+            // Record the slots' compute event even when the step failed part-way, so a later
+            // swap still waits for whatever was issued.
+            let ran = step.run(&plan, &mut data);
+            self.pool.after_compute(&self.dev, plan.slots())?;
+            ran?;
+        }
+        Ok(Logits { vocab, data })
+    }
+
+    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
+        self.pool.layout.check_slot(slot)?;
+        self.check_state(state)?;
+        self.dev.bind()?;
+        Ok(self.pool.load(&self.dev, slot, state.as_flat())?)
+    }
+
+    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
+        self.pool.layout.check_slot(slot)?;
+        self.dev.bind()?;
+        let data = self.pool.save(&self.dev, slot)?;
+        State::from_flat(&self.cfg, data).map_err(|e| BackendError::State(e.to_string()))
+    }
+
+    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
+        self.pool.layout.check_slot(slot)?;
+        self.dev.bind()?;
+        Ok(self.pool.fill(&self.dev, slot, &self.initial)?)
+    }
+
+    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
+        self.dev.bind()?;
+        Ok(self.pool.copy(&self.dev, src, dst)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_head_sizes_are_rejected_before_touching_a_device() {
+        let mut cfg = ModelConfig {
+            n_embd: 512,
+            n_layer: 1,
+            n_head: 2,
+            head_size: 256,
+            dim_ffn: 64,
+            vocab_size: 10,
+            maa_lora: 4,
+            decay_lora: 4,
+            weight_dtype: rwkv_model::DType::BF16,
+            has_time_state: false,
+        };
+        assert!(matches!(check_model(&cfg), Err(CudaError::Unsupported(_))));
+        cfg.head_size = 64;
+        cfg.n_head = 8;
+        assert!(check_model(&cfg).is_ok());
+    }
+}

@@ -1,0 +1,134 @@
+//! Opening a device: probing for the driver, the context, the two streams and cuBLAS.
+//!
+//! Stream model: all kernels and GEMMs run on one `compute` stream, in issue order. The `copy`
+//! stream only moves state slots between the device pool and pinned host buffers; the pool
+//! (see `pool.rs`) orders it against `compute` with events per slot. cudarc's automatic
+//! per-buffer event tracking is switched off before anything is allocated: it would record two
+//! events per kernel argument per launch, and our ordering is explicit instead.
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+
+use crate::compile::arch_name;
+use crate::error::{CudaError, Result};
+use crate::kernels::DevBuf;
+
+/// Whether the CUDA driver library (libcuda) can be opened. Creating a context without it
+/// would panic inside cudarc, so every entry point probes this first.
+pub fn driver_available() -> bool {
+    // SAFETY: only tries to dlopen libcuda under its usual names; no symbol is called.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether cuBLAS can be opened.
+pub fn cublas_available() -> bool {
+    // SAFETY: as above, a dlopen probe only.
+    unsafe { cudarc::cublas::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices, or `NoDevice` when there is no driver.
+pub fn device_count() -> Result<usize> {
+    if !driver_available() {
+        return Err(no_driver());
+    }
+    let n = CudaContext::device_count().map_err(|e| CudaError::NoDevice(e.to_string()))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+fn no_driver() -> CudaError {
+    CudaError::NoDevice("the CUDA driver library (libcuda.so) is not installed".into())
+}
+
+/// An opened device: context, streams, cuBLAS handle and facts used for compilation.
+pub struct Device {
+    pub ctx: Arc<CudaContext>,
+    /// Every kernel and GEMM runs here.
+    pub compute: Arc<CudaStream>,
+    /// State swaps between the pool and pinned host memory run here.
+    pub copy: Arc<CudaStream>,
+    /// cuBLAS handle bound to `compute`.
+    pub blas: CudaBlas,
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    /// NVRTC target, `sm_XY`.
+    pub arch: String,
+}
+
+impl Device {
+    /// Opens device `ordinal`. Returns `NoDevice` (never panics) when the driver or the device
+    /// is missing, so callers can fall back to the CPU backend.
+    pub fn open(ordinal: usize) -> Result<Self> {
+        if !driver_available() {
+            return Err(no_driver());
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| CudaError::NoDevice(format!("device {ordinal}: {e}")))?;
+        // SAFETY: called before this context allocates anything; from here on every buffer is
+        // used on the compute stream only, except the state pool and pinned buffers, whose
+        // cross-stream use is ordered by explicit events (pool.rs), and `Drop` of the backend
+        // synchronises both streams before any buffer is freed.
+        unsafe { ctx.disable_event_tracking() };
+        let compute = ctx
+            .new_stream()
+            .map_err(CudaError::driver("create compute stream"))?;
+        let copy = ctx
+            .new_stream()
+            .map_err(CudaError::driver("create copy stream"))?;
+        if !cublas_available() {
+            return Err(CudaError::MissingLibrary {
+                lib: "cublas",
+                hint: "install `nvidia-cublas` (PyPI) or a CUDA toolkit and put its lib folder \
+                       on LD_LIBRARY_PATH"
+                    .into(),
+            });
+        }
+        let blas = CudaBlas::new(compute.clone()).map_err(CudaError::cublas("create handle"))?;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(CudaError::driver("compute capability"))?;
+        let name = ctx.name().map_err(CudaError::driver("device name"))?;
+        Ok(Self {
+            arch: arch_name(compute_capability.0, compute_capability.1),
+            ctx,
+            compute,
+            copy,
+            blas,
+            ordinal,
+            name,
+            compute_capability,
+        })
+    }
+
+    /// Makes this device's context current on the calling thread (cuBLAS calls need it).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(CudaError::driver("bind context"))
+    }
+
+    /// Uploads a host slice into a new device buffer on the compute stream.
+    pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.compute
+            .clone_htod(data)
+            .map_err(CudaError::driver("upload"))
+    }
+
+    /// A zeroed device buffer on the compute stream.
+    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.compute
+            .alloc_zeros(len.max(1))
+            .map_err(CudaError::driver("allocate"))
+    }
+
+    /// The raw view of a buffer for kernel arguments.
+    pub fn buf<T>(&self, s: &CudaSlice<T>) -> DevBuf<T> {
+        let (ptr, _sync) = s.device_ptr(&self.compute);
+        DevBuf::new(ptr, s.len())
+    }
+}

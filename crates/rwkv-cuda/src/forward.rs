@@ -1,0 +1,512 @@
+//! The RWKV-6 forward pass over a ragged batch on the device (spec sections 2 and 3).
+//!
+//! All new tokens of all sequences are stacked into one [rows, C] activation matrix (see
+//! `plan.rs`); only the token shift and the WKV recurrence look at sequence boundaries, through
+//! the row metadata, and both read and write the slots in the pool in place.
+//!
+//! Numerics: activations, norms, decay and the recurrence are f32; weights are bf16; GEMM
+//! inputs are bf16. With [`GemmPrecision::Split`] (the default) every GEMM input is carried as
+//! hi + lo bf16 halves stacked as 2·rows rows, so X·W is computed from ~16 mantissa bits of X
+//! with f32 accumulation (within ~1e-5 of an f32 GEMM on the same bf16 weights), at twice the
+//! GEMM rows (nearly free for decode, which is bound by reading the weights).
+//! [`GemmPrecision::Bf16`] rounds GEMM inputs to bf16, like the reference's `cuda bf16`.
+
+use rwkv_model::ModelConfig;
+
+use crate::error::{CudaError, Result};
+use crate::gemm::{BatchStrides, GemmSpec, WeightLayout};
+use crate::kernels::{Act, Bf16Buf, DevBuf, F32Buf, I32Buf, Kernels, PoolArg};
+use crate::plan::{BatchPlan, PackedMeta};
+use crate::pool::PoolLayout;
+use crate::weights::{Layer, WeightViews};
+
+/// How GEMM inputs are rounded to bf16.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmPrecision {
+    /// hi + lo bf16 halves: f32-class accuracy (the default; matches the CPU reference).
+    #[default]
+    Split,
+    /// One bf16 rounding of each input: half the GEMM work, ~1e-2 relative logit error.
+    Bf16,
+}
+
+impl GemmPrecision {
+    pub fn split(self) -> bool {
+        self == GemmPrecision::Split
+    }
+}
+
+/// Rows of logits computed per head GEMM (bounds the head's scratch memory).
+pub const HEAD_CHUNK: usize = 32;
+
+/// Number of [rows, C] f32 activation buffers: x, a, dx, r, k, v, w, g, y.
+pub const ACT_BUFFERS: usize = 9;
+
+/// What the forward pass needs from the machine it runs on: kernels, GEMMs and copies. The
+/// device implements it with the compute stream and cuBLAS; the host emulation test with
+/// plain memory, so the whole pass can be checked against the CPU backend without a GPU.
+pub trait Exec {
+    fn kernels(&self) -> &Kernels;
+    /// `strides.count` GEMMs Y_b = X_b · op(W_b) (see `gemm.rs`).
+    fn gemm(
+        &self,
+        spec: &GemmSpec,
+        strides: &BatchStrides,
+        w: Bf16Buf,
+        x: Bf16Buf,
+        y: F32Buf,
+    ) -> Result<()>;
+    fn upload_u32(&self, src: &[u32], dst: DevBuf<u32>) -> Result<()>;
+    fn upload_i32(&self, src: &[i32], dst: I32Buf) -> Result<()>;
+    fn download_f32(&self, src: F32Buf, dst: &mut [f32]) -> Result<()>;
+    /// Waits until everything issued has finished.
+    fn synchronize(&self) -> Result<()>;
+}
+
+/// Element counts of the scratch buffers for a capacity of `rows` rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchSizes {
+    pub rows: usize,
+    /// Each of the [`ACT_BUFFERS`] f32 activation buffers.
+    pub act: usize,
+    /// bf16 ddlerp outputs `[5][S*rows][C]`.
+    pub xs: usize,
+    /// bf16 GEMM input `[S*rows][widest input]`.
+    pub gin: usize,
+    /// f32 GEMM output `[S*rows][widest output]` (also `[5][S*rows][C]`).
+    pub tmp: usize,
+    pub tokens: usize,
+    /// Packed row metadata (at most 7 values per row; see `plan.rs`).
+    pub meta: usize,
+    /// Head scratch for [`HEAD_CHUNK`] rows.
+    pub hx: usize,
+    pub htmp: usize,
+    pub hout: usize,
+}
+
+impl ScratchSizes {
+    pub fn new(cfg: &ModelConfig, split: bool, rows: usize) -> Self {
+        let s = if split { 2 } else { 1 };
+        let (c, f, v) = (cfg.n_embd, cfg.dim_ffn, cfg.vocab_size);
+        let (dm5, dd) = (5 * cfg.maa_lora, cfg.decay_lora);
+        Self {
+            rows,
+            act: rows * c,
+            xs: 5 * s * rows * c,
+            gin: s * rows * c.max(f).max(dm5).max(dd),
+            tmp: s * rows * (5 * c).max(f).max(dm5).max(dd),
+            tokens: rows,
+            meta: 8 * rows,
+            hx: s * HEAD_CHUNK * c,
+            htmp: s * HEAD_CHUNK * v,
+            hout: HEAD_CHUNK * v,
+        }
+    }
+}
+
+/// Views of the scratch buffers (sized by [`ScratchSizes`]).
+#[derive(Clone, Copy, Debug)]
+pub struct StepBufs {
+    pub rows: usize,
+    /// x, a, dx, r, k, v, w, g, y.
+    pub act: [F32Buf; ACT_BUFFERS],
+    pub xs: Bf16Buf,
+    pub gin: Bf16Buf,
+    pub tmp: F32Buf,
+    pub tokens: DevBuf<u32>,
+    pub meta: I32Buf,
+    pub hx: Bf16Buf,
+    pub htmp: F32Buf,
+    pub hout: F32Buf,
+}
+
+/// Named activation buffers of one step.
+struct Bufs {
+    x: F32Buf,
+    a: F32Buf,
+    dx: F32Buf,
+    r: F32Buf,
+    k: F32Buf,
+    v: F32Buf,
+    w: F32Buf,
+    g: F32Buf,
+    y: F32Buf,
+    xs: Bf16Buf,
+    gin: Bf16Buf,
+    tmp: F32Buf,
+}
+
+/// Device views of the packed row metadata.
+struct Meta {
+    row_prev: I32Buf,
+    seq_last: I32Buf,
+    seq_slot: I32Buf,
+    dec_row: I32Buf,
+    dec_slot: I32Buf,
+    pre_first: I32Buf,
+    pre_end: I32Buf,
+    pre_slot: I32Buf,
+    head_rows: I32Buf,
+}
+
+impl Meta {
+    fn new(all: I32Buf, m: &PackedMeta) -> Result<Self> {
+        let v = |r: &std::ops::Range<usize>| all.slice(r.start, r.len());
+        Ok(Self {
+            row_prev: v(&m.row_prev)?,
+            seq_last: v(&m.seq_last)?,
+            seq_slot: v(&m.seq_slot)?,
+            dec_row: v(&m.dec_row)?,
+            dec_slot: v(&m.dec_slot)?,
+            pre_first: v(&m.pre_first)?,
+            pre_end: v(&m.pre_end)?,
+            pre_slot: v(&m.pre_slot)?,
+            head_rows: v(&m.head_rows)?,
+        })
+    }
+}
+
+type LayerViews = Layer<F32Buf, Bf16Buf>;
+
+/// Everything one forward step needs.
+pub struct Step<'a> {
+    pub exec: &'a dyn Exec,
+    pub cfg: &'a ModelConfig,
+    pub weights: &'a WeightViews,
+    pub pool: PoolArg,
+    pub layout: PoolLayout,
+    pub bufs: StepBufs,
+    pub precision: GemmPrecision,
+}
+
+impl Step<'_> {
+    /// Runs the step described by `plan` and writes the requested logit rows to `logits`
+    /// (`plan.head_rows.len() * vocab` values). The caller orders the pool's slots against
+    /// the copy stream around this call.
+    pub fn run(&self, plan: &BatchPlan, logits: &mut [f32]) -> Result<()> {
+        let rows = plan.rows();
+        let vocab = self.cfg.vocab_size;
+        if logits.len() != plan.head_rows.len() * vocab {
+            return Err(CudaError::shape("forward", "logits buffer size"));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        if rows > self.bufs.rows {
+            return Err(CudaError::shape(
+                "forward",
+                format!("{rows} rows exceed the scratch capacity {}", self.bufs.rows),
+            ));
+        }
+        let (packed, layout) = plan.packed();
+        self.exec.upload_u32(&plan.tokens, self.bufs.tokens)?;
+        self.exec.upload_i32(&packed, self.bufs.meta)?;
+        let [x, a, dx, r, k, v, w, g, y] = self.bufs.act;
+        let b = Bufs {
+            x,
+            a,
+            dx,
+            r,
+            k,
+            v,
+            w,
+            g,
+            y,
+            xs: self.bufs.xs,
+            gin: self.bufs.gin,
+            tmp: self.bufs.tmp,
+        };
+        let meta = Meta::new(self.bufs.meta, &layout)?;
+        let c = self.cfg.n_embd;
+        self.kx()
+            .embedding(self.weights.emb, vocab, self.bufs.tokens, b.x, rows, c)?;
+        for (l, lw) in self.weights.layers.iter().enumerate() {
+            self.time_mix(l, lw, &b, &meta, plan)?;
+            self.channel_mix(l, lw, &b, &meta, plan)?;
+        }
+        self.head(&b, &meta, plan, logits)?;
+        self.exec.synchronize()
+    }
+
+    fn kx(&self) -> &Kernels {
+        self.exec.kernels()
+    }
+
+    fn gemm(&self, spec: &GemmSpec, w: Bf16Buf, x: Bf16Buf, y: F32Buf) -> Result<()> {
+        let one = BatchStrides {
+            count: 1,
+            w: 0,
+            x: 0,
+            y: 0,
+        };
+        self.exec.gemm(spec, &one, w, x, y)
+    }
+
+    fn rows_s(&self, rows: usize) -> usize {
+        if self.precision.split() {
+            2 * rows
+        } else {
+            rows
+        }
+    }
+
+    fn time_mix(
+        &self,
+        l: usize,
+        lw: &LayerViews,
+        b: &Bufs,
+        m: &Meta,
+        plan: &BatchPlan,
+    ) -> Result<()> {
+        let kx = self.kx();
+        let cfg = self.cfg;
+        let (c, dm, dd) = (cfg.n_embd, cfg.maa_lora, cfg.decay_lora);
+        let (rows, split) = (plan.rows(), self.precision.split());
+        let rs = self.rows_s(rows);
+        let n = rs * c; // one [S*rows, C] GEMM input or output
+        let pool = self.pool;
+        let lay = &self.layout;
+
+        // a = LN(x; ln1); dx = prev - a; LoRA input xm = a + dx * maa_x; shift state <- a.
+        kx.layer_norm(b.x, lw.ln1.0, lw.ln1.1, b.a, rows, c)?;
+        kx.tmix_shift(
+            b.a,
+            pool,
+            lay.att_shift(l),
+            m.row_prev,
+            lw.maa_x,
+            b.dx,
+            b.gin,
+            rows,
+            c,
+            split,
+        )?;
+        kx.store_shift(
+            b.a,
+            rows,
+            pool,
+            lay.att_shift(l),
+            m.seq_last,
+            m.seq_slot,
+            plan.seqs(),
+            c,
+        )?;
+
+        // z = tanh(xm @ maa_w1) [rows, 5 Dm]; m_j = z_j @ maa_w2[j] -> tmp [5][S*rows][C].
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::InOut, 5 * dm, c, rs),
+            lw.maa_w1,
+            b.gin,
+            b.tmp,
+        )?;
+        kx.gemm_out_bf16(b.tmp, b.gin, None, rows, 5 * dm, split, Act::Tanh)?;
+        let w2 = GemmSpec {
+            layout: WeightLayout::InOut,
+            out_features: c,
+            in_features: dm,
+            rows: rs,
+            ldx: 5 * dm,
+        };
+        let w2_strides = BatchStrides {
+            count: 5,
+            w: dm * c,
+            x: dm,
+            y: n,
+        };
+        self.exec.gemm(&w2, &w2_strides, lw.maa_w2, b.gin, b.tmp)?;
+        // x_w, x_k, x_v, x_r, x_g -> xs [5][S*rows][C].
+        kx.tmix_mix(b.a, b.dx, b.tmp, lw.maa_lambda, b.xs, rows, c, split)?;
+
+        // k, v, r, g from x_k, x_v, x_r, x_g (xs blocks 1..5) in one batched GEMM.
+        let proj = GemmSpec::dense(WeightLayout::OutIn, c, c, rs);
+        let proj_strides = BatchStrides {
+            count: 4,
+            w: c * c,
+            x: n,
+            y: n,
+        };
+        self.exec
+            .gemm(&proj, &proj_strides, lw.kvrg, b.xs.slice(n, 4 * n)?, b.tmp)?;
+        for (i, (out, act)) in [
+            (b.k, Act::None),
+            (b.v, Act::None),
+            (b.r, Act::None),
+            (b.g, Act::Silu),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            kx.gemm_out_f32(
+                b.tmp.slice(i * n, n)?,
+                out,
+                None,
+                None,
+                rows,
+                c,
+                split,
+                act,
+                false,
+            )?;
+        }
+
+        // w = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2)), f32.
+        let x_w = b.xs.slice(0, n)?;
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::InOut, dd, c, rs),
+            lw.decay_w1,
+            x_w,
+            b.tmp,
+        )?;
+        kx.gemm_out_bf16(b.tmp, b.gin, None, rows, dd, split, Act::Tanh)?;
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::InOut, c, dd, rs),
+            lw.decay_w2,
+            b.gin,
+            b.tmp,
+        )?;
+        kx.gemm_out_f32(
+            b.tmp,
+            b.w,
+            Some(lw.time_decay),
+            None,
+            rows,
+            c,
+            split,
+            Act::Decay,
+            false,
+        )?;
+
+        // WKV: decode kernel for one-token sequences, prefill kernel for the others.
+        let rkvw = [b.r, b.k, b.v, b.w];
+        let u = lw.faaaa;
+        let wkv = lay.wkv(l);
+        kx.wkv6_decode(
+            pool,
+            wkv,
+            m.dec_row,
+            m.dec_slot,
+            plan.dec_row.len(),
+            rkvw,
+            u,
+            b.y,
+            rows,
+            c,
+        )?;
+        kx.wkv6_prefill(
+            pool,
+            wkv,
+            m.pre_first,
+            m.pre_end,
+            m.pre_slot,
+            plan.pre_first.len(),
+            rkvw,
+            u,
+            b.y,
+            rows,
+            c,
+        )?;
+
+        // x += Wo · (GroupNorm(y) * g).
+        kx.group_norm_gate(b.y, b.g, lw.ln_x.0, lw.ln_x.1, b.gin, rows, c, split)?;
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::OutIn, c, c, rs),
+            lw.output,
+            b.gin,
+            b.tmp,
+        )?;
+        kx.gemm_out_f32(b.tmp, b.x, None, None, rows, c, split, Act::None, true)
+    }
+
+    fn channel_mix(
+        &self,
+        l: usize,
+        lw: &LayerViews,
+        b: &Bufs,
+        m: &Meta,
+        plan: &BatchPlan,
+    ) -> Result<()> {
+        let kx = self.kx();
+        let (c, f) = (self.cfg.n_embd, self.cfg.dim_ffn);
+        let (rows, split) = (plan.rows(), self.precision.split());
+        let rs = self.rows_s(rows);
+        let n = rs * c;
+        let pool = self.pool;
+        let off = self.layout.ffn_shift(l);
+
+        // b = LN(x; ln2); x_k, x_r from the shift; shift state <- b.
+        kx.layer_norm(b.x, lw.ln2.0, lw.ln2.1, b.a, rows, c)?;
+        let (xk, xr) = (b.xs.slice(0, n)?, b.xs.slice(n, n)?);
+        kx.cmix_shift(
+            b.a,
+            pool,
+            off,
+            m.row_prev,
+            lw.ffn_maa_k,
+            lw.ffn_maa_r,
+            xk,
+            xr,
+            rows,
+            c,
+            split,
+        )?;
+        kx.store_shift(b.a, rows, pool, off, m.seq_last, m.seq_slot, plan.seqs(), c)?;
+
+        // kk = relu(Wk x_k)^2; rr = sigmoid(Wr x_r); x += rr * (Wv kk).
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::OutIn, f, c, rs),
+            lw.ffn_key,
+            xk,
+            b.tmp,
+        )?;
+        kx.gemm_out_bf16(b.tmp, b.gin, None, rows, f, split, Act::Relu2)?;
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::OutIn, c, c, rs),
+            lw.ffn_receptance,
+            xr,
+            b.tmp,
+        )?;
+        kx.gemm_out_f32(b.tmp, b.r, None, None, rows, c, split, Act::Sigmoid, false)?;
+        self.gemm(
+            &GemmSpec::dense(WeightLayout::OutIn, c, f, rs),
+            lw.ffn_value,
+            b.gin,
+            b.tmp,
+        )?;
+        kx.gemm_out_f32(b.tmp, b.x, None, Some(b.r), rows, c, split, Act::None, true)
+    }
+
+    /// ln_out and the head, only for the requested rows, in chunks of [`HEAD_CHUNK`] rows.
+    fn head(&self, b: &Bufs, m: &Meta, plan: &BatchPlan, logits: &mut [f32]) -> Result<()> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let split = self.precision.split();
+        let total = plan.head_rows.len();
+        let (hx, htmp, hout) = (self.bufs.hx, self.bufs.htmp, self.bufs.hout);
+        let (ln_w, ln_b) = self.weights.ln_out;
+        let mut start = 0;
+        while start < total {
+            let pc = HEAD_CHUNK.min(total - start);
+            let idx = m.head_rows.slice(start, pc)?;
+            self.kx().layer_norm_gather_bf16(
+                b.x,
+                plan.rows(),
+                idx,
+                ln_w,
+                ln_b,
+                hx,
+                pc,
+                c,
+                split,
+            )?;
+            let spec = GemmSpec::dense(WeightLayout::OutIn, v, c, self.rows_s(pc));
+            self.gemm(&spec, self.weights.head, hx, htmp)?;
+            self.kx()
+                .gemm_out_f32(htmp, hout, None, None, pc, v, split, Act::None, false)?;
+            self.exec.download_f32(
+                hout.slice(0, pc * v)?,
+                &mut logits[start * v..(start + pc) * v],
+            )?;
+            start += pc;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,383 @@
+//! Runs the real kernel sources (`kernels/*.cu`, compiled as C++ against `tests/emu/emu.h`)
+//! and the real forward-pass orchestration (`forward::Step`, with a host GEMM that follows
+//! cuBLAS's column-major semantics) on the CPU, and compares them with plain host math and
+//! with the CPU backend on the fixtures. No GPU needed; needs `g++` (C++20), else it skips.
+//!
+//! What this cannot see: the cudarc plumbing (allocation, copies, streams, events), cuBLAS
+//! itself and real concurrency; the GPU tests cover those.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::LaunchConfig;
+use rwkv_cpu::CpuBackend;
+use rwkv_cuda::compile::KERNEL_FILES;
+use rwkv_cuda::forward::{Exec, GemmPrecision, ScratchSizes, Step, StepBufs, ACT_BUFFERS};
+use rwkv_cuda::gemm::{check_extents, BatchStrides, GemmSpec};
+use rwkv_cuda::kernels::{Arg, Bf16Buf, DevBuf, F32Buf, I32Buf, Kernels, Launcher, PoolArg};
+use rwkv_cuda::plan::BatchPlan;
+use rwkv_cuda::pool::PoolLayout;
+use rwkv_cuda::weights::{self, WeightViews, Weights};
+use rwkv_model::backend::validate_steps;
+use rwkv_model::{Backend, ModelConfig, ModelWeights, OutputRows, SeqStep};
+
+type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, *mut *mut c_void) -> c_int;
+type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
+
+/// The emulation library for one head size.
+struct Emu {
+    _lib: libloading::Library,
+    launch: LaunchFn,
+    has: HasFn,
+}
+
+fn crate_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds (once per process and head size) and loads the emulation library, or `None` with a
+/// message when there is no g++.
+fn emu(head_size: usize) -> Option<Arc<Emu>> {
+    type Libs = Mutex<Vec<(usize, Option<Arc<Emu>>)>>;
+    static LIBS: OnceLock<Libs> = OnceLock::new();
+    let libs = LIBS.get_or_init(|| Mutex::new(Vec::new()));
+    let mut libs = libs.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, e)) = libs.iter().find(|(n, _)| *n == head_size) {
+        return e.clone();
+    }
+    let built = build(head_size);
+    libs.push((head_size, built.clone()));
+    built
+}
+
+fn build(head_size: usize) -> Option<Arc<Emu>> {
+    if Command::new("g++").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: g++ not found; the host emulation of the kernels needs a C++20 g++");
+        return None;
+    }
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("libemu-{}-{head_size}.so", std::process::id()));
+    let status = Command::new("g++")
+        .args([
+            "-std=c++20",
+            "-O2",
+            "-fPIC",
+            "-shared",
+            "-fvisibility=hidden",
+        ])
+        .arg(format!("-DHEAD_SIZE={head_size}"))
+        .arg(crate_dir().join("tests/emu/emu.cpp"))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .expect("run g++");
+    assert!(status.success(), "g++ failed to build the kernel emulation");
+    // SAFETY: the library was just built from our own sources; loading runs no initialisers
+    // beyond the C++ runtime's.
+    let lib = unsafe { libloading::Library::new(&out) }.expect("load emulation library");
+    // SAFETY: the symbols are declared in tests/emu/emu.cpp with exactly these signatures.
+    let (launch, has) = unsafe {
+        (
+            *lib.get::<LaunchFn>(b"emu_launch").unwrap(),
+            *lib.get::<HasFn>(b"emu_has").unwrap(),
+        )
+    };
+    Some(Arc::new(Emu {
+        _lib: lib,
+        launch,
+        has,
+    }))
+}
+
+static PROFILE: Mutex<std::collections::BTreeMap<&'static str, (u64, f64)>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+struct EmuLauncher(Arc<Emu>);
+
+impl Launcher for EmuLauncher {
+    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> rwkv_cuda::Result<()> {
+        assert_eq!((cfg.grid_dim.1, cfg.grid_dim.2), (1, 1));
+        assert_eq!((cfg.block_dim.1, cfg.block_dim.2), (1, 1));
+        assert!(cfg.block_dim.0 <= 1024 && cfg.grid_dim.0 > 0);
+        // Each value in the low bytes of its own 8-byte slot (little-endian), as cuLaunchKernel
+        // expects: an array of pointers to the argument values.
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(p) => p,
+                Arg::I(v) => u64::from(v as u32),
+                Arg::L(v) => v as u64,
+                Arg::F(v) => u64::from(v.to_bits()),
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| (s as *mut u64).cast::<c_void>())
+            .collect();
+        let cname = CString::new(name).unwrap();
+        // One launch at a time across all loaded emulation libraries.
+        static LAUNCH: Mutex<()> = Mutex::new(());
+        let _one = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
+        let t0 = std::time::Instant::now();
+        // SAFETY: the emulated kernel reads its arguments through these pointers, which live
+        // until the call returns; buffer pointers are host memory sized by the wrappers' checks.
+        let rc = unsafe {
+            (self.0.launch)(
+                cname.as_ptr(),
+                cfg.grid_dim.0,
+                cfg.block_dim.0,
+                ptrs.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "emulator does not know kernel {name}");
+        if std::env::var_os("EMU_PROFILE").is_some() {
+            let mut p = PROFILE.lock().unwrap();
+            let e = p.entry(name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += t0.elapsed().as_secs_f64();
+            eprintln!("PROFILE {name} {} {:.3}", e.0, e.1);
+        }
+        Ok(())
+    }
+}
+
+/// A read-only buffer for the emulated kernels.
+fn view<T>(v: &[T]) -> DevBuf<T> {
+    DevBuf::new(v.as_ptr() as u64, v.len())
+}
+
+/// A buffer the emulated kernels write (the pointer comes from a unique borrow).
+fn view_mut<T>(v: &mut [T]) -> DevBuf<T> {
+    DevBuf::new(v.as_mut_ptr() as u64, v.len())
+}
+
+fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// The forward pass's machine, on the host: emulated kernels, a cuBLAS-semantics GEMM.
+struct HostExec {
+    kernels: Kernels,
+}
+
+impl Exec for HostExec {
+    fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    fn gemm(
+        &self,
+        spec: &GemmSpec,
+        strides: &BatchStrides,
+        w: Bf16Buf,
+        x: Bf16Buf,
+        y: F32Buf,
+    ) -> rwkv_cuda::Result<()> {
+        check_extents(spec, strides, w.len(), x.len(), y.len())?;
+        let d = spec.dims()?;
+        // SAFETY: the buffers are host vectors of these lengths (views made by this test).
+        let (a, b, c) = unsafe {
+            (
+                std::slice::from_raw_parts(w.ptr() as *const u16, w.len()),
+                std::slice::from_raw_parts(x.ptr() as *const u16, x.len()),
+                std::slice::from_raw_parts_mut(y.ptr() as *mut f32, y.len()),
+            )
+        };
+        let (m, n, k) = (d.m as usize, d.n as usize, d.k as usize);
+        let (lda, ldb, ldc) = (d.lda as usize, d.ldb as usize, d.ldc as usize);
+        for bt in 0..strides.count {
+            let (a, b) = (&a[bt * strides.w..], &b[bt * strides.x..]);
+            let c = &mut c[bt * strides.y..];
+            // Column-major C[m, n] = op(A) · B, exactly as cublasGemmEx defines it.
+            for j in 0..n {
+                for i in 0..m {
+                    let mut s = 0.0f32;
+                    for p in 0..k {
+                        let aip = if d.transa {
+                            a[i * lda + p]
+                        } else {
+                            a[p * lda + i]
+                        };
+                        s += bf16_to_f32(aip) * bf16_to_f32(b[j * ldb + p]);
+                    }
+                    c[j * ldc + i] = s;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn upload_u32(&self, src: &[u32], dst: DevBuf<u32>) -> rwkv_cuda::Result<()> {
+        assert!(src.len() <= dst.len());
+        // SAFETY: `dst` views a host vector of at least `src.len()` elements.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr() as *mut u32, src.len()) };
+        Ok(())
+    }
+
+    fn upload_i32(&self, src: &[i32], dst: I32Buf) -> rwkv_cuda::Result<()> {
+        assert!(src.len() <= dst.len());
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr() as *mut i32, src.len()) };
+        Ok(())
+    }
+
+    fn download_f32(&self, src: F32Buf, dst: &mut [f32]) -> rwkv_cuda::Result<()> {
+        assert!(dst.len() <= src.len());
+        // SAFETY: as above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.ptr() as *const f32, dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
+    fn synchronize(&self) -> rwkv_cuda::Result<()> {
+        Ok(())
+    }
+}
+
+fn host_exec(e: &Arc<Emu>, head_size: usize) -> HostExec {
+    HostExec {
+        kernels: Kernels::with_launcher(Box::new(EmuLauncher(e.clone())), head_size),
+    }
+}
+
+/// The model run through `forward::Step` on the host, with its own state pool.
+struct EmuModel {
+    cfg: ModelConfig,
+    _weights: Weights<Vec<f32>, Vec<u16>>,
+    views: WeightViews,
+    pool: Vec<f32>,
+    layout: PoolLayout,
+    exec: HostExec,
+    precision: GemmPrecision,
+}
+
+const NAN_BF16: u16 = 0x7fc0;
+
+impl EmuModel {
+    fn new(e: &Arc<Emu>, w: &ModelWeights, slots: usize, precision: GemmPrecision) -> Self {
+        let cfg = w.config.clone();
+        let host = weights::convert(w, &mut |v| Ok(v.clone()), &mut |v| Ok(v.clone())).unwrap();
+        let views = weights::host_views(&host);
+        let layout = PoolLayout::new(&cfg, slots);
+        let pool = w.initial_state().as_flat().repeat(slots);
+        Self {
+            exec: host_exec(e, cfg.head_size),
+            cfg,
+            _weights: host,
+            views,
+            pool,
+            layout,
+            precision,
+        }
+    }
+
+    fn state(&self, slot: usize) -> &[f32] {
+        &self.pool[self.layout.slot_range(slot)]
+    }
+
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Vec<f32> {
+        validate_steps(&self.cfg, self.layout.slots, steps).unwrap();
+        let plan = BatchPlan::new(steps).unwrap();
+        let mut logits = vec![0.0; plan.head_rows.len() * self.cfg.vocab_size];
+        let s = ScratchSizes::new(&self.cfg, self.precision.split(), plan.rows().max(1));
+        // Scratch starts as NaN, so reading anything not written in this step shows up.
+        let mut act: Vec<Vec<f32>> = (0..ACT_BUFFERS).map(|_| vec![f32::NAN; s.act]).collect();
+        let (mut xs, mut gin, mut hx) = (
+            vec![NAN_BF16; s.xs],
+            vec![NAN_BF16; s.gin],
+            vec![NAN_BF16; s.hx],
+        );
+        let (mut tmp, mut htmp, mut hout) = (
+            vec![f32::NAN; s.tmp],
+            vec![f32::NAN; s.htmp],
+            vec![f32::NAN; s.hout],
+        );
+        let (mut tokens, mut meta) = (vec![u32::MAX; s.tokens], vec![i32::MIN; s.meta]);
+        let mut act_views = [DevBuf::null(); ACT_BUFFERS];
+        for (v, a) in act_views.iter_mut().zip(&mut act) {
+            *v = view_mut(a);
+        }
+        let bufs = StepBufs {
+            rows: s.rows,
+            act: act_views,
+            xs: view_mut(&mut xs),
+            gin: view_mut(&mut gin),
+            tmp: view_mut(&mut tmp),
+            tokens: view_mut(&mut tokens),
+            meta: view_mut(&mut meta),
+            hx: view_mut(&mut hx),
+            htmp: view_mut(&mut htmp),
+            hout: view_mut(&mut hout),
+        };
+        let step = Step {
+            exec: &self.exec,
+            cfg: &self.cfg,
+            weights: &self.views,
+            pool: PoolArg {
+                buf: view_mut(&mut self.pool),
+                stride: self.layout.state_len(),
+                slots: self.layout.slots,
+            },
+            layout: self.layout,
+            bufs,
+            precision: self.precision,
+        };
+        step.run(&plan, &mut logits).unwrap();
+        logits
+    }
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A deterministic pseudo-random stream in [-1, 1).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+#[test]
+fn emulator_knows_every_kernel() {
+    let Some(e) = emu(64) else { return };
+    for file in KERNEL_FILES {
+        for f in file.functions {
+            let c = CString::new(*f).unwrap();
+            // SAFETY: emu_has only reads the name.
+            assert_eq!(
+                unsafe { (e.has)(c.as_ptr()) },
+                1,
+                "{f} is not registered in emu.cpp"
+            );
+        }
+    }
+}
+
+#[path = "emu/kernels.rs"]
+mod kernels;
+#[path = "emu/model.rs"]
+mod model;

@@ -1,0 +1,170 @@
+//! The whole forward pass (real orchestration, emulated kernels, host GEMM with cuBLAS
+//! semantics) against the CPU backend on every fixture checkpoint.
+
+use super::*;
+
+fn fixture(name: &str) -> PathBuf {
+    crate_dir().join("../../tests/fixtures").join(name)
+}
+
+/// Checkpoints with their head sizes 64 (random weights) and 8 (a real trained model).
+const FIXTURES: [&str; 5] = [
+    "rwkv6-tiny-c128-l2.safetensors",
+    "rwkv6-tiny-c256-l3.safetensors",
+    "extra/rwkv6-check-c192-l2.safetensors",
+    "extra/rwkv6-check-timestate-c128-l2.safetensors",
+    "real/tiny-rwkv-6v0-1m.safetensors",
+];
+
+/// Logits tolerance of the GPU tests; the split-bf16 GEMM path should be far inside it.
+const TOL: f64 = 2e-3;
+/// State tolerance.
+const STATE_TOL: f64 = 1e-3;
+
+fn tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn step(slot: usize, tokens: &[u32], output: OutputRows) -> SeqStep<'_> {
+    SeqStep {
+        slot,
+        tokens,
+        output,
+    }
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
+    let err = rel_l2(got, want);
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
+    assert!(
+        err <= tol,
+        "{what}: relative L2 error {err:.3e} exceeds {tol:.0e}"
+    );
+    err
+}
+
+fn check_states(
+    what: &str,
+    emu: &EmuModel,
+    cpu: &mut CpuBackend,
+    slots: impl Iterator<Item = usize>,
+) -> f64 {
+    let mut worst: f64 = 0.0;
+    for s in slots {
+        let want = cpu.save_state(s).unwrap();
+        worst = worst.max(check(
+            &format!("{what} state {s}"),
+            emu.state(s),
+            want.as_flat(),
+            STATE_TOL,
+        ));
+    }
+    worst
+}
+
+/// One sequence, all positions, then token-by-token decode steps from the carried state.
+fn batch_of_one(e: &Arc<Emu>, name: &str, w: &ModelWeights) {
+    let vocab = w.config.vocab_size;
+    let toks = tokens(vocab, 20, 1);
+    let mut cpu = CpuBackend::new(w, 2);
+    let mut emu = EmuModel::new(e, w, 2, GemmPrecision::Split);
+    let want = cpu.forward(&[step(1, &toks, OutputRows::All)]).unwrap();
+    let got = emu.forward(&[step(1, &toks, OutputRows::All)]);
+    let err = check(&format!("{name} prefill logits"), &got, &want.data, TOL);
+    let serr = check_states(&format!("{name} prefill"), &emu, &mut cpu, 0..2);
+    let mut derr: f64 = 0.0;
+    for t in tokens(vocab, 3, 2) {
+        let want = cpu.forward(&[step(1, &[t], OutputRows::Last)]).unwrap();
+        let got = emu.forward(&[step(1, &[t], OutputRows::Last)]);
+        derr = derr.max(check(
+            &format!("{name} decode logits"),
+            &got,
+            &want.data,
+            TOL,
+        ));
+    }
+    check_states(&format!("{name} decode"), &emu, &mut cpu, 0..2);
+    eprintln!("{name}: batch 1 prefill {err:.2e}, decode {derr:.2e}, state {serr:.2e}");
+}
+
+/// Eight sequences of different lengths at different offsets, in reversed slots, with mixed
+/// output requests; then one decode token each (the decode kernel for all eight).
+fn ragged(e: &Arc<Emu>, name: &str, w: &ModelWeights, precision: GemmPrecision, tol: f64) -> f64 {
+    let vocab = w.config.vocab_size;
+    let toks = tokens(vocab, 24, 3);
+    let seqs: Vec<&[u32]> = (0..8)
+        .map(|i| &toks[i..i + 1 + (i * 5) % (toks.len() - i)])
+        .collect();
+    let outputs = [
+        OutputRows::All,
+        OutputRows::Last,
+        OutputRows::None,
+        OutputRows::All,
+    ];
+    let steps: Vec<SeqStep<'_>> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| step(7 - i, s, outputs[i % 4]))
+        .collect();
+    let mut cpu = CpuBackend::new(w, 8);
+    let mut emu = EmuModel::new(e, w, 8, precision);
+    let want = cpu.forward(&steps).unwrap();
+    let got = emu.forward(&steps);
+    let mut worst = check(
+        &format!("{name} ragged prefill {precision:?}"),
+        &got,
+        &want.data,
+        tol,
+    );
+    let next = tokens(vocab, 8, 4);
+    let decode: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(7 - i, &next[i..i + 1], OutputRows::Last))
+        .collect();
+    let want = cpu.forward(&decode).unwrap();
+    let got = emu.forward(&decode);
+    worst = worst.max(check(
+        &format!("{name} ragged decode {precision:?}"),
+        &got,
+        &want.data,
+        tol,
+    ));
+    if precision == GemmPrecision::Split {
+        check_states(&format!("{name} ragged"), &emu, &mut cpu, 0..8);
+    }
+    worst
+}
+
+#[test]
+fn forward_matches_the_cpu_backend_on_every_fixture() {
+    for name in FIXTURES {
+        let path = fixture(name);
+        let w = ModelWeights::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let Some(e) = emu(w.config.head_size) else {
+            return;
+        };
+        batch_of_one(&e, name, &w);
+        let err = ragged(&e, name, &w, GemmPrecision::Split, TOL);
+        eprintln!("{name}: ragged batch of 8 {err:.2e}");
+    }
+}
+
+#[test]
+fn bf16_gemm_inputs_stay_close_to_the_reference() {
+    let w = ModelWeights::load(fixture(FIXTURES[1])).unwrap();
+    let Some(e) = emu(w.config.head_size) else {
+        return;
+    };
+    let err = ragged(&e, FIXTURES[1], &w, GemmPrecision::Bf16, 5e-2);
+    eprintln!("{}: bf16 GEMM inputs, ragged batch {err:.2e}", FIXTURES[1]);
+}

@@ -1,0 +1,455 @@
+//! Tests that need a CUDA device (`cargo test -p rwkv-cuda --test gpu -- --ignored`).
+//! The fixture conformance suite against the CPU backend is in `tests/tests/cuda.rs`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rwkv_cuda::device::Device;
+use rwkv_cuda::kernels::{Kernels, PoolArg};
+use rwkv_cuda::pool::PoolLayout;
+use rwkv_cuda::{CudaBackend, CudaOptions, GemmPrecision};
+use rwkv_model::{Backend, Checkpoint, ModelWeights, OutputRows, SeqStep};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn step(slot: usize, tokens: &[u32], output: OutputRows) -> SeqStep<'_> {
+    SeqStep {
+        slot,
+        tokens,
+        output,
+    }
+}
+
+fn lcg(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let n: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// y and S' of spec 2.4, written out for one sequence of rows.
+#[allow(clippy::too_many_arguments)]
+fn reference_wkv(
+    n: usize,
+    heads: usize,
+    rows: std::ops::Range<usize>,
+    rkvw: [&[f32]; 4],
+    u: &[f32],
+    s: &mut [f32],
+    y: &mut [f32],
+) {
+    let [r, k, v, w] = rkvw;
+    let c = heads * n;
+    for t in rows {
+        for h in 0..heads {
+            let s = &mut s[h * n * n..(h + 1) * n * n];
+            let at = |a: &[f32], i: usize| a[t * c + h * n + i];
+            for j in 0..n {
+                y[t * c + h * n + j] = (0..n)
+                    .map(|i| at(r, i) * (u[h * n + i] * at(k, i) * at(v, j) + s[i * n + j]))
+                    .sum();
+            }
+            for i in 0..n {
+                for j in 0..n {
+                    s[i * n + j] = at(w, i) * s[i * n + j] + at(k, i) * at(v, j);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn wkv_kernels_match_a_plain_recurrence() {
+    let dev = Device::open(0).unwrap();
+    for n in [64, 8] {
+        let kx = Kernels::load(&dev, n).unwrap();
+        let heads = 4;
+        let c = heads * n;
+        let layout = PoolLayout {
+            slots: 5,
+            n_layer: 2,
+            n_embd: c,
+            n_head: heads,
+            head_size: n,
+        };
+        let rows = 12;
+        let pool_host = lcg(1, layout.total_len().unwrap());
+        let (r, k, v) = (lcg(2, rows * c), lcg(3, rows * c), lcg(4, rows * c));
+        let w: Vec<f32> = lcg(5, rows * c)
+            .iter()
+            .map(|x| (-(2.0 * x).exp()).exp())
+            .collect();
+        let u = lcg(6, c);
+        // Decode: row 0 -> slot 4, row 5 -> slot 0. Prefill: rows 1..5 -> slot 2, 6..12 -> slot 1.
+        let seqs = [(0..1, 4), (1..5, 2), (5..6, 0), (6..12, 1)];
+        let meta: Vec<i32> = vec![0, 5, 4, 0, 1, 6, 5, 12, 2, 1];
+        let layer = 1;
+        let mut want_pool = pool_host.clone();
+        let mut want_y = vec![0.0; rows * c];
+        for (span, slot) in &seqs {
+            let base = layout.slot_range(*slot).start + layout.wkv(layer);
+            let s = &mut want_pool[base..base + layout.wkv_len()];
+            reference_wkv(n, heads, span.clone(), [&r, &k, &v, &w], &u, s, &mut want_y);
+        }
+        let d = |v: &[f32]| dev.upload(v).unwrap();
+        let (pool, dr, dk, dv, dw, du) = (d(&pool_host), d(&r), d(&k), d(&v), d(&w), d(&u));
+        let y = dev.zeros::<f32>(rows * c).unwrap();
+        let m = dev.upload(&meta).unwrap();
+        let mv = |i: usize, len: usize| dev.buf(&m).slice(i, len).unwrap();
+        let arg = PoolArg {
+            buf: dev.buf(&pool),
+            stride: layout.state_len(),
+            slots: layout.slots,
+        };
+        let rkvw = [dev.buf(&dr), dev.buf(&dk), dev.buf(&dv), dev.buf(&dw)];
+        let wkv = layout.wkv(layer);
+        kx.wkv6_decode(
+            arg,
+            wkv,
+            mv(0, 2),
+            mv(2, 2),
+            2,
+            rkvw,
+            dev.buf(&du),
+            dev.buf(&y),
+            rows,
+            c,
+        )
+        .unwrap();
+        kx.wkv6_prefill(
+            arg,
+            wkv,
+            mv(4, 2),
+            mv(6, 2),
+            mv(8, 2),
+            2,
+            rkvw,
+            dev.buf(&du),
+            dev.buf(&y),
+            rows,
+            c,
+        )
+        .unwrap();
+        let got_y = dev.compute.clone_dtoh(&y).unwrap();
+        let got_pool = dev.compute.clone_dtoh(&pool).unwrap();
+        dev.compute.synchronize().unwrap();
+        let (ey, es) = (rel_l2(&got_y, &want_y), rel_l2(&got_pool, &want_pool));
+        eprintln!("wkv on {} n={n}: y {ey:.2e}, state {es:.2e}", dev.name);
+        assert!(
+            ey <= 1e-5 && es <= 1e-5,
+            "n={n}: y {ey:.2e}, state {es:.2e}"
+        );
+    }
+}
+
+fn tiny() -> ModelWeights {
+    ModelWeights::load(fixture("rwkv6-tiny-c256-l3.safetensors")).unwrap()
+}
+
+fn tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+    lcg(seed, n)
+        .iter()
+        .map(|x| ((x + 1.0) * 0.5 * vocab as f32) as u32 % vocab as u32)
+        .collect()
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn swapped_out_and_in_slots_continue_bit_identically() {
+    let w = tiny();
+    let vocab = w.config.vocab_size;
+    let (prefix, rest) = (tokens(vocab, 13, 7), tokens(vocab, 6, 8));
+    let mut be = CudaBackend::new(&w, 4, 0).unwrap();
+    be.forward(&[step(0, &prefix, OutputRows::None)]).unwrap();
+    let saved = be.save_state(0).unwrap();
+    let host = be.swap_out(0).unwrap();
+    assert_eq!(
+        host.as_slice().unwrap(),
+        saved.as_flat(),
+        "swap-out equals save_state"
+    );
+    let direct = be.forward(&[step(0, &rest, OutputRows::All)]).unwrap();
+    // Back into the same slot (now advanced) and into another slot, decoding alongside.
+    be.swap_in(0, &host).unwrap();
+    be.swap_in(2, &host).unwrap();
+    let again = be.forward(&[step(0, &rest, OutputRows::All)]).unwrap();
+    assert_eq!(again.data, direct.data, "same slot after swap-in");
+    let other = be.forward(&[step(2, &rest, OutputRows::All)]).unwrap();
+    assert_eq!(other.data, direct.data, "another slot after swap-in");
+    // A pinned buffer reused for the next swap, with compute on other slots in between.
+    let mut buf = be.alloc_host_state().unwrap();
+    be.swap_out_into(2, &mut buf).unwrap();
+    be.forward(&[step(1, &prefix, OutputRows::Last)]).unwrap();
+    be.reset_state(3).unwrap();
+    be.swap_in(3, &buf).unwrap();
+    assert_eq!(be.save_state(3).unwrap(), be.save_state(2).unwrap());
+    be.copy_state(3, 1).unwrap();
+    assert_eq!(be.save_state(1).unwrap(), be.save_state(2).unwrap());
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn bad_inputs_are_rejected_before_any_launch() {
+    let w = tiny();
+    let mut be = CudaBackend::new(&w, 2, 0).unwrap();
+    let ok = [1u32, 2];
+    assert!(be.forward(&[step(2, &ok, OutputRows::Last)]).is_err());
+    assert!(be
+        .forward(&[
+            step(0, &ok, OutputRows::Last),
+            step(0, &ok, OutputRows::Last)
+        ])
+        .is_err());
+    assert!(be
+        .forward(&[step(0, &[u32::MAX], OutputRows::Last)])
+        .is_err());
+    let empty = be.forward(&[step(1, &[], OutputRows::Last)]).unwrap();
+    assert_eq!(empty.rows(), 0);
+    assert!(be.swap_out(5).is_err());
+    // The backend still works afterwards.
+    assert_eq!(
+        be.forward(&[step(0, &ok, OutputRows::All)]).unwrap().rows(),
+        2
+    );
+}
+
+#[test]
+#[ignore = "requires a CUDA device"]
+fn sampling_helpers_match_the_host() {
+    let w = tiny();
+    let mut be = CudaBackend::new(&w, 3, 0).unwrap();
+    let toks = tokens(w.config.vocab_size, 5, 9);
+    let logits = be
+        .forward(&[
+            step(0, &toks, OutputRows::All),
+            step(1, &toks[..2], OutputRows::Last),
+        ])
+        .unwrap();
+    let top = be.top_k_probs(&logits, 5, 0.8).unwrap();
+    for r in 0..logits.rows() {
+        let row = logits.row(r);
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let ids: Vec<usize> = top.ids[r * 5..(r + 1) * 5]
+            .iter()
+            .map(|&i| i as usize)
+            .collect();
+        assert_eq!(ids, order[..5]);
+        let m = row[order[0]];
+        let z: f64 = row.iter().map(|v| f64::from(((v - m) / 0.8).exp())).sum();
+        let p0 = (1.0 / z) as f32;
+        assert!((top.probs[r * 5] - p0).abs() < 1e-5);
+    }
+}
+
+/// Not an assertion: prints step times on a synthetic model shaped like a small release.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn timing_report() {
+    let mut spec = rwkv_model::synthetic::SyntheticSpec::new(1024, 6, 32768);
+    spec.seed = 1;
+    let ckpt =
+        Checkpoint::from_tensors("synthetic", rwkv_model::synthetic::random_checkpoint(&spec));
+    let w = ModelWeights::from_checkpoint(&ckpt).unwrap();
+    for precision in [GemmPrecision::Split, GemmPrecision::Bf16] {
+        let mut be = CudaBackend::with_options(&w, 64, 0, CudaOptions { precision }).unwrap();
+        let prompt = tokens(32768, 512, 3);
+        let time = |be: &mut CudaBackend, steps: &[SeqStep<'_>]| {
+            be.forward(steps).unwrap(); // warm-up (workspace growth)
+            let t = Instant::now();
+            let reps = 5;
+            for _ in 0..reps {
+                be.forward(steps).unwrap();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
+        };
+        let prefill = time(&mut be, &[step(0, &prompt, OutputRows::Last)]);
+        let mut line = format!(
+            "timing C=1024 L=6 V=32768 {precision:?} on {}: prefill 512 tok {prefill:.2} ms",
+            be.device_name()
+        );
+        for batch in [1usize, 8, 64] {
+            let steps: Vec<SeqStep<'_>> = (0..batch)
+                .map(|i| step(i, &prompt[i..i + 1], OutputRows::Last))
+                .collect();
+            let ms = time(&mut be, &steps);
+            line.push_str(&format!(", decode x{batch} {ms:.2} ms"));
+        }
+        let host = be.alloc_host_state().unwrap();
+        let t = Instant::now();
+        be.swap_in(5, &host).unwrap();
+        be.synchronize().unwrap();
+        line.push_str(&format!(
+            ", swap-in {:.3} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        ));
+        eprintln!("{line}");
+    }
+}
+
+/// Runs everywhere: without a driver, opening the backend is a clean error, never a panic.
+#[test]
+fn no_driver_means_a_clean_no_device_error() {
+    if rwkv_cuda::driver_available() {
+        return;
+    }
+    match CudaBackend::new(&tiny(), 1, 0) {
+        Err(rwkv_cuda::CudaError::NoDevice(msg)) => assert!(msg.contains("libcuda"), "{msg}"),
+        Err(other) => panic!("expected NoDevice, got {other}"),
+        Ok(_) => panic!("a backend without a driver"),
+    }
+    assert!(rwkv_cuda::device_count().is_err());
+}
+
+/// Not an assertion: the GPU targets, printed as `timing ...` lines for
+/// benches/README.md. (1) The WKV6 decode kernel at batch 256 on a 7B-shaped layer (C = 4096,
+/// H = 64) against a device-to-device copy of the same bytes; (2) one decode step of a
+/// random-weight 1.6B-shaped model (L24 C2048 V65536) at batch 256, and its prefill rate.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn timing_targets() {
+    wkv_decode_bandwidth();
+    model_1b6_step_times();
+}
+
+fn wkv_decode_bandwidth() {
+    let dev = Device::open(0).unwrap();
+    let (n, heads, batch) = (64, 64, 256);
+    let c = heads * n;
+    let kx = Kernels::load(&dev, n).unwrap();
+    let layout = PoolLayout {
+        slots: batch,
+        n_layer: 1,
+        n_embd: c,
+        n_head: heads,
+        head_size: n,
+    };
+    let pool = dev.zeros::<f32>(layout.total_len().unwrap()).unwrap();
+    let d = |v: &[f32]| dev.upload(v).unwrap();
+    let (r, k, v) = (
+        d(&lcg(2, batch * c)),
+        d(&lcg(3, batch * c)),
+        d(&lcg(4, batch * c)),
+    );
+    let w = d(&vec![0.9; batch * c]);
+    let u = d(&lcg(6, c));
+    let y = dev.zeros::<f32>(batch * c).unwrap();
+    let meta: Vec<i32> = (0..batch as i32).chain(0..batch as i32).collect();
+    let m = dev.upload(&meta).unwrap();
+    let arg = PoolArg {
+        buf: dev.buf(&pool),
+        stride: layout.state_len(),
+        slots: layout.slots,
+    };
+    let launch = || {
+        let rkvw = [dev.buf(&r), dev.buf(&k), dev.buf(&v), dev.buf(&w)];
+        let (rows, slots) = (
+            dev.buf(&m).slice(0, batch).unwrap(),
+            dev.buf(&m).slice(batch, batch).unwrap(),
+        );
+        kx.wkv6_decode(
+            arg,
+            layout.wkv(0),
+            rows,
+            slots,
+            batch,
+            rkvw,
+            dev.buf(&u),
+            dev.buf(&y),
+            batch,
+            c,
+        )
+        .unwrap();
+    };
+    launch();
+    dev.compute.synchronize().unwrap();
+    let reps = 50;
+    let t = Instant::now();
+    for _ in 0..reps {
+        launch();
+    }
+    dev.compute.synchronize().unwrap();
+    let kernel_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(reps);
+    // State bytes moved: every slot's H x N x N f32 matrix read and written once.
+    let state_bytes = (batch * heads * n * n * 4 * 2) as f64;
+    let src = dev.zeros::<f32>(batch * heads * n * n).unwrap();
+    let mut dst = dev.zeros::<f32>(batch * heads * n * n).unwrap();
+    dev.compute.memcpy_dtod(&src, &mut dst).unwrap();
+    dev.compute.synchronize().unwrap();
+    let t = Instant::now();
+    for _ in 0..reps {
+        dev.compute.memcpy_dtod(&src, &mut dst).unwrap();
+    }
+    dev.compute.synchronize().unwrap();
+    let copy_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(reps);
+    let (kernel_bw, copy_bw) = (state_bytes / kernel_ms / 1e9, state_bytes / copy_ms / 1e9);
+    eprintln!(
+        "timing wkv6_decode B=256 C=4096 H=64 on {}: {kernel_ms:.3} ms, {kernel_bw:.0} GB/s; d2d copy of the same bytes {copy_ms:.3} ms, {copy_bw:.0} GB/s; ratio {:.0}%",
+        dev.name,
+        100.0 * kernel_bw / copy_bw
+    );
+}
+
+fn model_1b6_step_times() {
+    let t = Instant::now();
+    let mut spec = rwkv_model::synthetic::SyntheticSpec::new(2048, 24, 65536);
+    spec.seed = 7;
+    let ckpt = Checkpoint::from_tensors(
+        "synthetic-1b6",
+        rwkv_model::synthetic::random_checkpoint(&spec),
+    );
+    let w = ModelWeights::from_checkpoint(&ckpt).unwrap();
+    drop(ckpt);
+    let build_s = t.elapsed().as_secs_f64();
+    let weight_bytes = w.config.param_count() as f64 * 2.0;
+    let state_bytes = w.config.state_bytes() as f64;
+    for precision in [GemmPrecision::Split, GemmPrecision::Bf16] {
+        let mut be = CudaBackend::with_options(&w, 256, 0, CudaOptions { precision }).unwrap();
+        let toks = tokens(65536, 4096, 11);
+        let mut time = |steps: &[SeqStep<'_>], reps: u32| {
+            be.forward(steps).unwrap();
+            let t = Instant::now();
+            for _ in 0..reps {
+                be.forward(steps).unwrap();
+            }
+            t.elapsed().as_secs_f64() * 1e3 / f64::from(reps)
+        };
+        let decode: Vec<SeqStep<'_>> = (0..256)
+            .map(|i| step(i, &toks[i..i + 1], OutputRows::Last))
+            .collect();
+        let decode_ms = time(&decode, 10);
+        // Floor: weights read once plus every sequence's state read and written once.
+        let floor_ms = (weight_bytes + 256.0 * state_bytes * 2.0) / 4.0e12 * 1e3;
+        let decode1: Vec<SeqStep<'_>> = (0..1)
+            .map(|i| step(i, &toks[i..i + 1], OutputRows::Last))
+            .collect();
+        let decode1_ms = time(&decode1, 10);
+        let prefill: Vec<SeqStep<'_>> = (0..8)
+            .map(|i| step(i, &toks[i * 512..(i + 1) * 512], OutputRows::Last))
+            .collect();
+        let prefill_ms = time(&prefill, 3);
+        let flops_per_token = 2.0 * (w.config.param_count() as f64 - 65536.0 * 2048.0);
+        let prefill_tflops = flops_per_token * 4096.0 / (prefill_ms / 1e3) / 1e12;
+        eprintln!(
+            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms), decode B=1 {decode1_ms:.2} ms, prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
+            256.0 / decode_ms * 1e3,
+            4096.0 / prefill_ms * 1e3
+        );
+    }
+}

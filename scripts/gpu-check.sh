@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# GPU checks with prebuilt test binaries: the GPU machine has CUDA (driver, toolkit, PyTorch's
+# Python env with the nvidia-* wheels) but no Rust toolchain.
+#
+# 1. Here, build the GPU test binaries and copy them into .carry/bin/:
+#        scripts/gpu-check.sh --build
+#    (= cargo test --release -p rwkv-cuda --test gpu --test nvrtc --no-run and
+#       cargo test --release -p rwkv-tests --features cuda --test cuda --no-run, executables copied;
+#       release, so the host side of the timings is optimised.)
+# 2. There, from the repository root, with .carry/ carried along:
+#        bash scripts/gpu-check.sh
+#    Runs every binary in .carry/bin with `--include-ignored --nocapture --test-threads=1`
+#    (`--include-ignored` so the NVRTC test, which is not ignored, runs too), keeps going after
+#    a failure, writes each log to $OUT/gpu-check (or /tmp/gpu-check) and prints a summary
+#    table last. Exit status: 0 only if every binary passed.
+# Environment: GPU_CHECK_TIMEOUT (seconds per binary, default 300), GPU_CHECK_FILTER (a test
+# name filter passed to every binary).
+set -u
+cd "$(dirname "$0")/.." || exit 2
+BIN=.carry/bin
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    rm -rf "$BIN"
+    mkdir -p "$BIN"
+    pwd > "$BIN/BUILD_ROOT"
+    {
+        cargo test --release -p rwkv-cuda --test gpu --test nvrtc --no-run --message-format=json
+        cargo test --release -p rwkv-tests --features cuda --test cuda --no-run --message-format=json
+    } | python3 -c '
+import json, shutil, subprocess, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    exe = m.get("executable")
+    if m.get("reason") == "compiler-artifact" and exe and "test" in m["target"]["kind"]:
+        dst = sys.argv[1] + "/" + m["target"]["name"]
+        shutil.copy2(exe, dst)
+        # Debug info is most of the size; the device machine takes 64 MiB in all.
+        subprocess.run(["strip", "--strip-debug", dst], check=False)
+        print("copied", dst)
+' "$BIN"
+    du -sh "$BIN"
+    exit 0
+fi
+
+if [ ! -d "$BIN" ] || [ -z "$(ls "$BIN" 2>/dev/null | grep -v BUILD_ROOT)" ]; then
+    echo "no test binaries in $BIN: run 'scripts/gpu-check.sh --build' on the build machine and carry .carry/" >&2
+    exit 2
+fi
+
+# The binaries find fixtures through absolute paths of the build tree; point that path here.
+if [ -f "$BIN/BUILD_ROOT" ]; then
+    root=$(cat "$BIN/BUILD_ROOT")
+    if [ "$root" != "$PWD" ] && [ ! -e "$root" ]; then
+        mkdir -p "$(dirname "$root")" && ln -s "$PWD" "$root" && echo "linked $root -> $PWD"
+    fi
+fi
+
+# CUDA libraries: the driver's libcuda, and libnvrtc / libcublas from the toolkit or the wheels.
+libdirs=""
+add_dir() { [ -d "$1" ] && case ":$libdirs:" in *":$1:"*) ;; *) libdirs="${libdirs:+$libdirs:}$1" ;; esac; }
+for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    add_dir "$d"
+done
+for d in $(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+for root in roots:
+    for lib in sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib"))):
+        print(lib)
+PY
+); do
+    add_dir "$d"
+done
+export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+for lib in libcuda.so libnvrtc.so libcublas.so libcublasLt.so; do
+    found=""
+    for d in ${LD_LIBRARY_PATH//:/ } /usr/lib/x86_64-linux-gnu /usr/lib64; do
+        f=$(ls "$d"/$lib* 2>/dev/null | head -1)
+        if [ -n "$f" ]; then found=$f; break; fi
+    done
+    echo "  $lib: ${found:-NOT FOUND}"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
+
+LOGS="${OUT:-/tmp}/gpu-check"
+mkdir -p "$LOGS"
+summary=()
+failed=0
+for bin in "$BIN"/*; do
+    name=$(basename "$bin")
+    [ "$name" = BUILD_ROOT ] && continue
+    chmod +x "$bin" 2>/dev/null
+    log="$LOGS/$name.log"
+    echo
+    echo "===== $name"
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout "${GPU_CHECK_TIMEOUT:-300}" "$bin" --include-ignored --nocapture --test-threads=1 ${GPU_CHECK_FILTER:-} 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    secs=$(( $(date +%s) - start ))
+    result=$(grep -E "^test result:" "$log" | tail -1 | sed 's/^test result: //; s/; finished in.*//')
+    [ "$rc" -ne 0 ] && failed=1
+    summary+=("$(printf '%-8s %4s %6ss  %s' "$name" "$rc" "$secs" "${result:-no result line (crash or timeout?)}")")
+done
+
+echo
+echo "===== summary (logs in $LOGS)"
+printf '%-8s %4s %7s  %s\n' binary exit time result
+for line in "${summary[@]}"; do echo "$line"; done
+grep -h -E "^(timing|wkv on)" "$LOGS"/*.log 2>/dev/null
+exit $failed
