@@ -398,7 +398,7 @@ fn wkv_decode_bandwidth() {
     }
     dev.compute.synchronize().unwrap();
     let copy_ms = t.elapsed().as_secs_f64() * 1e3 / f64::from(reps);
-    let (kernel_bw, copy_bw) = (state_bytes / kernel_ms / 1e9, state_bytes / copy_ms / 1e9);
+    let (kernel_bw, copy_bw) = (state_bytes / kernel_ms / 1e6, state_bytes / copy_ms / 1e6);
     eprintln!(
         "timing wkv6_decode B=256 C=4096 H=64 on {}: {kernel_ms:.3} ms, {kernel_bw:.0} GB/s; d2d copy of the same bytes {copy_ms:.3} ms, {copy_bw:.0} GB/s; ratio {:.0}%",
         dev.name,
@@ -434,6 +434,12 @@ fn model_1b6_step_times() {
             .map(|i| step(i, &toks[i..i + 1], OutputRows::Last))
             .collect();
         let decode_ms = time(&decode, 10);
+        // The same step without logits: separates the layers from the head and the download of
+        // 256 x 65536 f32 logits to pageable host memory.
+        let no_logits: Vec<SeqStep<'_>> = (0..256)
+            .map(|i| step(i, &toks[i..i + 1], OutputRows::None))
+            .collect();
+        let no_logits_ms = time(&no_logits, 10);
         // Floor: weights read once plus every sequence's state read and written once.
         let floor_ms = (weight_bytes + 256.0 * state_bytes * 2.0) / 4.0e12 * 1e3;
         let decode1: Vec<SeqStep<'_>> = (0..1)
@@ -447,7 +453,7 @@ fn model_1b6_step_times() {
         let flops_per_token = 2.0 * (w.config.param_count() as f64 - 65536.0 * 2048.0);
         let prefill_tflops = flops_per_token * 4096.0 / (prefill_ms / 1e3) / 1e12;
         eprintln!(
-            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms), decode B=1 {decode1_ms:.2} ms, prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
+            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms), decode B=1 {decode1_ms:.2} ms, prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
             256.0 / decode_ms * 1e3,
             4096.0 / prefill_ms * 1e3
         );
