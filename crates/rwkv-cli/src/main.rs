@@ -26,6 +26,8 @@ enum Command {
     Detokenize(cmd::tokenize::DetokenizeArgs),
     /// Print a checkpoint's inferred configuration, parameter count and state size.
     Inspect(cmd::inspect::Args),
+    /// Measure prefill and decode throughput of the CPU backend, or write a random-weight model.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenize(args) => cmd::tokenize::run_tokenize(args),
         Command::Detokenize(args) => cmd::tokenize::run_detokenize(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -5,8 +5,11 @@
 //! ([`ops`]: products, norms, the WKV recurrence) and a pool of host state slots. It never
 //! touches CUDA or tokio.
 //!
-//! Numerics follow the reference's `cpu fp32` strategy: weights are upcast to f32 exactly,
-//! activations and state are f32 (spec section 7.1).
+//! [`CpuBackend::new`] follows the reference's `cpu fp32` strategy: weights are upcast to f32
+//! exactly, activations and state are f32 (spec section 7.1). [`CpuBackend::with_options`] selects
+//! the fast paths ([`Precision::Bf16`], [`Precision::Int8`]): weights stay bf16 (or int8) in
+//! memory and are read directly by SIMD kernels ([`ops::gemm`]) on a persistent thread pool;
+//! activations, accumulation and state remain f32.
 
 pub mod forward;
 pub mod model;
@@ -16,6 +19,8 @@ use rwkv_model::backend::{check_slot, validate_steps};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
 
 use crate::model::CpuModel;
+pub use crate::model::{CpuOptions, Precision};
+pub use crate::ops::gemm::Isa;
 
 /// The CPU backend: f32 weights and a fixed pool of state slots in host memory.
 pub struct CpuBackend {
@@ -27,12 +32,62 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Prepares the weights and allocates `slots` states, each set to the model's initial state.
     pub fn new(weights: &ModelWeights, slots: usize) -> Self {
+        Self::with_options(weights, slots, CpuOptions::default())
+    }
+
+    /// Like [`CpuBackend::new`], with a weight precision, thread count and kernel set.
+    pub fn with_options(weights: &ModelWeights, slots: usize, options: CpuOptions) -> Self {
         let initial = weights.initial_state();
         Self {
-            model: CpuModel::new(weights),
+            model: CpuModel::with_options(weights, options),
             slots: vec![initial.clone(); slots],
             initial,
         }
+    }
+
+    /// The weight precision in use.
+    pub fn precision(&self) -> Precision {
+        self.model.precision
+    }
+
+    /// The kernel set in use.
+    pub fn isa(&self) -> Isa {
+        self.model.isa
+    }
+
+    /// Bytes of weight data held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        self.model.weight_bytes()
+    }
+
+    /// Runs one step like [`Backend::forward`] and returns, for every requested row, only the
+    /// logits of `candidates` (row-major, `candidates.len()` wide): scoring a few choices skips
+    /// most of the head.
+    pub fn forward_candidates(
+        &mut self,
+        steps: &[SeqStep<'_>],
+        candidates: &[u32],
+    ) -> Result<Vec<f32>, BackendError> {
+        let vocab = self.model.config.vocab_size;
+        if let Some(&token) = candidates.iter().find(|&&t| t as usize >= vocab) {
+            return Err(BackendError::BadToken { token, vocab });
+        }
+        validate_steps(&self.model.config, self.slots.len(), steps)?;
+        let mut by_slot: Vec<Option<&mut State>> = self.slots.iter_mut().map(Some).collect();
+        let mut states: Vec<&mut State> = steps
+            .iter()
+            .map(|s| {
+                by_slot[s.slot]
+                    .take()
+                    .expect("slots were validated to be distinct")
+            })
+            .collect();
+        Ok(forward::forward_with_head(
+            &self.model,
+            steps,
+            &mut states,
+            forward::HeadRows::Candidates(candidates),
+        ))
     }
 
     fn check_state(&self, state: &State) -> Result<(), BackendError> {
@@ -54,7 +109,11 @@ impl Backend for CpuBackend {
     }
 
     fn name(&self) -> String {
-        "cpu".into()
+        match self.model.precision {
+            Precision::F32 => "cpu".into(),
+            Precision::Bf16 => "cpu-bf16".into(),
+            Precision::Int8 => "cpu-int8".into(),
+        }
     }
 
     fn num_slots(&self) -> usize {

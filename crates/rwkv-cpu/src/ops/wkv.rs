@@ -13,8 +13,58 @@ pub struct WkvInputs<'a> {
 /// Runs the recurrence for every token, writing y [T, C] and updating `state` [H][key][value].
 pub fn wkv6_sequence(inp: &WkvInputs<'_>, head_size: usize, state: &mut [f32], y: &mut [f32]) {
     let c = inp.u.len();
+    wkv6_heads(inp, head_size, 0, state, y, c);
+}
+
+/// The recurrence for the heads `first..first + state.len() / N²` only: `state` holds those
+/// heads and `y` is [T, y_width] with the heads' outputs at columns `0..heads·N`.
+/// Same arithmetic on every CPU; with AVX2 the loops are just compiled wider (no FMA
+/// contraction happens without fast-math, so results are bit-identical).
+pub fn wkv6_heads(
+    inp: &WkvInputs<'_>,
+    head_size: usize,
+    first: usize,
+    state: &mut [f32],
+    y: &mut [f32],
+    y_width: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: avx2 was just detected; the function has no other preconditions.
+        unsafe { wkv6_heads_avx2(inp, head_size, first, state, y, y_width) };
+        return;
+    }
+    wkv6_heads_generic(inp, head_size, first, state, y, y_width);
+}
+
+/// # Safety
+/// The CPU must support avx2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn wkv6_heads_avx2(
+    inp: &WkvInputs<'_>,
+    head_size: usize,
+    first: usize,
+    state: &mut [f32],
+    y: &mut [f32],
+    y_width: usize,
+) {
+    wkv6_heads_generic(inp, head_size, first, state, y, y_width);
+}
+
+#[inline(always)]
+fn wkv6_heads_generic(
+    inp: &WkvInputs<'_>,
+    head_size: usize,
+    first: usize,
+    state: &mut [f32],
+    y: &mut [f32],
+    y_width: usize,
+) {
+    let c = inp.u.len();
     let n = head_size;
-    for (t, y_t) in y.chunks_exact_mut(c).enumerate() {
+    let heads = state.len() / (n * n);
+    for (t, y_t) in y.chunks_exact_mut(y_width).enumerate() {
         let row = t * c..(t + 1) * c;
         let (r, k, v, w) = (
             &inp.r[row.clone()],
@@ -22,8 +72,10 @@ pub fn wkv6_sequence(inp: &WkvInputs<'_>, head_size: usize, state: &mut [f32], y
             &inp.v[row.clone()],
             &inp.w[row],
         );
-        for (h, s) in state.chunks_exact_mut(n * n).enumerate() {
+        for (i, s) in state.chunks_exact_mut(n * n).enumerate().take(heads) {
+            let h = first + i;
             let hr = h * n..(h + 1) * n;
+            let yr = i * n..(i + 1) * n;
             let head = WkvInputs {
                 r: &r[hr.clone()],
                 k: &k[hr.clone()],
@@ -31,11 +83,12 @@ pub fn wkv6_sequence(inp: &WkvInputs<'_>, head_size: usize, state: &mut [f32], y
                 w: &w[hr.clone()],
                 u: &inp.u[hr.clone()],
             };
-            wkv6_head_step(&head, s, &mut y_t[hr]);
+            wkv6_head_step(&head, s, &mut y_t[yr]);
         }
     }
 }
 
+#[inline(always)]
 /// One token of one head: y[j] = Σ_i r[i]·(u[i]·k[i]·v[j] + S[i][j]); S[i][j] = w[i]·S[i][j] + k[i]·v[j].
 fn wkv6_head_step(head: &WkvInputs<'_>, s: &mut [f32], y: &mut [f32]) {
     let WkvInputs { r, k, v, w, u } = *head;
