@@ -4,8 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use rwkv_cpu::CpuBackend;
-use rwkv_model::{Backend, Checkpoint, DType, ModelWeights, OutputRows, SeqStep, State, Tensor};
+use rwkv_model::{Checkpoint, DType, ModelWeights, OutputRows, SeqStep, State, Tensor};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -22,13 +21,19 @@ pub struct Args {
     /// Output file: `logits` f32 [T, V] and the final state under the same names as --state-in.
     #[arg(long)]
     output: PathBuf,
+    /// Compute backend; the default is the CPU's exact f32 reference numerics.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: super::backend::BackendKind,
+    /// Weight precision on the CPU.
+    #[arg(long, value_enum, default_value = "f32")]
+    cpu_precision: super::backend::CpuPrecision,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let tokens = super::parse_ids(&args.tokens)?;
     anyhow::ensure!(!tokens.is_empty(), "--tokens is empty");
     let weights = ModelWeights::load(&args.model)?;
-    let mut backend = CpuBackend::new(&weights, 1);
+    let mut backend = super::backend::open(&weights, 1, args.backend, args.cpu_precision)?;
     if let Some(path) = &args.state_in {
         let file = Checkpoint::open(path)
             .with_context(|| format!("reading --state-in {}", path.display()))?;

@@ -1,12 +1,11 @@
-//! `rwkv generate`: prompt in, streamed text out, on the CPU backend.
+//! `rwkv generate`: prompt in, streamed text out, on the best backend available.
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use rwkv_cpu::CpuBackend;
 use rwkv_engine::{is_frequency_exempt, Sampler, SamplingParams, StopChecker};
-use rwkv_model::{Backend, ModelWeights, OutputRows, SeqStep};
+use rwkv_model::{ModelWeights, OutputRows, SeqStep};
 use rwkv_tokenizer::{StreamDecoder, Tokenizer};
 
 /// Prompt tokens per forward call: bounds activation memory on long prompts without changing the
@@ -49,6 +48,12 @@ pub struct Args {
     /// Token ids that may never be sampled (comma-separated).
     #[arg(long, default_value = "")]
     ban: String,
+    /// Compute backend: a GPU when one is usable, else the CPU.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: super::backend::BackendKind,
+    /// Weight precision on the CPU.
+    #[arg(long, value_enum, default_value = "bf16")]
+    cpu_precision: super::backend::CpuPrecision,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -61,7 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("prompt token {bad} is outside the model's vocabulary ({vocab}): wrong --tokenizer for this model?");
     }
     let mut sampler = Sampler::new(sampling_params(&args, &tokenizer, vocab)?, vocab)?;
-    let mut backend = CpuBackend::new(&weights, 1);
+    let mut backend = super::backend::open(&weights, 1, args.backend, args.cpu_precision)?;
     let mut logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         logits = backend.forward(&[step(chunk)])?.data;

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus the helpers they share.
 
+pub mod backend;
 pub mod bench;
 pub mod forward;
 pub mod generate;
