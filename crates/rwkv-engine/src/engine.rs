@@ -1,0 +1,250 @@
+//! [`Engine`]: a backend and its step loop on a dedicated OS thread, and [`EngineHandle`], the
+//! cloneable way in.
+//!
+//! Requests travel over a channel as commands carrying their own reply or event sender, so the
+//! engine thread is the single owner of all scheduling state (no locks) and no network round
+//! trip sits between two tokens. Handle methods block only for session operations, which the
+//! engine answers between two steps.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use rwkv_model::{Backend, ModelConfig};
+
+use crate::error::EngineError;
+use crate::prefix_cache::CacheStats;
+use crate::request::{Command, GenerateRequest, GenerateStream, SessionId};
+use crate::sampler::Sampler;
+use crate::scheduler::SchedulerConfig;
+use crate::sessions::{SessionCommand, SessionKey};
+use crate::step_loop::Core;
+
+/// Everything the engine needs besides the backend.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Per-step budgets and prefill checkpoint spacing (`checkpoint_every`, 0 = none).
+    pub scheduler: SchedulerConfig,
+    /// Model name in prefix-cache keys.
+    pub model_id: String,
+    /// Hash of the model's weights; exports are bound to it and imports must match it.
+    pub model_hash: [u8; 32],
+    /// Bytes of host memory for swapped-out session states.
+    pub host_tier_bytes: usize,
+    /// Bytes of host memory for prefix-cache states (0 disables the cache).
+    pub prefix_cache_bytes: usize,
+    /// Cache the state at the end of every prompt.
+    pub cache_prompt_end: bool,
+    /// Cache the state at the end of every generation.
+    pub cache_generation_end: bool,
+    /// Token ids exempt from the frequency penalty (whitespace and digits in the reference); the
+    /// engine has no tokenizer, so whoever has one computes this list once.
+    pub frequency_exempt: Vec<u32>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            model_id: "model".into(),
+            model_hash: [0; 32],
+            host_tier_bytes: 4 << 30,
+            prefix_cache_bytes: 1 << 30,
+            cache_prompt_end: true,
+            cache_generation_end: true,
+            frequency_exempt: Vec::new(),
+        }
+    }
+}
+
+/// A snapshot of the engine's load, for metrics, health checks and tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub slots_total: usize,
+    pub slots_free: usize,
+    /// Slots holding idle sessions (reclaimable by swapping them out).
+    pub slots_parked: usize,
+    pub sessions: usize,
+    pub host_tier_bytes: usize,
+    pub host_tier_entries: usize,
+    pub cache: CacheStats,
+    pub cache_entries: usize,
+    pub cache_bytes: usize,
+}
+
+/// The cloneable front of a running engine.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    config: Arc<ModelConfig>,
+    next_id: Arc<AtomicU64>,
+}
+
+/// A running engine; dropping it stops the thread after failing the requests in flight.
+#[derive(Debug)]
+pub struct Engine {
+    handle: EngineHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Validates the configuration and starts the step loop on its own thread.
+    pub fn start<B: Backend + 'static>(backend: B, cfg: EngineConfig) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::channel();
+        let config = Arc::new(backend.config().clone());
+        let core = Core::new(backend, cfg, rx)?;
+        let thread = std::thread::Builder::new()
+            .name("rwkv-engine".into())
+            .spawn(move || core.run())
+            .map_err(|e| EngineError::Config(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            handle: EngineHandle {
+                commands: tx,
+                config,
+                next_id: Arc::new(AtomicU64::new(1)),
+            },
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle for submitting work; handles outlive nothing: once the engine stops, their calls
+    /// fail with [`EngineError::Stopped`].
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the loop and waits for the thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        // The thread may have exited already (all handles dropped); then the send fails.
+        let _ = self.handle.commands.send(Command::Shutdown);
+        if let Some(thread) = self.thread.take() {
+            // A panic on the engine thread has already been reported by the panic hook.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl std::ops::Deref for Engine {
+    type Target = EngineHandle;
+
+    fn deref(&self) -> &EngineHandle {
+        &self.handle
+    }
+}
+
+impl EngineHandle {
+    /// The model the engine runs.
+    pub fn model(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Validates and submits a generation; events arrive on the returned stream.
+    pub fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, EngineError> {
+        let vocab = self.config.vocab_size;
+        if let Some(&token) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::TokenOutOfVocab { token, vocab });
+        }
+        if req.session.is_none() && req.tokens.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        let sampler = Box::new(Sampler::new(req.params.clone(), vocab)?);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = mpsc::channel();
+        self.send(Command::Generate {
+            id,
+            req,
+            sampler,
+            events,
+        })?;
+        Ok(GenerateStream {
+            id,
+            events: rx,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// A new, empty session for `tenant`.
+    pub fn create_session(&self, tenant: &str) -> Result<SessionId, EngineError> {
+        let tenant = tenant.to_owned();
+        self.ask(|reply| SessionCommand::Create { tenant, reply })
+    }
+
+    /// A copy of a session (same tokens, copied state).
+    pub fn fork_session(&self, tenant: &str, id: SessionId) -> Result<SessionId, EngineError> {
+        let key = SessionKey::new(tenant, id);
+        self.ask(|reply| SessionCommand::Fork { key, reply })
+    }
+
+    /// Deletes a session and frees its state.
+    pub fn delete_session(&self, tenant: &str, id: SessionId) -> Result<(), EngineError> {
+        let key = SessionKey::new(tenant, id);
+        self.ask(|reply| SessionCommand::Delete { key, reply })
+    }
+
+    /// The session's state and tokens in the export format ([`crate::export`]).
+    pub fn export_session(&self, tenant: &str, id: SessionId) -> Result<Vec<u8>, EngineError> {
+        let key = SessionKey::new(tenant, id);
+        self.ask(|reply| SessionCommand::Export { key, reply })
+    }
+
+    /// A new session for `tenant` from an export, validated first.
+    pub fn import_session(&self, tenant: &str, bytes: Vec<u8>) -> Result<SessionId, EngineError> {
+        let tenant = tenant.to_owned();
+        self.ask(|reply| SessionCommand::Import {
+            tenant,
+            bytes,
+            reply,
+        })
+    }
+
+    /// Current load and tier usage.
+    pub fn stats(&self) -> Result<EngineStats, EngineError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Command::Stats(reply))?;
+        rx.recv().map_err(|_| EngineError::Stopped)
+    }
+
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(SyncSender<Result<T, EngineError>>) -> SessionCommand,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Command::Session(make(reply)))?;
+        rx.recv().map_err(|_| EngineError::Stopped)?
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        self.commands.send(cmd).map_err(|_| EngineError::Stopped)
+    }
+}
+
+impl<B: Backend> Core<B> {
+    pub(crate) fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.sched.running_len(),
+            waiting: self.sched.waiting_len(),
+            slots_total: self.slots.total(),
+            slots_free: self.slots.free_len(),
+            slots_parked: self.slots.parked_len(),
+            sessions: self.sessions.len(),
+            host_tier_bytes: self.host.used_bytes(),
+            host_tier_entries: self.host.len(),
+            cache: self.cache.stats(),
+            cache_entries: self.cache.len(),
+            cache_bytes: self.cache.used_bytes(),
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! [`EngineError`]: every way a request, a session operation or the engine itself can fail.
+
+use rwkv_model::BackendError;
+
+use crate::params::SamplerError;
+
+/// Why the engine refused or failed a request. Messages name the field, the id or the limit.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// An engine setting is unusable (zero budgets, a backend without slots).
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+    /// The sampling parameters were rejected.
+    #[error(transparent)]
+    Sampling(#[from] SamplerError),
+    /// A request gave no token to feed, so there is nothing to predict from.
+    #[error("the request has no input tokens (a prompt, or a session with pending tokens)")]
+    EmptyInput,
+    /// An input token id does not exist in the model's vocabulary.
+    #[error("input token id {token} is outside the vocabulary (size {vocab})")]
+    TokenOutOfVocab { token: u32, vocab: usize },
+    /// Too many requests already wait for a slot (back-pressure).
+    #[error("the engine is overloaded: {waiting} requests wait, the limit is {limit}")]
+    Overloaded { waiting: usize, limit: usize },
+    /// No session with this id exists for the caller's tenant.
+    #[error("session {id} not found")]
+    SessionNotFound { id: u64 },
+    /// The session is generating; it cannot be continued, forked, exported or deleted now.
+    #[error("session {id} is busy with a running generation")]
+    SessionBusy { id: u64 },
+    /// The session's state was evicted from every tier; continuing it recomputes the state,
+    /// exporting it needs the state now.
+    #[error("session {id} has no stored state (evicted); continue it once to rebuild the state")]
+    StateUnavailable { id: u64 },
+    /// An exported state failed validation on import.
+    #[error("invalid state export: {0}")]
+    Import(String),
+    /// The backend failed a forward step or a state transfer.
+    #[error("backend error: {0}")]
+    Backend(#[from] BackendError),
+    /// A forward step failed; every sequence of that batch ends with this error, and their
+    /// states are not trusted (sessions replay their history next turn).
+    #[error("the forward step failed: {0}")]
+    StepFailed(String),
+    /// The engine thread has stopped (shut down, or it failed to start).
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    /// A stable machine-readable name for error bodies and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Config(_) => "config",
+            Self::Sampling(e) => e.kind(),
+            Self::EmptyInput => "empty_input",
+            Self::TokenOutOfVocab { .. } => "token_out_of_vocab",
+            Self::Overloaded { .. } => "overloaded",
+            Self::SessionNotFound { .. } => "session_not_found",
+            Self::SessionBusy { .. } => "session_busy",
+            Self::StateUnavailable { .. } => "state_unavailable",
+            Self::Import(_) => "invalid_import",
+            Self::Backend(_) => "backend",
+            Self::StepFailed(_) => "step_failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Sessions: named, tenant-scoped conversations whose state lives in some tier between turns.
+//!
+//! A session is its tokens: `history` (what its state has consumed) and `pending` (generated or
+//! appended but not fed yet). Its state is wherever it was left: parked in a device slot, swapped
+//! out to the host tier, or nowhere (evicted or failed), in which case the next turn replays
+//! the history, from the prefix cache when possible. So losing a state costs recomputation,
+//! never data. Keys carry the tenant: another tenant's id is simply not found.
+
+use std::sync::mpsc::SyncSender;
+
+use rwkv_model::{Backend, State};
+
+use crate::error::EngineError;
+use crate::export::{self, SessionSnapshot};
+use crate::request::SessionId;
+use crate::scheduler::SeqId;
+use crate::step_loop::Core;
+
+/// A session as the engine stores it: the tenant is part of the key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub tenant: String,
+    pub id: SessionId,
+}
+
+impl SessionKey {
+    pub fn new(tenant: &str, id: SessionId) -> Self {
+        Self {
+            tenant: tenant.to_owned(),
+            id,
+        }
+    }
+}
+
+/// One session's tokens and lock.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Session {
+    /// Tokens the session's state has consumed.
+    pub(crate) history: Vec<u32>,
+    /// Tokens of the conversation not yet in the state (the last generated token, typically).
+    pub(crate) pending: Vec<u32>,
+    /// The generation using the session; a session runs one generation at a time.
+    pub(crate) busy: Option<SeqId>,
+}
+
+type Reply<T> = SyncSender<Result<T, EngineError>>;
+
+/// Session operations, each with its reply channel.
+pub(crate) enum SessionCommand {
+    Create {
+        tenant: String,
+        reply: Reply<SessionId>,
+    },
+    Fork {
+        key: SessionKey,
+        reply: Reply<SessionId>,
+    },
+    Delete {
+        key: SessionKey,
+        reply: Reply<()>,
+    },
+    Export {
+        key: SessionKey,
+        reply: Reply<Vec<u8>>,
+    },
+    Import {
+        tenant: String,
+        bytes: Vec<u8>,
+        reply: Reply<SessionId>,
+    },
+}
+
+impl<B: Backend> Core<B> {
+    /// Runs one session operation and replies; a caller that stopped waiting is ignored.
+    pub(crate) fn session_command(&mut self, cmd: SessionCommand) {
+        match cmd {
+            SessionCommand::Create { tenant, reply } => {
+                let id = self.new_session(&tenant, Session::default());
+                let _ = reply.send(Ok(id));
+            }
+            SessionCommand::Fork { key, reply } => {
+                let _ = reply.send(self.fork(&key));
+            }
+            SessionCommand::Delete { key, reply } => {
+                let _ = reply.send(self.delete(&key));
+            }
+            SessionCommand::Export { key, reply } => {
+                let _ = reply.send(self.export(&key));
+            }
+            SessionCommand::Import {
+                tenant,
+                bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.import(&tenant, &bytes));
+            }
+        }
+    }
+
+    /// Locks a session for generation `id`. `no_new_tokens`: the request appends nothing, so the
+    /// session must have pending tokens to predict from.
+    pub(crate) fn claim_session(
+        &mut self,
+        key: &SessionKey,
+        id: SeqId,
+        no_new_tokens: bool,
+    ) -> Result<(), EngineError> {
+        let session = self.idle_session(key)?;
+        if no_new_tokens && session.pending.is_empty() {
+            return Err(EngineError::EmptyInput);
+        }
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.busy = Some(id);
+        }
+        Ok(())
+    }
+
+    /// Unlocks a session if generation `id` holds it.
+    pub(crate) fn release_session(&mut self, key: &SessionKey, id: SeqId) {
+        if let Some(s) = self.sessions.get_mut(key) {
+            if s.busy == Some(id) {
+                s.busy = None;
+            }
+        }
+    }
+
+    /// Places a session's next turn: its slot and the state's position in `history + pending +
+    /// new`, which is returned as the full token list.
+    pub(crate) fn place_session(
+        &mut self,
+        key: &SessionKey,
+        new: &[u32],
+    ) -> Result<(usize, usize, Vec<u32>), EngineError> {
+        let session = self
+            .sessions
+            .get(key)
+            .ok_or(EngineError::SessionNotFound { id: key.id })?;
+        let pos = session.history.len();
+        let all: Vec<u32> = [&session.history[..], &session.pending[..], new].concat();
+        if let Some(slot) = self.slots.unpark(key) {
+            return Ok((slot, pos, all));
+        }
+        // Taken out before acquiring a slot: that may swap others in and evict this entry.
+        let swapped = self.host.remove(key);
+        let slot = self.acquire_slot()?;
+        let placed = match &swapped {
+            Some(state) => self
+                .backend
+                .load_state(slot, state)
+                .map(|()| pos)
+                .map_err(Into::into),
+            None => self.restore_prefix(slot, &key.tenant, &all),
+        };
+        match placed {
+            Ok(pos) => Ok((slot, pos, all)),
+            Err(e) => {
+                self.slots.release(slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn new_session(&mut self, tenant: &str, session: Session) -> SessionId {
+        let id = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(SessionKey::new(tenant, id), session);
+        id
+    }
+
+    /// The session if it exists for this tenant and is not generating.
+    fn idle_session(&self, key: &SessionKey) -> Result<&Session, EngineError> {
+        let session = self
+            .sessions
+            .get(key)
+            .ok_or(EngineError::SessionNotFound { id: key.id })?;
+        match session.busy {
+            Some(_) => Err(EngineError::SessionBusy { id: key.id }),
+            None => Ok(session),
+        }
+    }
+
+    /// The session's stored state, copied from whichever tier holds it.
+    fn stored_state(&mut self, key: &SessionKey) -> Result<Option<State>, EngineError> {
+        if let Some(slot) = self.slots.parked_slot(key) {
+            return Ok(Some(self.backend.save_state(slot)?));
+        }
+        Ok(self.host.get(key).cloned())
+    }
+
+    /// A new session with the same tokens and a copy of the state: a device-to-device copy when a
+    /// slot is free, otherwise a host copy.
+    fn fork(&mut self, key: &SessionKey) -> Result<SessionId, EngineError> {
+        let copy = Session {
+            busy: None,
+            ..self.idle_session(key)?.clone()
+        };
+        let id = self.new_session(&key.tenant, copy);
+        let child = SessionKey::new(&key.tenant, id);
+        if let Some(src) = self.slots.parked_slot(key) {
+            if let Some(dst) = self.slots.take_free() {
+                if let Err(e) = self.backend.copy_state(src, dst) {
+                    self.slots.release(dst);
+                    self.sessions.remove(&child);
+                    return Err(e.into());
+                }
+                self.slots.park(child, dst);
+                return Ok(id);
+            }
+        }
+        match self.stored_state(key) {
+            Ok(Some(state)) => drop(self.host.insert(child, state)),
+            // No stored state: the fork replays the tokens on its first turn, like the parent.
+            Ok(None) => {}
+            Err(e) => {
+                self.sessions.remove(&child);
+                return Err(e);
+            }
+        }
+        Ok(id)
+    }
+
+    fn delete(&mut self, key: &SessionKey) -> Result<(), EngineError> {
+        self.idle_session(key)?;
+        self.sessions.remove(key);
+        if let Some(slot) = self.slots.unpark(key) {
+            self.slots.release(slot);
+        }
+        self.host.remove(key);
+        Ok(())
+    }
+
+    fn export(&mut self, key: &SessionKey) -> Result<Vec<u8>, EngineError> {
+        let session = self.idle_session(key)?.clone();
+        let state = match self.stored_state(key)? {
+            Some(state) => state,
+            None if session.history.is_empty() => self.initial.clone(),
+            None => return Err(EngineError::StateUnavailable { id: key.id }),
+        };
+        let snap = SessionSnapshot {
+            history: session.history,
+            pending: session.pending,
+            state,
+        };
+        Ok(export::encode(
+            &self.cfg.model_hash,
+            self.backend.config(),
+            &snap,
+        ))
+    }
+
+    /// Validates an export and stores it as a new session in the host tier; its first turn
+    /// swaps it in.
+    fn import(&mut self, tenant: &str, bytes: &[u8]) -> Result<SessionId, EngineError> {
+        let snap = export::decode(&self.cfg.model_hash, self.backend.config(), bytes)?;
+        let session = Session {
+            history: snap.history,
+            pending: snap.pending,
+            busy: None,
+        };
+        let id = self.new_session(tenant, session);
+        // If the host tier cannot hold it, the session replays its history instead.
+        drop(self.host.insert(SessionKey::new(tenant, id), snap.state));
+        Ok(id)
+    }
+}
