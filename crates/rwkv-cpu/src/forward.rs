@@ -15,13 +15,13 @@ use crate::ops::wkv::{wkv6_heads, WkvInputs};
 use rwkv_model::weights::layer_norm_in_place;
 
 /// Row ranges of each sequence inside the stacked activations.
-struct Layout {
-    spans: Vec<std::ops::Range<usize>>,
-    rows: usize,
+pub(crate) struct Layout {
+    pub(crate) spans: Vec<std::ops::Range<usize>>,
+    pub(crate) rows: usize,
 }
 
 impl Layout {
-    fn new(steps: &[SeqStep<'_>]) -> Self {
+    pub(crate) fn new(steps: &[SeqStep<'_>]) -> Self {
         let mut spans = Vec::with_capacity(steps.len());
         let mut rows = 0;
         for s in steps {
@@ -70,7 +70,12 @@ pub fn forward_with_head(
 
 /// `prev - a` where `prev` is `a` shifted down one row within each sequence, its first row taken
 /// from the shift state; the shift state then becomes each sequence's last row of `a`.
-fn token_shift(a: &[f32], c: usize, layout: &Layout, shifts: &mut [&mut [f32]]) -> Vec<f32> {
+pub(crate) fn token_shift(
+    a: &[f32],
+    c: usize,
+    layout: &Layout,
+    shifts: &mut [&mut [f32]],
+) -> Vec<f32> {
     let mut dx = vec![0.0; a.len()];
     for (span, shift) in layout.spans.iter().zip(shifts.iter_mut()) {
         if span.is_empty() {
@@ -96,7 +101,7 @@ fn token_shift(a: &[f32], c: usize, layout: &Layout, shifts: &mut [&mut [f32]]) 
 }
 
 /// `a + dx ⊙ mix` row by row.
-fn lerp(a: &[f32], dx: &[f32], mix: &[f32]) -> Vec<f32> {
+pub(crate) fn lerp(a: &[f32], dx: &[f32], mix: &[f32]) -> Vec<f32> {
     let c = mix.len();
     let mut out = Vec::with_capacity(a.len());
     for (ar, dr) in a.chunks_exact(c).zip(dx.chunks_exact(c)) {
@@ -115,7 +120,7 @@ fn time_mix(
     model: &CpuModel,
 ) {
     let cfg = &model.config;
-    let (c, rows, dm) = (cfg.n_embd, layout.rows, cfg.maa_lora);
+    let (c, rows) = (cfg.n_embd, layout.rows);
     let project = |x: &[f32], rows: usize, w: &Linear| model.project(x, rows, w);
     let mut a = vec![0.0; x.len()];
     par_layer_norm(model, x, &block.ln1.weight, &block.ln1.bias, &mut a);
@@ -126,11 +131,49 @@ fn time_mix(
             .collect();
         token_shift(&a, c, layout, &mut shifts)
     };
-    // ddlerp: z = tanh(xm @ w1), m_j = z_j @ w2[j], x_j = a + dx ⊙ (λ_j + m_j).
-    let xm = lerp(&a, &dx, &att.maa_x);
+    let mixed = ddlerp(model, att, &a, &dx, rows);
+    let [x_w, x_k, x_v, x_r, x_g] = [0, 1, 2, 3, 4].map(|j| &mixed[j]);
+    let r = project(x_r, rows, &att.receptance);
+    let k = project(x_k, rows, &att.key);
+    let v = project(x_v, rows, &att.value);
+    let mut g = project(x_g, rows, &att.gate);
+    par_rows(model, &mut g, c, |_, ch| {
+        ch.iter_mut().for_each(|v| *v = *v / (1.0 + (-*v).exp()))
+    });
+    let w = decay(model, att, x_w, rows);
+    let mut y = vec![0.0; rows * c];
+    wkv_all(
+        model,
+        n,
+        layout,
+        (&r, &k, &v, &w),
+        &att.faaaa,
+        states,
+        &mut y,
+    );
+    par_rows(model, &mut y, c, |_, ch| {
+        group_norm_rows(ch, cfg.head_size, &att.ln_x.weight, &att.ln_x.bias)
+    });
+    y.iter_mut().zip(&g).for_each(|(y, g)| *y *= g);
+    let out = project(&y, rows, &att.output);
+    x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+}
+
+/// The five data-dependent mixes (ddlerp) x_w, x_k, x_v, x_r, x_g, each [rows, C]:
+/// z = tanh(xm @ w1), m_j = z_j @ w2[j], x_j = a + dx ⊙ (λ_j + m_j).
+pub(crate) fn ddlerp(
+    model: &CpuModel,
+    att: &TimeMix,
+    a: &[f32],
+    dx: &[f32],
+    rows: usize,
+) -> Vec<Vec<f32>> {
+    let (c, dm) = (model.config.n_embd, model.config.maa_lora);
+    let project = |x: &[f32], rows: usize, w: &Linear| model.project(x, rows, w);
+    let xm = lerp(a, dx, &att.maa_x);
     let mut z = project(&xm, rows, &att.maa_w1);
     z.iter_mut().for_each(|v| *v = v.tanh());
-    let mixed: Vec<Vec<f32>> = (0..5)
+    (0..5)
         .map(|j| {
             let zj: Vec<f32> = z
                 .chunks_exact(5 * dm)
@@ -148,16 +191,13 @@ fn time_mix(
             }
             m
         })
-        .collect();
-    let [x_w, x_k, x_v, x_r, x_g] = [0, 1, 2, 3, 4].map(|j| &mixed[j]);
-    let r = project(x_r, rows, &att.receptance);
-    let k = project(x_k, rows, &att.key);
-    let v = project(x_v, rows, &att.value);
-    let mut g = project(x_g, rows, &att.gate);
-    par_rows(model, &mut g, c, |_, ch| {
-        ch.iter_mut().for_each(|v| *v = *v / (1.0 + (-*v).exp()))
-    });
-    // Decay: w = exp(-exp(time_decay + tanh(x_w @ dw1) @ dw2)), in f32.
+        .collect()
+}
+
+/// The decay w = exp(-exp(time_decay + tanh(x_w @ dw1) @ dw2)) [rows, C], in f32.
+pub(crate) fn decay(model: &CpuModel, att: &TimeMix, x_w: &[f32], rows: usize) -> Vec<f32> {
+    let c = model.config.n_embd;
+    let project = |x: &[f32], rows: usize, w: &Linear| model.project(x, rows, w);
     let mut dl = project(x_w, rows, &att.decay_w1);
     dl.iter_mut().for_each(|v| *v = v.tanh());
     let mut w = project(&dl, rows, &att.decay_w2);
@@ -168,22 +208,7 @@ fn time_mix(
             }
         }
     });
-    let mut y = vec![0.0; rows * c];
-    wkv_all(
-        model,
-        n,
-        layout,
-        (&r, &k, &v, &w),
-        &att.faaaa,
-        states,
-        &mut y,
-    );
-    par_rows(model, &mut y, c, |_, ch| {
-        group_norm_rows(ch, cfg.head_size, &att.ln_x.weight, &att.ln_x.bias)
-    });
-    y.iter_mut().zip(&g).for_each(|(y, g)| *y *= g);
-    let out = project(&y, rows, &att.output);
-    x.iter_mut().zip(&out).for_each(|(x, o)| *x += o);
+    w
 }
 
 fn channel_mix(
@@ -221,7 +246,7 @@ fn channel_mix(
 }
 
 /// ln_out and the head, only for the rows the caller asked for.
-fn head(
+pub(crate) fn head(
     model: &CpuModel,
     steps: &[SeqStep<'_>],
     layout: &Layout,
@@ -342,7 +367,7 @@ const PAR_MIN_VALUES: usize = 16 * 1024;
 
 /// Runs `f(first_row, rows)` over `data` ([rows, width]) split into row chunks across the pool
 /// when there is enough work; every element sees the same arithmetic either way.
-fn par_rows(
+pub(crate) fn par_rows(
     model: &CpuModel,
     data: &mut [f32],
     width: usize,
@@ -372,7 +397,13 @@ fn par_rows(
 }
 
 /// `out = LN(x)` row by row, on the pool for large inputs.
-fn par_layer_norm(model: &CpuModel, x: &[f32], weight: &[f32], bias: &[f32], out: &mut [f32]) {
+pub(crate) fn par_layer_norm(
+    model: &CpuModel,
+    x: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
     if x.len() < PAR_MIN_VALUES {
         layer_norm_rows(x, weight, bias, out);
         return;

@@ -3,7 +3,8 @@
 //!
 //! It owns the f32 forward pass over ragged batches ([`forward`]), the kernels it needs
 //! ([`ops`]: products, norms, the WKV recurrence) and a pool of host state slots. It never
-//! touches CUDA or tokio.
+//! touches CUDA or tokio. [`tp`] runs the same forward sharded over in-process tensor-parallel
+//! ranks ([`TpCpuBackend`]), the CPU check of the sharding math.
 //!
 //! [`CpuBackend::new`] follows the reference's `cpu fp32` strategy: weights are upcast to f32
 //! exactly, activations and state are f32 (spec section 7.1). [`CpuBackend::with_options`] selects
@@ -14,6 +15,7 @@
 pub mod forward;
 pub mod model;
 pub mod ops;
+pub mod tp;
 
 use rwkv_model::backend::{check_slot, validate_steps};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
@@ -21,6 +23,7 @@ use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqSt
 use crate::model::CpuModel;
 pub use crate::model::{CpuOptions, Precision};
 pub use crate::ops::gemm::Isa;
+pub use crate::tp::TpCpuBackend;
 
 /// The CPU backend: f32 weights and a fixed pool of state slots in host memory.
 pub struct CpuBackend {

@@ -12,13 +12,16 @@
 //! - [`checkpoint`]: file formats; [`pickle`]: the restricted unpickler.
 //! - [`config`]: hyper-parameters; [`weights`]: typed tensors; [`tensor`]: dtype and bytes.
 //! - [`state`]: state layout and (de)serialization; [`backend`]: the backend contract.
+//! - [`shard`]: the tensor-parallel shard plan; [`collective`]: the all-reduce contract.
 //! - [`synthetic`]: random-weight checkpoints for benchmarks, demos and tests.
 
 pub mod backend;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod error;
 pub mod pickle;
+pub mod shard;
 pub mod state;
 pub mod synthetic;
 pub mod tensor;
@@ -26,8 +29,10 @@ pub mod weights;
 
 pub use backend::{Backend, BackendError, Logits, OutputRows, SeqStep};
 pub use checkpoint::Checkpoint;
+pub use collective::{Collective, CollectiveError, InProcessCollective};
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
+pub use shard::{ShardError, ShardPlan};
 pub use state::State;
 pub use tensor::{DType, Tensor};
 pub use weights::ModelWeights;
