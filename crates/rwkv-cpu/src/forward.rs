@@ -47,12 +47,8 @@ pub fn forward(model: &CpuModel, steps: &[SeqStep<'_>], states: &mut [&mut State
 }
 
 /// [`forward`] with a choice of head columns.
-pub fn forward_with_head(
-    model: &CpuModel,
-    steps: &[SeqStep<'_>],
-    states: &mut [&mut State],
-    which: HeadRows<'_>,
-) -> Vec<f32> {
+/// The row layout of a step and its stacked embedding rows [rows, C].
+pub(crate) fn embed(model: &CpuModel, steps: &[SeqStep<'_>]) -> (Layout, Vec<f32>) {
     let c = model.config.n_embd;
     let layout = Layout::new(steps);
     let mut x = Vec::with_capacity(layout.rows * c);
@@ -61,6 +57,16 @@ pub fn forward_with_head(
             model.emb.push_row(t as usize, c, &mut x);
         }
     }
+    (layout, x)
+}
+
+pub fn forward_with_head(
+    model: &CpuModel,
+    steps: &[SeqStep<'_>],
+    states: &mut [&mut State],
+    which: HeadRows<'_>,
+) -> Vec<f32> {
+    let (layout, mut x) = embed(model, steps);
     for (n, block) in model.blocks.iter().enumerate() {
         time_mix(block, &block.att, n, &layout, &mut x, states, model);
         channel_mix(block, &block.ffn, n, &layout, &mut x, states, model);

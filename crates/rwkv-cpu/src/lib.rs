@@ -17,7 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod tp;
 
-use rwkv_model::backend::{check_slot, validate_steps};
+use rwkv_model::backend::{check_slot, check_state, validate_steps};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
 
 use crate::model::CpuModel;
@@ -92,18 +92,6 @@ impl CpuBackend {
             forward::HeadRows::Candidates(candidates),
         ))
     }
-
-    fn check_state(&self, state: &State) -> Result<(), BackendError> {
-        let want = self.model.config.state_len();
-        if state.as_flat().len() == want {
-            Ok(())
-        } else {
-            Err(BackendError::State(format!(
-                "state has {} values, the model needs {want}",
-                state.as_flat().len()
-            )))
-        }
-    }
 }
 
 impl Backend for CpuBackend {
@@ -144,7 +132,7 @@ impl Backend for CpuBackend {
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
         check_slot(slot, self.slots.len())?;
-        self.check_state(state)?;
+        check_state(&self.model.config, state)?;
         self.slots[slot].clone_from(state);
         Ok(())
     }

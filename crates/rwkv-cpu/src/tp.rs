@@ -12,14 +12,14 @@
 //! reference) and the model for the CUDA/NCCL backend; it reuses the unsharded forward's
 //! pieces, so only the sharding differs.
 
-use rwkv_model::backend::{check_slot, validate_steps};
+use rwkv_model::backend::{check_slot, check_state, validate_steps};
 use rwkv_model::{
     Backend, BackendError, Collective, CollectiveError, InProcessCollective, Logits, ModelConfig,
     ModelWeights, SeqStep, ShardError, ShardPlan, State,
 };
 
 use crate::forward::{
-    ddlerp, decay, head, lerp, par_layer_norm, par_rows, token_shift, HeadRows, Layout,
+    ddlerp, decay, embed, head, lerp, par_layer_norm, par_rows, token_shift, HeadRows, Layout,
 };
 use crate::model::{Block, ChannelMix, CpuModel, CpuOptions, TimeMix};
 use crate::ops::norm::group_norm_rows;
@@ -135,14 +135,7 @@ impl Shard<'_> {
         which: HeadRows<'_>,
     ) -> Result<Option<Vec<f32>>, CollectiveError> {
         let model = self.model;
-        let c = model.config.n_embd;
-        let layout = Layout::new(steps);
-        let mut x = Vec::with_capacity(layout.rows * c);
-        for s in steps {
-            for &t in s.tokens {
-                model.emb.push_row(t as usize, c, &mut x);
-            }
-        }
+        let (layout, mut x) = embed(model, steps);
         for (n, block) in model.blocks.iter().enumerate() {
             self.time_mix(block, &block.att, n, &layout, &mut x, states)?;
             self.channel_mix(block, &block.ffn, n, &layout, &mut x, states)?;
@@ -349,18 +342,6 @@ impl TpCpuBackend {
         }
         Ok(logits.expect("rank 0 returns the logits"))
     }
-
-    fn check_state(&self, state: &State) -> Result<(), BackendError> {
-        let want = self.config.state_len();
-        if state.as_flat().len() == want {
-            Ok(())
-        } else {
-            Err(BackendError::State(format!(
-                "state has {} values, the model needs {want}",
-                state.as_flat().len()
-            )))
-        }
-    }
 }
 
 impl Backend for TpCpuBackend {
@@ -386,7 +367,7 @@ impl Backend for TpCpuBackend {
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
         check_slot(slot, self.num_slots())?;
-        self.check_state(state)?;
+        check_state(&self.config, state)?;
         for rank in &mut self.ranks {
             rank.slots[slot] = RankState::from_full(&rank.plan, state);
         }

@@ -1,7 +1,7 @@
 //! [`CudaBackend`]: the `rwkv_model::Backend` implementation on one device.
 
 use cudarc::driver::CudaSlice;
-use rwkv_model::backend::validate_steps;
+use rwkv_model::backend::{check_state, validate_steps};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
 
 use crate::device::Device;
@@ -189,18 +189,6 @@ impl CudaBackend {
             probs,
         })
     }
-
-    fn check_state(&self, state: &State) -> Result<(), BackendError> {
-        let want = self.cfg.state_len();
-        if state.as_flat().len() == want {
-            Ok(())
-        } else {
-            Err(BackendError::State(format!(
-                "state has {} values, the model needs {want}",
-                state.as_flat().len()
-            )))
-        }
-    }
 }
 
 /// Rejects models the kernels cannot run.
@@ -275,7 +263,7 @@ impl Backend for CudaBackend {
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
         self.pool.layout.check_slot(slot)?;
-        self.check_state(state)?;
+        check_state(&self.cfg, state)?;
         self.dev.bind()?;
         Ok(self.pool.load(&self.dev, slot, state.as_flat())?)
     }

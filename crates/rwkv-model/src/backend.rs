@@ -130,3 +130,16 @@ pub fn check_slot(slot: usize, slots: usize) -> Result<(), BackendError> {
         Err(BackendError::BadSlot { slot, slots })
     }
 }
+
+/// Checks that a state has the size of this model's state (load/swap-in of a foreign state).
+pub fn check_state(cfg: &ModelConfig, state: &State) -> Result<(), BackendError> {
+    let want = cfg.state_len();
+    if state.as_flat().len() == want {
+        Ok(())
+    } else {
+        Err(BackendError::State(format!(
+            "state has {} values, the model needs {want}",
+            state.as_flat().len()
+        )))
+    }
+}
