@@ -42,7 +42,11 @@ for line in sys.stdin:
         subprocess.run(["strip", "--strip-debug", dst], check=False)
         print("copied", dst)
 ' "$BIN"
-    du -sh "$BIN"
+    # The CLI, for an end-to-end smoke run of `--backend cuda` (not a test binary: kept apart).
+    cargo build --release -p rwkv-cli
+    mkdir -p .carry/cli
+    cp target/release/rwkv .carry/cli/rwkv && strip --strip-debug .carry/cli/rwkv
+    du -sh "$BIN" .carry/cli
     exit 0
 fi
 
@@ -108,9 +112,32 @@ for bin in "$BIN"/*; do
     summary+=("$(printf '%-8s %4s %6ss  %s' "$name" "$rc" "$secs" "${result:-no result line (crash or timeout?)}")")
 done
 
+# End to end through the CLI: the same tokens on both backends, and a greedy generation.
+if [ -x .carry/cli/rwkv ]; then
+    echo
+    echo "===== cli"
+    m=tests/fixtures/rwkv6-tiny-c256-l3.safetensors
+    toks=1,5,9,200,31,77,400,12,999,3
+    cli_rc=0
+    .carry/cli/rwkv forward --backend cuda --model $m --tokens $toks --output "$LOGS/fwd-cuda.safetensors" || cli_rc=1
+    .carry/cli/rwkv forward --backend cpu --model $m --tokens $toks --output "$LOGS/fwd-cpu.safetensors" || cli_rc=1
+    python3 - "$LOGS" <<'PY' || cli_rc=1
+import sys
+from safetensors.numpy import load_file
+a = load_file(sys.argv[1] + "/fwd-cuda.safetensors"); b = load_file(sys.argv[1] + "/fwd-cpu.safetensors")
+import numpy as np
+worst = max(float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30)) for k in b)
+print(f"cli forward cuda vs cpu: worst relative L2 over {len(b)} tensors {worst:.2e}")
+sys.exit(0 if worst <= 2e-3 else 1)
+PY
+    .carry/cli/rwkv generate --backend cuda --model $m --prompt a --max-tokens 16 --temperature 0 || cli_rc=1
+    [ "$cli_rc" -ne 0 ] && failed=1
+    summary+=("$(printf '%-8s %4s %6ss  %s' cli "$cli_rc" - "forward cuda vs cpu, generate --backend cuda")")
+fi
+
 echo
 echo "===== summary (logs in $LOGS)"
 printf '%-8s %4s %7s  %s\n' binary exit time result
 for line in "${summary[@]}"; do echo "$line"; done
-grep -h -E "^(timing|wkv on)" "$LOGS"/*.log 2>/dev/null
+grep -h -E "^(timing|wkv on|engine on CUDA|cli forward)" "$LOGS"/*.log 2>/dev/null
 exit $failed

@@ -120,6 +120,12 @@ impl PrefixCache {
         max_len: usize,
     ) -> Option<(usize, &State)> {
         let max_len = max_len.min(tokens.len());
+        if max_len == 0 {
+            // A one-token prompt leaves nothing that a cached state could cover (and an empty
+            // `1..=0` range would panic in BTreeMap::range).
+            self.stats.misses += 1;
+            return None;
+        }
         let candidates: Vec<usize> = self
             .lengths
             .get(tenant)
@@ -237,6 +243,15 @@ mod tests {
         assert_eq!(cache.lookup("t", &[1, 2, 3, 4], 3).map(|h| h.0), Some(2));
         let stats = cache.stats();
         assert_eq!((stats.hits, stats.misses, stats.tokens_saved), (3, 1, 8));
+    }
+
+    #[test]
+    fn a_one_token_prompt_is_a_miss_not_a_panic() {
+        let mut cache = PrefixCache::new("m", 1 << 20);
+        cache.insert("t", &[1, 2], state(2.0));
+        assert!(cache.lookup("t", &[1], 0).is_none());
+        assert!(cache.lookup("t", &[], 5).is_none());
+        assert!(cache.lookup("nobody", &[1], 0).is_none());
     }
 
     #[test]

@@ -352,3 +352,19 @@ fn bad_requests_are_refused_with_clear_errors() {
     assert!(matches!(end, GenerateEvent::Error(EngineError::EmptyInput)));
     assert!(Engine::start(CpuBackend::new(&weights, 0), EngineConfig::default()).is_err());
 }
+
+#[test]
+fn default_config_serves_one_token_prompts_and_repeats_through_the_prefix_cache() {
+    // The default configuration has the prefix cache on; one-token prompts leave nothing for it
+    // to cover, and repeated prompts hit it.
+    let weights = weights();
+    let engine = Engine::start(CpuBackend::new(&weights, 4), EngineConfig::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![5], vec![5, 6, 7], vec![9], vec![5, 6, 7], vec![5]];
+    for p in &prompts {
+        assert_eq!(
+            run(&engine, request(p, 4)),
+            alone(&weights, p, greedy(4)),
+            "prompt {p:?}"
+        );
+    }
+}
