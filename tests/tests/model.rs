@@ -59,7 +59,15 @@ fn pth_and_safetensors_load_identical_weights() {
             assert_eq!((t.dtype(), t.shape()), (u.dtype(), u.shape()), "{name}");
             assert_eq!(t.bytes(), u.bytes(), "{name}");
         }
+        // The fingerprint names the weights, not the file format.
+        assert_eq!(a.fingerprint(), b.fingerprint(), "{model}");
     }
+    let [first, second] = GOLDEN_MODELS.map(|m| {
+        rwkv_model::Checkpoint::open(fixture(&format!("{m}.safetensors")))
+            .unwrap()
+            .fingerprint()
+    });
+    assert_ne!(first, second);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use rwkv_model::{Backend, ModelConfig};
 
@@ -18,6 +19,7 @@ use crate::prefix_cache::CacheStats;
 use crate::request::{Command, GenerateRequest, GenerateStream, SessionId};
 use crate::sampler::Sampler;
 use crate::scheduler::SchedulerConfig;
+use crate::score::{PendingScore, ScoreRequest, ScoreResult};
 use crate::sessions::{SessionCommand, SessionKey};
 use crate::step_loop::Core;
 
@@ -91,11 +93,15 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Validates the configuration and starts the step loop on its own thread.
+    /// Validates the configuration and starts the step loop on its own thread. Install the
+    /// metrics recorder before this: the engine resolves its metric handles here
+    /// ([`crate::telemetry`]).
     pub fn start<B: Backend + 'static>(backend: B, cfg: EngineConfig) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::channel();
         let config = Arc::new(backend.config().clone());
-        let core = Core::new(backend, cfg, rx)?;
+        // Shared with the engine thread, which numbers the scoring lanes it forks.
+        let next_id = Arc::new(AtomicU64::new(1));
+        let core = Core::new(backend, cfg, rx, next_id.clone())?;
         let thread = std::thread::Builder::new()
             .name("rwkv-engine".into())
             .spawn(move || core.run())
@@ -104,7 +110,7 @@ impl Engine {
             handle: EngineHandle {
                 commands: tx,
                 config,
-                next_id: Arc::new(AtomicU64::new(1)),
+                next_id,
             },
             thread: Some(thread),
         })
@@ -168,10 +174,34 @@ impl EngineHandle {
             req,
             sampler,
             events,
+            submitted: Instant::now(),
         })?;
         Ok(GenerateStream {
             id,
             events: rx,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// Scores each continuation after the context and waits for the result: the log-softmax of
+    /// the raw logits (no penalties, temperature 1). The context is prefilled once, through the
+    /// tenant's prefix cache, and every continuation starts from a copy of its state. Runs in
+    /// the step loop like a generation (same batches, budgets and slots).
+    pub fn score(&self, req: ScoreRequest) -> Result<ScoreResult, EngineError> {
+        self.submit_score(req)?.wait()
+    }
+
+    /// Validates and submits a scoring request without waiting; dropping the returned handle
+    /// before the answer cancels the request.
+    pub fn submit_score(&self, req: ScoreRequest) -> Result<PendingScore, EngineError> {
+        req.validate(self.config.vocab_size)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // One answer per request, so a buffer of one never blocks the engine thread.
+        let (reply, rx) = mpsc::sync_channel(1);
+        self.send(Command::Score { id, req, reply })?;
+        Ok(PendingScore {
+            id,
+            reply: rx,
             commands: self.commands.clone(),
         })
     }

@@ -19,6 +19,9 @@ pub enum EngineError {
     /// An input token id does not exist in the model's vocabulary.
     #[error("input token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfVocab { token: u32, vocab: usize },
+    /// A scoring request has nothing to score; the message names the field (`continuations[2]`).
+    #[error("nothing to score: {0}")]
+    EmptyScore(String),
     /// Too many requests already wait for a slot (back-pressure).
     #[error("the engine is overloaded: {waiting} requests wait, the limit is {limit}")]
     Overloaded { waiting: usize, limit: usize },
@@ -55,6 +58,7 @@ impl EngineError {
             Self::Sampling(e) => e.kind(),
             Self::EmptyInput => "empty_input",
             Self::TokenOutOfVocab { .. } => "token_out_of_vocab",
+            Self::EmptyScore(_) => "empty_score",
             Self::Overloaded { .. } => "overloaded",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionBusy { .. } => "session_busy",

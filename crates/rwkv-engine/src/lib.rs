@@ -11,17 +11,19 @@
 //! Modules:
 //! - [`engine`]: [`Engine`], [`EngineHandle`], [`EngineConfig`], [`EngineStats`].
 //! - [`request`]: [`GenerateRequest`], [`GenerateStream`] and its [`GenerateEvent`]s.
+//! - [`score`]: [`ScoreRequest`], [`ScoreResult`]: log-probabilities of continuations (eval).
 //! - [`scheduler`]: [`Scheduler`], the pure per-step batch planner.
 //! - [`slots`], [`tiers`]: device slot table and the byte-bounded LRU host store.
 //! - [`prefix_cache`]: [`PrefixCache`], longest-prefix lookup of cached states.
 //! - [`sessions`]: tenant-scoped sessions; [`export`]: the session export format.
 //! - [`mod@error`]: [`EngineError`], the one error type of the engine.
-//! - `step_loop` (private): the engine thread's state and its steps.
+//! - `step_loop` (private): the engine thread's state and its steps; generations and scoring
+//!   jobs in its submodules.
+//! - [`telemetry`]: metric names, their descriptions, and the step loop's metric handles.
 //! - [`params`]: [`SamplingParams`] (defaults = reference `PIPELINE_ARGS`) and [`SamplerError`].
 //! - [`sampler`]: [`Sampler`], the per-sequence sampler (bans, penalties, seeded RNG).
 //! - [`mod@sample_logits`]: the stateless `PIPELINE.sample_logits` port and its documented deviations.
 //! - [`penalty`]: decayed presence/frequency penalties and the frequency-exempt token rule.
-//! - [`stop`]: [`StopChecker`], stop strings matched across token boundaries.
 //! - [`logprobs`]: log-probabilities of the chosen token and the top alternatives.
 //! - `vecmath` (private): branch-free, vectorisable passes over the vocabulary.
 
@@ -36,16 +38,17 @@ pub mod request;
 pub mod sample_logits;
 pub mod sampler;
 pub mod scheduler;
+pub mod score;
 pub mod sessions;
 pub mod slots;
 mod step_loop;
-pub mod stop;
+pub mod telemetry;
 pub mod tiers;
 mod vecmath;
 
 pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats};
 pub use error::EngineError;
-pub use logprobs::{token_logprobs, Logprobs};
+pub use logprobs::{token_logprobs, LogSoftmax, Logprobs};
 pub use params::{SamplerError, SamplingParams};
 pub use penalty::{is_frequency_exempt, Penalties};
 pub use prefix_cache::{CacheStats, PrefixCache};
@@ -53,4 +56,4 @@ pub use request::{FinishReason, GenerateEvent, GenerateRequest, GenerateStream, 
 pub use sample_logits::{sample_logits, SampleScratch};
 pub use sampler::Sampler;
 pub use scheduler::{BatchItem, Scheduler, SchedulerConfig, SeqId};
-pub use stop::{StopChecker, StopOutcome};
+pub use score::{ContinuationScore, PendingScore, ScoreRequest, ScoreResult};

@@ -6,6 +6,8 @@
 //! settings that merely truncate it, and with zero penalties it is the model's own distribution,
 //! which is what scoring clients (lm-eval's `logprobs` with `temperature=0`) expect.
 
+use crate::vecmath;
+
 /// The chosen token's log-probability and the `top_n` most likely tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Logprobs {
@@ -23,26 +25,69 @@ pub struct Logprobs {
 /// is -inf, all log-probabilities are -inf. Two passes over the logits, no allocation besides the
 /// returned `top` vector.
 pub fn token_logprobs(logits: &[f32], token: u32, top_n: usize) -> Logprobs {
-    let log_z = log_normaliser(logits);
-    let logprob_of = |logit: f32| {
-        let logit = clean(logit);
-        if logit == f32::NEG_INFINITY || log_z == f64::NEG_INFINITY {
-            f32::NEG_INFINITY
-        } else {
-            (f64::from(logit) - log_z) as f32
-        }
-    };
-    let logprob = logits
-        .get(token as usize)
-        .map_or(f32::NEG_INFINITY, |&l| logprob_of(l));
-    let top = top_n_by_logit(logits, top_n)
-        .into_iter()
-        .map(|id| (id, logprob_of(logits[id as usize])))
-        .collect();
+    let row = LogSoftmax::new(logits);
     Logprobs {
         token,
-        logprob,
-        top,
+        logprob: row.logprob(token),
+        top: row.top(top_n),
+    }
+}
+
+/// One row of logits read as log-probabilities (log-softmax at temperature 1), normalised once
+/// so that several tokens can be scored against it (scoring reads one row for every
+/// continuation's first token).
+#[derive(Clone, Copy, Debug)]
+pub struct LogSoftmax<'a> {
+    logits: &'a [f32],
+    log_z: f64,
+    argmax: u32,
+}
+
+impl<'a> LogSoftmax<'a> {
+    /// Two vectorised passes over the row: the maximum (and argmax), then the normaliser.
+    pub fn new(logits: &'a [f32]) -> Self {
+        let (argmax, max) = vecmath::argmax(logits);
+        let log_z = if max == f32::NEG_INFINITY {
+            // Nothing can be sampled; `l - max` would be NaN.
+            f64::NEG_INFINITY
+        } else {
+            vecmath::log_sum_exp(logits, max)
+        };
+        Self {
+            logits,
+            log_z,
+            argmax,
+        }
+    }
+
+    /// `ln p(token)`; -inf for a token outside the row or with a -inf (or NaN) logit.
+    pub fn logprob(&self, token: u32) -> f32 {
+        match self.logits.get(token as usize) {
+            Some(&logit) => self.of_logit(logit),
+            None => f32::NEG_INFINITY,
+        }
+    }
+
+    /// The most likely token, lowest id among ties: the token greedy sampling picks.
+    pub fn argmax(&self) -> u32 {
+        self.argmax
+    }
+
+    /// Up to `n` `(token, logprob)` pairs, most likely first, ties by lower id.
+    pub fn top(&self, n: usize) -> Vec<(u32, f32)> {
+        top_n_by_logit(self.logits, n)
+            .into_iter()
+            .map(|id| (id, self.of_logit(self.logits[id as usize])))
+            .collect()
+    }
+
+    fn of_logit(&self, logit: f32) -> f32 {
+        let logit = clean(logit);
+        if logit == f32::NEG_INFINITY || self.log_z == f64::NEG_INFINITY {
+            f32::NEG_INFINITY
+        } else {
+            (f64::from(logit) - self.log_z) as f32
+        }
     }
 }
 
@@ -56,29 +101,13 @@ pub(crate) fn clean(logit: f32) -> f32 {
     }
 }
 
-/// `log(sum(exp(logits)))`, stabilised by the maximum and accumulated in `f64`.
-fn log_normaliser(logits: &[f32]) -> f64 {
-    let max = logits
-        .iter()
-        .map(|&l| clean(l))
-        .fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        // Nothing can be sampled; `l - max` would be NaN.
-        return f64::NEG_INFINITY;
-    }
-    let sum: f64 = logits
-        .iter()
-        .map(|&l| f64::from(clean(l) - max).exp())
-        .sum();
-    f64::from(max) + sum.ln()
-}
-
 /// Ids of the `n` largest logits, best first, ties by lower id, NaN never included.
 ///
 /// A sorted insertion buffer of length `n` beats sorting V entries: `n` is small (OpenAI caps it
 /// at 20) and most logits fail the first comparison against the current n-th best.
 fn top_n_by_logit(logits: &[f32], n: usize) -> Vec<u32> {
-    let mut best: Vec<u32> = Vec::with_capacity(n);
+    // Capped: `n` comes from requests, and a huge `n` must not reserve a huge buffer.
+    let mut best: Vec<u32> = Vec::with_capacity(n.min(logits.len()));
     if n == 0 {
         return best;
     }
@@ -149,6 +178,29 @@ mod tests {
         assert_eq!(ids, [1, 3, 0]);
         assert!(token_logprobs(&logits, 4, 0).top.is_empty());
         assert_eq!(token_logprobs(&logits, 4, 10).top.len(), 5);
+    }
+
+    #[test]
+    fn one_normalisation_scores_every_token_of_a_row() {
+        let logits = [0.5f32, 3.0, f32::NAN, 3.0, -1.0];
+        let row = LogSoftmax::new(&logits);
+        for token in 0..6 {
+            assert_eq!(
+                row.logprob(token),
+                token_logprobs(&logits, token, 0).logprob
+            );
+        }
+        assert_eq!(row.logprob(5), f32::NEG_INFINITY, "outside the vocabulary");
+        // The greedy sampler's choice: the lowest id among the maxima, never NaN.
+        assert_eq!(row.argmax(), 1);
+        assert_eq!(LogSoftmax::new(&[f32::NAN, f32::NEG_INFINITY]).argmax(), 0);
+        assert_eq!(
+            LogSoftmax::new(&[1.0, f32::INFINITY, f32::INFINITY]).argmax(),
+            1
+        );
+        assert_eq!(row.top(2), token_logprobs(&logits, 0, 2).top);
+        // A request's `top_logprobs` may be anything; the buffer is bounded by the row.
+        assert_eq!(row.top(usize::MAX).len(), 4);
     }
 
     #[test]

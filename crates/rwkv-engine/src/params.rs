@@ -33,7 +33,7 @@ pub struct SamplingParams {
     pub token_ban: Vec<u32>,
     /// Token ids that end the generation when sampled; the stop token is neither recorded nor emitted.
     pub stop_tokens: Vec<u32>,
-    /// Texts that end the generation; matched across token boundaries by [`crate::StopChecker`].
+    /// Texts that end the generation; matched across token boundaries by `rwkv_tokenizer::StopChecker` (the router's job).
     pub stop_strings: Vec<String>,
     /// RNG seed; `None` draws one from the OS (the chosen seed is still reported by the sampler).
     pub seed: Option<u64>,

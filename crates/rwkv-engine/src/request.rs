@@ -1,13 +1,14 @@
 //! What callers send to the engine and what comes back: generation requests, their event
-//! stream, and the session identifiers.
+//! stream, and the session identifiers (scoring has its own module, [`crate::score`]).
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
 use crate::logprobs::Logprobs;
 use crate::params::SamplingParams;
 use crate::scheduler::SeqId;
+use crate::score::{ScoreRequest, ScoreResult};
 
 /// A session handle, unique within the engine; it is only valid together with its tenant.
 pub type SessionId = u64;
@@ -73,7 +74,15 @@ pub(crate) enum Command {
         /// Boxed: the sampler is large and every other command is small.
         sampler: Box<crate::sampler::Sampler>,
         events: Sender<GenerateEvent>,
+        /// When the handle accepted the request (the start of the time to first token).
+        submitted: Instant,
     },
+    Score {
+        id: SeqId,
+        req: ScoreRequest,
+        reply: SyncSender<Result<ScoreResult, EngineError>>,
+    },
+    /// Cancels a generation or a scoring request; unknown (finished) ids are ignored.
     Cancel(SeqId),
     Session(crate::sessions::SessionCommand),
     Stats(std::sync::mpsc::SyncSender<crate::engine::EngineStats>),
@@ -93,6 +102,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Generate { id, .. } => write!(f, "Generate({id})"),
+            Command::Score { id, .. } => write!(f, "Score({id})"),
             Command::Cancel(id) => write!(f, "Cancel({id})"),
             Command::Session(_) => write!(f, "Session"),
             Command::Stats(_) => write!(f, "Stats"),

@@ -38,7 +38,7 @@
 
 use rand::Rng;
 
-use crate::vecmath::{clean_and_max, exp_nonpositive, exp_shifted, mass_above};
+use crate::vecmath::{argmax, clean_and_max, exp_nonpositive, exp_shifted, mass_above};
 
 /// Successive thresholds are `p_max / d` for these `d`, then 0 (every token). Each round costs
 /// one linear pass; a peaked LM distribution almost always stops in the first or second round.
@@ -95,7 +95,8 @@ enum Kept {
 
 /// Samples one token id from `logits` per spec §5.1 (with the deviations in the module docs).
 ///
-/// `logits` is modified in place only to replace NaN by -inf and +inf by `f32::MAX`. Expects
+/// `logits` is modified in place only to replace NaN by -inf and +inf by `f32::MAX`, and not at
+/// all by greedy sampling (temperature or `top_p` 0). Expects
 /// validated parameters: `temperature` in [0, 100], `top_p` in [0, 1]; `top_k` 0 or `>= V`
 /// disables top-k.
 pub fn sample_logits<R: Rng + ?Sized>(
@@ -111,9 +112,15 @@ pub fn sample_logits<R: Rng + ?Sized>(
         "{temperature}"
     );
     debug_assert!((0.0..=1.0).contains(&top_p), "{top_p}");
+    if temperature == 0.0 || top_p <= 0.0 {
+        // Read-only: at a batch of 64 rows of 65,536 logits, this pass is the engine's largest
+        // cost per decode step, and it is bound by memory traffic.
+        return argmax(logits).0;
+    }
     let max = clean_and_max(logits);
-    if temperature == 0.0 || top_p <= 0.0 || max == f32::NEG_INFINITY {
-        return argmax(logits, max);
+    if max == f32::NEG_INFINITY {
+        // Nothing can be sampled; greedy's answer, token 0, keeps the result defined.
+        return 0;
     }
     let filtered = top_p < 1.0 || (top_k > 0 && top_k < logits.len());
     if !filtered {
@@ -125,11 +132,6 @@ pub fn sample_logits<R: Rng + ?Sized>(
         Kept::Prefix(n) => scratch.draw_prefix(logits, max, n, temperature, rng),
         Kept::All => scratch.draw_all(logits, max, temperature, rng),
     }
-}
-
-/// Index of the first logit equal to `max`: the argmax, lowest id among ties.
-fn argmax(logits: &[f32], max: f32) -> u32 {
-    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 impl SampleScratch {
@@ -173,10 +175,19 @@ impl SampleScratch {
 
     /// Collects the ids with `e >= threshold` into `order`, in id order.
     fn gather(&mut self, threshold: f32) {
+        const BLOCK: usize = 64;
         self.order.clear();
-        let ids = (0..self.probs.len() as u32).zip(self.probs.iter().copied());
-        let keys = ids.filter(|&(_, e)| e >= threshold);
-        self.order.extend(keys.map(|(id, e)| sort_key(id, e)));
+        for (b, block) in self.probs.chunks(BLOCK).enumerate() {
+            // Most blocks hold no candidate: a branch-free check (vectorised) skips them, where
+            // a plain filter costs a compare and a branch per token.
+            if !block.iter().fold(false, |any, &e| any | (e >= threshold)) {
+                continue;
+            }
+            let base = (b * BLOCK) as u32;
+            let ids = (base..).zip(block.iter().copied());
+            let keys = ids.filter(|&(_, e)| e >= threshold);
+            self.order.extend(keys.map(|(id, e)| sort_key(id, e)));
+        }
     }
 
     /// Sorts the candidates and returns how many of them survive both filters, or `None` when
@@ -292,9 +303,10 @@ mod tests {
         expected.iter().map(term).sum()
     }
 
+    /// The first maximum, by definition.
     fn greedy(logits: &[f32]) -> usize {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        argmax(logits, max) as usize
+        logits.iter().position(|&l| l == max).unwrap_or(0)
     }
 
     fn ln(probs: &[f32]) -> Vec<f32> {

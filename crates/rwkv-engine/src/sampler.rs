@@ -6,7 +6,7 @@
 //! 1. `let token = sampler.sample(&mut logits);` (bans, penalties, [`sample_logits`]);
 //! 2. if `sampler.is_stop_token(token)`: stop; the token is neither recorded nor emitted;
 //! 3. `sampler.record(token, is_frequency_exempt(text_of(token)))`;
-//! 4. feed the decoded text to a [`crate::StopChecker`].
+//! 4. feed the decoded text to a `rwkv_tokenizer::StopChecker` (by whoever holds the tokenizer).
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -55,8 +55,8 @@ impl Sampler {
     /// Picks the next token from the model's `logits` (one per vocabulary entry).
     ///
     /// In the reference order: banned logits become -inf, penalties are subtracted, then
-    /// [`sample_logits`] runs. `logits` is left holding the banned and penalised values (with NaN
-    /// as -inf), which is what [`token_logprobs`] should see.
+    /// [`sample_logits`] runs. `logits` is left holding the banned and penalised values (NaN may
+    /// stay NaN or become -inf; both count as -inf), which is what [`token_logprobs`] should see.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         debug_assert_eq!(logits.len(), self.vocab_size, "logits of the wrong model");
         self.ban_and_penalise(logits);

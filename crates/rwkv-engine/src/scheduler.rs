@@ -159,6 +159,21 @@ impl Scheduler {
         }
     }
 
+    /// Adds a running sequence that already holds a slot: a fork of a running sequence, given a
+    /// slot nobody waited for. It skips the waiting queue (and its bound) and, like
+    /// [`Scheduler::start`], feeds `pending` tokens from position `pos`.
+    pub fn fork(&mut self, id: SeqId, pos: usize, pending: usize) {
+        self.admissions += 1;
+        self.running.push(Running {
+            id,
+            pending,
+            pos,
+            decoding: false,
+            last_served: 0,
+            admitted: self.admissions,
+        });
+    }
+
     /// Records that a token was sampled and must be fed next step (the sequence is decoding).
     pub fn on_token(&mut self, id: SeqId) {
         if let Some(r) = self.running_mut(id) {
@@ -357,6 +372,20 @@ mod tests {
         s.start(1, 3, 14); // Resumes at position 3 (a cache hit) with 14 tokens to go.
         let chunks: Vec<usize> = (0..5).flat_map(|_| s.plan()).map(|i| i.tokens).collect();
         assert_eq!(chunks, vec![2, 5, 5, 2]);
+    }
+
+    #[test]
+    fn forks_run_without_admission_and_are_planned_like_prefills() {
+        let mut s = sched(100, 8, 4);
+        add(&mut s, 1, 0);
+        s.on_token(1);
+        s.fork(7, 30, 6); // A fork at position 30 with 6 tokens to feed.
+        assert_eq!((s.waiting_len(), s.running_len()), (0, 2));
+        assert_eq!(s.plan(), vec![item(1, 1, true), item(7, 4, false)]);
+        assert_eq!(s.plan(), vec![item(7, 2, false)]);
+        assert!(s.plan().is_empty());
+        s.start(7, 36, 3); // The fork's slot is reused for more work.
+        assert_eq!(s.plan(), vec![item(7, 3, false)]);
     }
 
     #[test]

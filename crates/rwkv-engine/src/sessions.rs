@@ -7,6 +7,7 @@
 //! never data. Keys carry the tenant: another tenant's id is simply not found.
 
 use std::sync::mpsc::SyncSender;
+use std::time::Instant;
 
 use rwkv_model::{Backend, State};
 
@@ -15,6 +16,8 @@ use crate::export::{self, SessionSnapshot};
 use crate::request::SessionId;
 use crate::scheduler::SeqId;
 use crate::step_loop::Core;
+use crate::telemetry::Swap;
+use crate::tiers::Weigh;
 
 /// A session as the engine stores it: the tenant is part of the key.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -144,11 +147,15 @@ impl<B: Backend> Core<B> {
         let swapped = self.host.remove(key);
         let slot = self.acquire_slot()?;
         let placed = match &swapped {
-            Some(state) => self
-                .backend
-                .load_state(slot, state)
-                .map(|()| pos)
-                .map_err(Into::into),
+            Some(state) => {
+                let started = Instant::now();
+                let loaded = self.backend.load_state(slot, state);
+                if loaded.is_ok() {
+                    self.metrics
+                        .swap(Swap::In, state.bytes(), started.elapsed());
+                }
+                loaded.map(|()| pos).map_err(Into::into)
+            }
             None => self.restore_prefix(slot, &key.tenant, &all),
         };
         match placed {

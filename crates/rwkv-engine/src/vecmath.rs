@@ -61,6 +61,65 @@ pub(crate) fn clean_and_max(logits: &mut [f32]) -> f32 {
     max
 }
 
+/// The index of the first maximum of the cleaned logits (NaN as -inf, +inf as `f32::MAX`) and
+/// that maximum, leaving `logits` as they are: greedy sampling's answer. `(0, -inf)` when every
+/// logit is -inf or NaN.
+///
+/// Two read-only vectorised passes, the second stopping at the maximum. Writing nothing matters:
+/// a batch's logits are far larger than the caches, so this is bound by memory traffic. (Tracking
+/// indices in the first pass looks cheaper, but LLVM keeps them in scalar registers, which made
+/// it twice as slow.)
+pub(crate) fn argmax(logits: &[f32]) -> (u32, f32) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &l) in lanes.iter_mut().zip(chunk) {
+            let l = clean(l);
+            *m = if l > *m { l } else { *m };
+        }
+    }
+    let max = lanes
+        .into_iter()
+        .chain(rest.iter().map(|&l| clean(l)))
+        .fold(f32::NEG_INFINITY, f32::max);
+    (first_index(logits, |l| clean(l) == max, max), max)
+}
+
+/// The first index where `is_max` holds, scanning blocks without early exit inside a block (so
+/// the comparisons vectorise) and stopping at the first block that has one. 0 when `max` is
+/// -inf: nothing can be chosen, and greedy sampling then returns token 0.
+fn first_index(xs: &[f32], is_max: impl Fn(f32) -> bool, max: f32) -> u32 {
+    const BLOCK: usize = 64;
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    for (b, block) in xs.chunks(BLOCK).enumerate() {
+        if block.iter().fold(false, |hit, &l| hit | is_max(l)) {
+            let at = block.iter().position(|&l| is_max(l)).unwrap_or(0);
+            return (b * BLOCK + at) as u32;
+        }
+    }
+    0
+}
+
+/// `max + ln(sum(exp(l - max)))` over the cleaned logits: the log-softmax normaliser. `max`
+/// must be their (finite) maximum. Terms are the 2-ulp `exp` below, summed in `f64` lanes, so
+/// the result is within ~3e-7 of the exact value.
+pub(crate) fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
+    let term = |l: f32| f64::from(exp_nonpositive(clean(l) - max));
+    let mut lanes = [0.0f64; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (acc, &l) in lanes.iter_mut().zip(chunk) {
+            *acc += term(l);
+        }
+    }
+    let sum = lanes.iter().sum::<f64>() + rest.iter().map(|&l| term(l)).sum::<f64>();
+    f64::from(max) + sum.ln()
+}
+
 /// Writes `out[i] = exp((logits[i] - max) · scale)` and returns the sum of `out`.
 ///
 /// `max` must be the maximum of `logits` and `scale` positive, so every exponent is `<= 0`. The
@@ -153,6 +212,61 @@ mod tests {
         xs[5] = f32::INFINITY;
         assert_eq!(clean_and_max(&mut xs), f32::MAX);
         assert_eq!(clean_and_max(&mut []), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn argmax_reads_non_finite_values_as_cleaned_and_sees_the_remainder() {
+        let mut xs = vec![0.0f32; 19];
+        xs[3] = f32::NAN;
+        xs[18] = 4.0;
+        assert_eq!(argmax(&xs), (18, 4.0));
+        assert!(xs[3].is_nan(), "left as it was");
+        xs[5] = f32::INFINITY;
+        assert_eq!(argmax(&xs), (5, f32::MAX));
+        assert_eq!(argmax(&[]), (0, f32::NEG_INFINITY));
+        assert_eq!(argmax(&[f32::NAN; 20]), (0, f32::NEG_INFINITY));
+    }
+
+    /// The scalar definition: first index of the maximum after cleaning.
+    fn first_max(xs: &[f32]) -> (u32, f32) {
+        let cleaned: Vec<f32> = xs.iter().map(|&l| clean(l)).collect();
+        let max = cleaned.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let at = cleaned.iter().position(|&l| l == max).unwrap_or(0);
+        (at as u32, max)
+    }
+
+    #[test]
+    fn argmax_is_the_first_maximum_in_every_lane_and_remainder_position() {
+        // Few distinct values, so every row has ties, spread over lanes and the remainder.
+        let mut state = 12345u32;
+        for len in [1, 7, 8, 9, 16, 37, 100, 1003] {
+            for _ in 0..50 {
+                let xs: Vec<f32> = (0..len)
+                    .map(|_| {
+                        state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                        match (state >> 16) % 7 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            v => v as f32,
+                        }
+                    })
+                    .collect();
+                let want = first_max(&xs);
+                assert_eq!(argmax(&xs), want, "{xs:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn log_sum_exp_matches_an_f64_computation() {
+        let xs: Vec<f32> = (0..1001)
+            .map(|i| ((i * 7919) % 613) as f32 / 37.0 - 8.0)
+            .collect();
+        let (_, max) = argmax(&xs);
+        let want = xs.iter().map(|&l| f64::from(l).exp()).sum::<f64>().ln();
+        assert!((log_sum_exp(&xs, max) - want).abs() < 1e-6);
+        let with_holes = [f32::NAN, 1.0, f32::NEG_INFINITY, 1.0];
+        assert!((log_sum_exp(&with_holes, 1.0) - (1.0 + 2f64.ln())).abs() < 1e-6);
     }
 
     #[test]

@@ -99,6 +99,35 @@ pub trait Backend: Send {
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError>;
 }
 
+/// A boxed backend is a backend, so a backend chosen at run time (`Box<dyn Backend>`) can drive
+/// code that is generic over [`Backend`], such as the engine.
+impl<B: Backend + ?Sized> Backend for Box<B> {
+    fn config(&self) -> &ModelConfig {
+        (**self).config()
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn num_slots(&self) -> usize {
+        (**self).num_slots()
+    }
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        (**self).forward(steps)
+    }
+    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
+        (**self).load_state(slot, state)
+    }
+    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
+        (**self).save_state(slot)
+    }
+    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
+        (**self).reset_state(slot)
+    }
+    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
+        (**self).copy_state(src, dst)
+    }
+}
+
 /// The checks every backend applies before touching memory: slots exist and are distinct, and
 /// every token is inside the vocabulary.
 pub fn validate_steps(

@@ -70,6 +70,27 @@ impl Checkpoint {
         })
     }
 
+    /// SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
+    ///
+    /// It identifies the weights, not the file: the same model saved as `.pth` and as
+    /// `.safetensors` has the same fingerprint. Session exports are bound to it, so a state is never
+    /// imported into a different model. Hashing reads every byte once (about a second per GB).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        for (name, tensor) in &self.tensors {
+            hasher.update((name.len() as u64).to_le_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update([tensor.dtype() as u8]);
+            hasher.update((tensor.shape().len() as u64).to_le_bytes());
+            for &d in tensor.shape() {
+                hasher.update((d as u64).to_le_bytes());
+            }
+            hasher.update(tensor.bytes());
+        }
+        hasher.finalize().into()
+    }
+
     /// Writes every tensor to a `.safetensors` file (used by `rwkv convert` and tests).
     pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
         let views = tensors

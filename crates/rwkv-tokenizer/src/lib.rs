@@ -1,5 +1,6 @@
-//! Tokenization for the RWKV-6 serving system: text to token ids and back. Nothing else: no
-//! model, no sampling, no stop-sequence logic (those live in the model/engine crates).
+//! Tokenization for the RWKV-6 serving system: text to token ids and back, and the text-side
+//! checks of a stream (stop strings). Nothing else: no model, no sampling (those live in the
+//! model/engine crates).
 //!
 //! Module map:
 //! - [`error`]: [`TokenizerError`], the one error type (names the file, line or id at fault).
@@ -10,12 +11,14 @@
 //!   Pile models) through the `tokenizers` crate, with raw per-token bytes for streaming.
 //! - [`stream`]: [`StreamDecoder`], incremental UTF-8 decoding that never emits half a character
 //!   and never blocks on invalid bytes.
+//! - [`stop`]: [`StopChecker`], stop strings matched across token boundaries in decoded text.
 //! - this file: [`Tokenizer`], one handle over both kinds, chosen with [`Tokenizer::load`].
 //!
 //! Behaviour follows `shared/reference/rwkv6-spec.md` section 4.
 
 pub mod error;
 pub mod hf;
+pub mod stop;
 pub mod stream;
 pub mod world;
 
@@ -24,6 +27,7 @@ use std::sync::Arc;
 
 pub use error::{Result, TokenizerError};
 pub use hf::HfTokenizer;
+pub use stop::{StopChecker, StopOutcome};
 pub use stream::StreamDecoder;
 pub use world::WorldTokenizer;
 

@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use rwkv_engine::{is_frequency_exempt, Sampler, SamplingParams, StopChecker};
+use rwkv_engine::{is_frequency_exempt, Sampler, SamplingParams};
 use rwkv_model::{ModelWeights, OutputRows, SeqStep};
-use rwkv_tokenizer::{StreamDecoder, Tokenizer};
+use rwkv_tokenizer::{StopChecker, StreamDecoder, Tokenizer};
 
 /// Prompt tokens per forward call: bounds activation memory on long prompts without changing the
 /// result (the state carries across calls).

@@ -1,25 +1,36 @@
-//! The engine thread's state and its step loop: admit, plan, execute, sample, emit, retire.
+//! The engine thread's state and its step loop: admit, plan, execute, absorb, retire.
 //!
 //! Everything here runs on the one engine thread, which owns the backend, the scheduler, the
-//! slots, both host tiers and every sequence; no lock exists. Session operations are in
-//! [`crate::sessions`], which extends [`Core`].
+//! slots, both host tiers and every sequence; no lock exists. A sequence ([`Seq`]) is a slot and
+//! the tokens it feeds; it works for a generation ([`generation`]: samples a token from each
+//! last row) or for a scoring request ([`scoring`]: reads log-probabilities from the rows).
+//! Session operations are in [`crate::sessions`], which extends [`Core`].
+
+mod generation;
+mod scoring;
 
 use std::collections::HashMap;
-use std::sync::mpsc::{Receiver, RecvError, Sender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvError, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
 
-use rwkv_model::{Backend, OutputRows, SeqStep, State};
+use rwkv_model::{Backend, Logits, OutputRows, SeqStep, State};
 
 use crate::engine::EngineConfig;
 use crate::error::EngineError;
 use crate::prefix_cache::PrefixCache;
-use crate::request::{Command, FinishReason, GenerateEvent, GenerateRequest, Usage};
-use crate::sampler::Sampler;
+use crate::request::{Command, FinishReason};
 use crate::scheduler::{BatchItem, Scheduler, SeqId};
 use crate::sessions::{Session, SessionKey};
 use crate::slots::SlotTable;
-use crate::tiers::LruStore;
+use crate::telemetry::{Ended, Metrics, Swap};
+use crate::tiers::{LruStore, Weigh};
 
-/// One generation in flight.
+pub(crate) use generation::Generation;
+pub(crate) use scoring::{Lane, ScoreJob};
+
+/// One sequence in flight: a slot and the tokens it feeds.
 pub(crate) struct Seq {
     pub(crate) tenant: String,
     pub(crate) session: Option<SessionKey>,
@@ -28,15 +39,20 @@ pub(crate) struct Seq {
     pub(crate) slot: Option<usize>,
     /// Tokens the slot's state has consumed (the prefix-cache key of that state).
     pub(crate) fed: Vec<u32>,
-    /// Tokens to feed, in order: the rest of the prompt, then each sampled token.
+    /// Tokens to feed, in order: the rest of the prompt (or of a scoring context or
+    /// continuation), then each sampled token.
     pub(crate) unfed: Vec<u32>,
-    pub(crate) sampler: Sampler,
-    pub(crate) top_logprobs: Option<usize>,
-    pub(crate) usage: Usage,
-    /// The client's end of the stream; a failed send means it went away (cancellation).
-    pub(crate) events: Sender<GenerateEvent>,
     /// Set when the sequence must leave at the end of this step.
     pub(crate) finish: Option<FinishReason>,
+    pub(crate) role: Role,
+}
+
+/// What a sequence works for.
+pub(crate) enum Role {
+    /// A generation. Boxed: the sampler is large and lanes are small.
+    Generate(Box<Generation>),
+    /// A lane of a scoring request: its context, then one continuation after another.
+    Score(Lane),
 }
 
 /// Everything the engine thread owns.
@@ -50,12 +66,23 @@ pub(crate) struct Core<B: Backend> {
     pub(crate) cache: PrefixCache,
     pub(crate) sessions: HashMap<SessionKey, Session>,
     pub(crate) seqs: HashMap<SeqId, Seq>,
+    /// Scoring requests in flight, by request id (which is also the id of their first lane).
+    jobs: HashMap<SeqId, ScoreJob>,
+    /// The id counter shared with the handles, so that lanes the engine forks get unique ids.
+    ids: Arc<AtomicU64>,
     pub(crate) next_session: u64,
     /// Token ids that do not count for the frequency penalty, indexed by id.
     exempt: Vec<bool>,
     /// The model's initial state, for exporting a session that has not run yet.
     pub(crate) initial: State,
+    pub(crate) metrics: Metrics,
     commands: Receiver<Command>,
+}
+
+/// What one forward step returned: the logits, and which rows each planned sequence asked for.
+struct StepOutput {
+    logits: Logits,
+    outputs: Vec<OutputRows>,
 }
 
 impl<B: Backend> Core<B> {
@@ -63,6 +90,7 @@ impl<B: Backend> Core<B> {
         mut backend: B,
         cfg: EngineConfig,
         commands: Receiver<Command>,
+        ids: Arc<AtomicU64>,
     ) -> Result<Self, EngineError> {
         let sched = Scheduler::new(cfg.scheduler.clone())?;
         if backend.num_slots() == 0 {
@@ -81,11 +109,14 @@ impl<B: Backend> Core<B> {
             slots: SlotTable::new(backend.num_slots()),
             host: LruStore::new(cfg.host_tier_bytes),
             cache: PrefixCache::new(cfg.model_id.clone(), cfg.prefix_cache_bytes),
+            metrics: Metrics::new(backend.num_slots()),
             backend,
             cfg,
             sched,
             sessions: HashMap::new(),
             seqs: HashMap::new(),
+            jobs: HashMap::new(),
+            ids,
             next_session: 1,
             exempt,
             commands,
@@ -102,15 +133,21 @@ impl<B: Backend> Core<B> {
                 continue;
             }
             match self.execute(&plan) {
-                Ok(logits) => {
-                    let events = self.sample(&plan, logits);
-                    self.emit(events);
-                }
+                Ok(step) => self.absorb(&plan, step),
                 Err(e) => self.fail_batch(&plan, &e),
             }
             self.retire_finished();
+            self.record_load();
         }
         self.stop_all();
+    }
+
+    /// Sets the load gauges; called whenever admission or retirement may have changed them, so
+    /// they are current before the next command is answered.
+    fn record_load(&self) {
+        let in_use = self.slots.total() - self.slots.free_len();
+        let (running, waiting) = (self.sched.running_len(), self.sched.waiting_len());
+        self.metrics.load(running, waiting, in_use);
     }
 
     /// Step 1: take commands (waiting for one when idle) and give slots to waiting sequences.
@@ -146,6 +183,7 @@ impl<B: Backend> Core<B> {
             }
         }
         self.retire_finished();
+        self.record_load();
         true
     }
 
@@ -157,10 +195,14 @@ impl<B: Backend> Core<B> {
                 req,
                 sampler,
                 events,
-            } => self.enqueue(id, req, sampler, events),
+                submitted,
+            } => self.enqueue_generation(id, req, sampler, events, submitted),
+            Command::Score { id, req, reply } => self.enqueue_score(id, req, reply),
             Command::Cancel(id) => {
-                if let Some(seq) = self.seqs.get_mut(&id) {
-                    seq.finish.get_or_insert(FinishReason::Cancelled);
+                if !self.cancel_job(id) {
+                    if let Some(seq) = self.seqs.get_mut(&id) {
+                        seq.finish.get_or_insert(FinishReason::Cancelled);
+                    }
                 }
             }
             Command::Session(cmd) => self.session_command(cmd),
@@ -172,42 +214,9 @@ impl<B: Backend> Core<B> {
         true
     }
 
-    fn enqueue(
-        &mut self,
-        id: SeqId,
-        req: GenerateRequest,
-        sampler: Box<Sampler>,
-        events: Sender<GenerateEvent>,
-    ) {
-        let session = req.session.map(|sid| SessionKey::new(&req.tenant, sid));
-        let checked = match &session {
-            Some(key) => self.claim_session(key, id, req.tokens.is_empty()),
-            None if req.tokens.is_empty() => Err(EngineError::EmptyInput),
-            None => Ok(()),
-        }
-        .and_then(|()| self.sched.enqueue(id));
-        if let Err(e) = checked {
-            if let Some(key) = &session {
-                self.release_session(key, id);
-            }
-            // The client may be gone already; then nobody needs the error.
-            let _ = events.send(GenerateEvent::Error(e));
-            return;
-        }
-        let seq = Seq {
-            tenant: req.tenant,
-            session,
-            input: req.tokens,
-            slot: None,
-            fed: Vec::new(),
-            unfed: Vec::new(),
-            sampler: *sampler,
-            top_logprobs: req.top_logprobs,
-            usage: Usage::default(),
-            events,
-            finish: None,
-        };
-        self.seqs.insert(id, seq);
+    /// A fresh id for a sequence the engine creates itself (a scoring lane).
+    fn next_id(&self) -> SeqId {
+        self.ids.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Gives an admitted sequence a slot holding the right state and tells the scheduler what is
@@ -239,9 +248,18 @@ impl<B: Backend> Core<B> {
         seq.slot = Some(slot);
         seq.fed = all[..pos].to_vec();
         seq.unfed = all[pos..].to_vec();
-        seq.usage.prompt_tokens = all.len();
-        seq.usage.cached_tokens = pos;
-        self.sched.start(id, pos, seq.unfed.len());
+        match &mut seq.role {
+            Role::Generate(g) => {
+                g.usage.prompt_tokens = all.len();
+                g.usage.cached_tokens = pos;
+            }
+            Role::Score(lane) => {
+                if let Some(job) = self.jobs.get_mut(&lane.job) {
+                    job.placed(all.len(), pos);
+                }
+            }
+        }
+        self.sched.start(id, pos, all.len() - pos);
         Ok(())
     }
 
@@ -254,7 +272,9 @@ impl<B: Backend> Core<B> {
         tokens: &[u32],
     ) -> Result<usize, EngineError> {
         let max = tokens.len().saturating_sub(1);
-        match self.cache.lookup(tenant, tokens, max) {
+        let hit = self.cache.lookup(tenant, tokens, max);
+        self.metrics.cache_lookup(hit.as_ref().map(|&(len, _)| len));
+        match hit {
             Some((len, state)) => {
                 self.backend.load_state(slot, state)?;
                 Ok(len)
@@ -275,9 +295,14 @@ impl<B: Backend> Core<B> {
             .slots
             .pop_lru()
             .ok_or_else(|| EngineError::Config("no slot available (admission bug)".into()))?;
+        let started = Instant::now();
         match self.backend.save_state(slot) {
-            // Evicted host entries lose only their state; the sessions keep their tokens.
-            Ok(state) => drop(self.host.insert(key, state)),
+            Ok(state) => {
+                self.metrics
+                    .swap(Swap::Out, state.bytes(), started.elapsed());
+                // Evicted host entries lose only their state; the sessions keep their tokens.
+                drop(self.host.insert(key, state));
+            }
             Err(e) => {
                 self.slots.release(slot);
                 return Err(e.into());
@@ -287,74 +312,92 @@ impl<B: Backend> Core<B> {
     }
 
     /// Step 3: one forward over the planned ragged batch.
-    fn execute(&mut self, plan: &[BatchItem]) -> Result<rwkv_model::Logits, EngineError> {
+    fn execute(&mut self, plan: &[BatchItem]) -> Result<StepOutput, EngineError> {
         let mut steps = Vec::with_capacity(plan.len());
+        let mut outputs = Vec::with_capacity(plan.len());
         for item in plan {
             let seq = &self.seqs[&item.id];
             let slot = seq
                 .slot
                 .ok_or_else(|| EngineError::Config("unplaced sequence".into()))?;
-            let last = item.tokens == seq.unfed.len();
+            let output = match &seq.role {
+                // A continuation needs the distribution after each of its tokens.
+                Role::Score(lane) if lane.branch.is_some() => OutputRows::All,
+                // Otherwise only the end of the input predicts anything.
+                _ if item.tokens == seq.unfed.len() => OutputRows::Last,
+                _ => OutputRows::None,
+            };
+            outputs.push(output);
             steps.push(SeqStep {
                 slot,
                 tokens: &seq.unfed[..item.tokens],
-                output: if last {
-                    OutputRows::Last
-                } else {
-                    OutputRows::None
-                },
+                output,
             });
         }
-        Ok(self.backend.forward(&steps)?)
+        let tokens = plan.iter().map(|i| i.tokens).sum();
+        let started = Instant::now();
+        let logits = self.backend.forward(&steps)?;
+        self.metrics.step(plan.len(), tokens, started.elapsed());
+        let rows: usize = plan
+            .iter()
+            .zip(&outputs)
+            .map(|(item, o)| o.rows(item.tokens))
+            .sum();
+        if logits.data.len() != rows * logits.vocab || logits.vocab != self.vocab() {
+            return Err(EngineError::StepFailed(format!(
+                "the backend returned {} logits of width {}, expected {rows} rows of {}",
+                logits.data.len(),
+                logits.vocab,
+                self.vocab()
+            )));
+        }
+        Ok(StepOutput { logits, outputs })
     }
 
-    /// Step 4: move fed tokens into the state's history, save checkpoints, and sample where
-    /// logits came back. Returns the token events to emit.
-    fn sample(
-        &mut self,
-        plan: &[BatchItem],
-        mut logits: rwkv_model::Logits,
-    ) -> Vec<(SeqId, GenerateEvent)> {
+    /// Step 4: move fed tokens into the state's history, save checkpoints, and hand each
+    /// sequence its logit rows (generations sample and send a token, scoring lanes read
+    /// log-probabilities).
+    fn absorb(&mut self, plan: &[BatchItem], step: StepOutput) {
+        let StepOutput {
+            mut logits,
+            outputs,
+        } = step;
         let vocab = logits.vocab;
+        // One clock read per step: every token of this step is emitted at this time.
+        let now = Instant::now();
         let mut row = 0;
-        let mut events = Vec::new();
-        for item in plan {
+        let mut emitted = 0;
+        for (item, output) in plan.iter().zip(outputs) {
+            let n_rows = output.rows(item.tokens);
+            let rows = &mut logits.data[row * vocab..(row + n_rows) * vocab];
+            row += n_rows;
             let Some(seq) = self.seqs.get_mut(&item.id) else {
                 continue;
             };
-            let fed: Vec<u32> = seq.unfed.drain(..item.tokens).collect();
-            seq.fed.extend(fed);
-            let prompt_done = seq.unfed.is_empty();
-            if !item.decode {
-                self.checkpoint(item.id, prompt_done);
-            }
-            if !prompt_done {
-                continue;
-            }
-            let logits_row = &mut logits.data[row * vocab..(row + 1) * vocab];
-            row += 1;
-            let Some(seq) = self.seqs.get_mut(&item.id) else {
-                continue;
+            let before = seq.fed.len();
+            seq.fed.extend(seq.unfed.drain(..item.tokens));
+            let input_done = seq.unfed.is_empty();
+            let lane = match &seq.role {
+                Role::Generate(_) => None,
+                Role::Score(lane) => Some(*lane),
             };
-            if let Some(event) = sample_one(seq, logits_row, &self.exempt) {
-                events.push((item.id, event));
+            // Prompts and scoring contexts are checkpointed for the prefix cache; a generation's
+            // state is also saved when it ends (see `retire`), a continuation's never.
+            let caches = lane.is_none_or(|l| l.branch.is_none());
+            if !item.decode && caches {
+                self.checkpoint(item.id, input_done);
             }
-            if seq.finish.is_none() {
-                self.sched.on_token(item.id);
+            match lane {
+                None if input_done => emitted += self.generation_row(item.id, rows, now),
+                None => {}
+                Some(lane) => self.lane_rows(item.id, lane, before, rows, vocab),
             }
         }
-        events
+        self.metrics.generated(emitted);
     }
 
-    /// Step 5: send token events; a client that went away is cancelled.
-    fn emit(&mut self, events: Vec<(SeqId, GenerateEvent)>) {
-        for (id, event) in events {
-            if let Some(seq) = self.seqs.get_mut(&id) {
-                if seq.events.send(event).is_err() {
-                    seq.finish = Some(FinishReason::Cancelled);
-                }
-            }
-        }
+    fn vocab(&self) -> usize {
+        self.backend.config().vocab_size
     }
 
     /// Saves the prefix-cache states a prefill chunk just reached: aligned positions inside a
@@ -380,8 +423,7 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// Step 6: finished and cancelled sequences save their end-of-generation state, report, and
-    /// give back or park their slot.
+    /// Step 5: finished and cancelled sequences report and give back or park their slot.
     pub(crate) fn retire_finished(&mut self) {
         let done: Vec<SeqId> = self
             .seqs
@@ -395,20 +437,24 @@ impl<B: Backend> Core<B> {
     }
 
     fn retire(&mut self, id: SeqId) {
-        let Some(reason) = self.seqs.get(&id).and_then(|s| s.finish) else {
+        let Some(seq) = self.seqs.get(&id) else {
             return;
         };
-        if reason != FinishReason::Cancelled && self.cfg.cache_generation_end {
+        let Some(reason) = seq.finish else {
+            return;
+        };
+        let generation = matches!(seq.role, Role::Generate(_));
+        if generation && reason != FinishReason::Cancelled && self.cfg.cache_generation_end {
             self.save_to_cache(id);
         }
         self.sched.remove(id);
         let Some(seq) = self.seqs.remove(&id) else {
             return;
         };
-        let _ = seq.events.send(GenerateEvent::Finished {
-            reason,
-            usage: seq.usage,
-        });
+        if let Role::Generate(g) = &seq.role {
+            g.finished(reason);
+            self.metrics.ended(Ended::Generation(reason));
+        }
         self.release_seq(id, seq, true);
     }
 
@@ -439,13 +485,21 @@ impl<B: Backend> Core<B> {
         self.release_session(&key, id);
     }
 
-    /// Ends one sequence with an error. Its state is not trusted afterwards.
+    /// Ends one sequence with an error (a scoring lane fails its whole request). Its state is
+    /// not trusted afterwards.
     fn fail(&mut self, id: SeqId, e: EngineError) {
         self.sched.remove(id);
-        if let Some(seq) = self.seqs.remove(&id) {
-            let _ = seq.events.send(GenerateEvent::Error(e));
-            self.release_seq(id, seq, false);
+        let Some(seq) = self.seqs.remove(&id) else {
+            return;
+        };
+        match &seq.role {
+            Role::Generate(g) => {
+                g.failed(e);
+                self.metrics.ended(Ended::GenerationFailed);
+            }
+            Role::Score(lane) => self.fail_job(lane.job, e),
         }
+        self.release_seq(id, seq, false);
     }
 
     fn fail_batch(&mut self, plan: &[BatchItem], e: &EngineError) {
@@ -460,35 +514,4 @@ impl<B: Backend> Core<B> {
             self.fail(id, EngineError::Stopped);
         }
     }
-}
-
-/// Samples one token for `seq` from its logits row. Returns the token event, if a token is
-/// emitted; sets `finish` when the generation ends (stop token, `max_tokens`).
-fn sample_one(seq: &mut Seq, logits: &mut [f32], exempt: &[bool]) -> Option<GenerateEvent> {
-    let max_tokens = seq.sampler.params().max_tokens;
-    if seq.usage.generated_tokens >= max_tokens {
-        seq.finish = Some(FinishReason::Length);
-        return None;
-    }
-    let (token, logprobs) = match seq.top_logprobs {
-        Some(n) => {
-            let lp = seq.sampler.sample_with_logprobs(logits, n);
-            (lp.token, Some(lp))
-        }
-        None => (seq.sampler.sample(logits), None),
-    };
-    if seq.sampler.is_stop_token(token) {
-        seq.finish = Some(FinishReason::Stop);
-        return None;
-    }
-    seq.sampler
-        .record(token, exempt.get(token as usize).copied().unwrap_or(false));
-    seq.usage.generated_tokens += 1;
-    // The token joins the conversation now; it is fed next step unless the generation ends, in
-    // which case it stays pending for a session's next turn.
-    seq.unfed.push(token);
-    if seq.usage.generated_tokens >= max_tokens {
-        seq.finish = Some(FinishReason::Length);
-    }
-    Some(GenerateEvent::Token { token, logprobs })
 }

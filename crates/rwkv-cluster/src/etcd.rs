@@ -1,0 +1,244 @@
+//! [`EtcdRegistry`]: membership in etcd. A worker's record lives at `<prefix>/workers/<id>` as
+//! JSON, attached to a lease it keeps alive; if the process dies the lease expires (after `ttl`)
+//! and the record disappears. Routers read the prefix once and then watch it, so they see a
+//! change within a round trip; a broken watch is re-established from a fresh read.
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::watch;
+
+use crate::{validate, Membership, Registration, Registry, RegistryError, WorkerRecord};
+
+/// Membership stored in an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    prefix: String,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry")
+            .field("prefix", &self.prefix)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(e: etcd_client::Error) -> RegistryError {
+    RegistryError::Backend(e.to_string())
+}
+
+/// How long to wait before retrying a failed etcd call in a background task.
+const RETRY: Duration = Duration::from_millis(500);
+
+impl EtcdRegistry {
+    /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Records live under `prefix`
+    /// (e.g. `/rwkv`); a worker's record expires `ttl` after its process stops refreshing it.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<Self, RegistryError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(backend)?;
+        Ok(Self {
+            client,
+            prefix: format!("{}/workers/", prefix.trim_end_matches('/')),
+            ttl: ttl.max(Duration::from_secs(2)),
+        })
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}{id}", self.prefix)
+    }
+
+    /// Grants a lease and writes the record under it; returns the lease id.
+    async fn put_with_lease(
+        client: &mut Client,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<i64, etcd_client::Error> {
+        let lease = client.lease_grant(ttl.as_secs() as i64, None).await?.id();
+        client
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await?;
+        Ok(lease)
+    }
+
+    /// Reads the whole membership; returns it with the revision it was read at.
+    async fn read_all(&self, client: &mut Client) -> Result<(Membership, i64), RegistryError> {
+        let response = client
+            .get(self.prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(backend)?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        let mut members = Membership::new();
+        for kv in response.kvs() {
+            if let Some(record) = parse(kv.value()) {
+                members.insert(record.id.clone(), record);
+            }
+        }
+        Ok((members, revision))
+    }
+
+    /// Follows the prefix from `revision` on, applying events to `members`, until the watch
+    /// breaks or every receiver is gone (`Ok(false)`).
+    async fn follow(
+        &self,
+        client: &mut Client,
+        mut members: Membership,
+        revision: i64,
+        tx: &watch::Sender<Membership>,
+    ) -> Result<bool, RegistryError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = client
+            .watch(self.prefix.as_str(), Some(options))
+            .await
+            .map_err(backend)?;
+        loop {
+            let Some(response) = stream.message().await.map_err(backend)? else {
+                return Ok(true);
+            };
+            if response.canceled() {
+                return Ok(true);
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let id =
+                    String::from_utf8_lossy(&kv.key()[self.prefix.len().min(kv.key().len())..])
+                        .into_owned();
+                match event.event_type() {
+                    EventType::Put => {
+                        if let Some(record) = parse(kv.value()) {
+                            members.insert(record.id.clone(), record);
+                        }
+                    }
+                    EventType::Delete => {
+                        members.remove(&id);
+                    }
+                }
+            }
+            if tx.send(members.clone()).is_err() {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+fn parse(value: &[u8]) -> Option<WorkerRecord> {
+    match serde_json::from_slice::<WorkerRecord>(value) {
+        Ok(record) if validate(&record).is_ok() => Some(record),
+        _ => {
+            tracing::warn!("ignoring an invalid worker record in etcd");
+            None
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for EtcdRegistry {
+    async fn register(&self, record: WorkerRecord) -> Result<Registration, RegistryError> {
+        validate(&record)?;
+        let key = self.key(&record.id);
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| RegistryError::InvalidRecord(record.id.clone(), e.to_string()))?;
+        let mut client = self.client.clone();
+        let ttl = self.ttl;
+        let lease = Self::put_with_lease(&mut client, &key, &value, ttl)
+            .await
+            .map_err(backend)?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        // Keeps the lease alive; if it was lost (etcd restarted, a long pause), registers again.
+        let keeper = {
+            let mut client = client.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let mut lease = lease;
+                loop {
+                    let alive = async {
+                        let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+                        loop {
+                            keeper.keep_alive().await?;
+                            match responses.message().await? {
+                                Some(r) if r.ttl() > 0 => {}
+                                _ => return Ok::<(), etcd_client::Error>(()),
+                            }
+                            tokio::time::sleep(ttl / 3).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = &mut stopped => return lease,
+                        result = alive => {
+                            if let Err(e) = result {
+                                tracing::warn!("etcd lease keep-alive failed: {e}");
+                            }
+                        }
+                    }
+                    tokio::time::sleep(RETRY).await;
+                    match Self::put_with_lease(&mut client, &key, &value, ttl).await {
+                        Ok(new) => {
+                            tracing::info!("re-registered in etcd with a new lease");
+                            lease = new;
+                        }
+                        Err(e) => tracing::warn!("etcd re-registration failed: {e}"),
+                    }
+                }
+            })
+        };
+        Ok(Registration::new(move || {
+            Box::pin(async move {
+                let _ = stop.send(());
+                let lease = keeper.await.unwrap_or(lease);
+                // Revoking the lease deletes the key with it.
+                if let Err(e) = client.lease_revoke(lease).await {
+                    tracing::warn!(
+                        "etcd deregistration failed ({e}); the record expires with its lease"
+                    );
+                    let _ = client.delete(key, None).await;
+                }
+            })
+        }))
+    }
+
+    async fn watch(&self) -> Result<watch::Receiver<Membership>, RegistryError> {
+        let mut client = self.client.clone();
+        let (members, revision) = self.read_all(&mut client).await?;
+        let (tx, rx) = watch::channel(members.clone());
+        let me = self.clone();
+        tokio::spawn(async move {
+            let (mut members, mut revision) = (members, revision);
+            loop {
+                match me.follow(&mut client, members, revision, &tx).await {
+                    Ok(false) => return,
+                    Ok(true) => {}
+                    Err(e) => tracing::warn!("etcd watch broke: {e}; re-reading"),
+                }
+                loop {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(RETRY).await;
+                    if let Ok(fresh) = me.read_all(&mut client).await {
+                        (members, revision) = fresh;
+                        if tx.send(members.clone()).is_err() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

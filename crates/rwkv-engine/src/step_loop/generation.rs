@@ -1,0 +1,152 @@
+//! Generations in the step loop: enqueueing a request, sampling a token from each last logits
+//! row, and reporting the token events and the end of the stream.
+
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use rwkv_model::Backend;
+
+use super::{Core, Role, Seq};
+use crate::error::EngineError;
+use crate::request::{FinishReason, GenerateEvent, GenerateRequest, Usage};
+use crate::sampler::Sampler;
+use crate::scheduler::SeqId;
+use crate::sessions::SessionKey;
+
+/// What a generating sequence carries besides its tokens.
+pub(crate) struct Generation {
+    pub(crate) sampler: Sampler,
+    pub(crate) top_logprobs: Option<usize>,
+    pub(crate) usage: Usage,
+    /// The client's end of the stream; a failed send means it went away (cancellation).
+    pub(crate) events: Sender<GenerateEvent>,
+    /// When the handle accepted the request: time to first token counts from here, so it
+    /// includes the wait in the command channel and for a slot.
+    pub(crate) submitted: Instant,
+    /// When the previous token was emitted (inter-token latency).
+    pub(crate) last_token: Option<Instant>,
+}
+
+impl Generation {
+    /// Sends the stream's last event; the client may be gone already.
+    pub(crate) fn finished(&self, reason: FinishReason) {
+        let _ = self.events.send(GenerateEvent::Finished {
+            reason,
+            usage: self.usage,
+        });
+    }
+
+    /// Ends the stream with an error; the client may be gone already.
+    pub(crate) fn failed(&self, e: EngineError) {
+        let _ = self.events.send(GenerateEvent::Error(e));
+    }
+}
+
+impl<B: Backend> Core<B> {
+    pub(super) fn enqueue_generation(
+        &mut self,
+        id: SeqId,
+        req: GenerateRequest,
+        sampler: Box<Sampler>,
+        events: Sender<GenerateEvent>,
+        submitted: Instant,
+    ) {
+        let session = req.session.map(|sid| SessionKey::new(&req.tenant, sid));
+        let checked = match &session {
+            Some(key) => self.claim_session(key, id, req.tokens.is_empty()),
+            None if req.tokens.is_empty() => Err(EngineError::EmptyInput),
+            None => Ok(()),
+        }
+        .and_then(|()| self.sched.enqueue(id));
+        if let Err(e) = checked {
+            if let Some(key) = &session {
+                self.release_session(key, id);
+            }
+            // The client may be gone already; then nobody needs the error.
+            let _ = events.send(GenerateEvent::Error(e));
+            return;
+        }
+        let generation = Generation {
+            sampler: *sampler,
+            top_logprobs: req.top_logprobs,
+            usage: Usage::default(),
+            events,
+            submitted,
+            last_token: None,
+        };
+        let seq = Seq {
+            tenant: req.tenant,
+            session,
+            input: req.tokens,
+            slot: None,
+            fed: Vec::new(),
+            unfed: Vec::new(),
+            finish: None,
+            role: Role::Generate(Box::new(generation)),
+        };
+        self.seqs.insert(id, seq);
+    }
+
+    /// Samples the next token of generation `id` from its logits row and sends it; a client
+    /// that went away is cancelled. Returns the number of tokens emitted (0 or 1).
+    pub(super) fn generation_row(&mut self, id: SeqId, logits: &mut [f32], now: Instant) -> usize {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return 0;
+        };
+        let Role::Generate(g) = &mut seq.role else {
+            return 0;
+        };
+        let Some(event) = sample_one(g, &mut seq.unfed, &mut seq.finish, logits, &self.exempt)
+        else {
+            return 0;
+        };
+        match g.last_token.replace(now) {
+            None => self.metrics.first_token(now - g.submitted),
+            Some(previous) => self.metrics.next_token(now - previous),
+        }
+        if g.events.send(event).is_err() {
+            seq.finish = Some(FinishReason::Cancelled);
+        }
+        if seq.finish.is_none() {
+            self.sched.on_token(id);
+        }
+        1
+    }
+}
+
+/// Samples one token from the logits row. Returns the token event, if a token is emitted; sets
+/// `finish` when the generation ends (stop token, `max_tokens`).
+fn sample_one(
+    g: &mut Generation,
+    unfed: &mut Vec<u32>,
+    finish: &mut Option<FinishReason>,
+    logits: &mut [f32],
+    exempt: &[bool],
+) -> Option<GenerateEvent> {
+    let max_tokens = g.sampler.params().max_tokens;
+    if g.usage.generated_tokens >= max_tokens {
+        *finish = Some(FinishReason::Length);
+        return None;
+    }
+    let (token, logprobs) = match g.top_logprobs {
+        Some(n) => {
+            let lp = g.sampler.sample_with_logprobs(logits, n);
+            (lp.token, Some(lp))
+        }
+        None => (g.sampler.sample(logits), None),
+    };
+    if g.sampler.is_stop_token(token) {
+        *finish = Some(FinishReason::Stop);
+        return None;
+    }
+    g.sampler
+        .record(token, exempt.get(token as usize).copied().unwrap_or(false));
+    g.usage.generated_tokens += 1;
+    // The token joins the conversation now; it is fed next step unless the generation ends, in
+    // which case it stays pending for a session's next turn.
+    unfed.push(token);
+    if g.usage.generated_tokens >= max_tokens {
+        *finish = Some(FinishReason::Length);
+    }
+    Some(GenerateEvent::Token { token, logprobs })
+}

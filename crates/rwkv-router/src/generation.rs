@@ -1,0 +1,344 @@
+//! One generation through the cluster: pick a worker, stream its tokens, turn them into text,
+//! check stop strings, and fail over to another worker if this one dies mid-stream.
+//!
+//! Failover replays the tokens generated so far as part of the prompt on the next worker, with
+//! `max_tokens` reduced by as many, so the client's stream continues without duplication. The
+//! replayed tokens count as prompt on the new worker, so presence/frequency penalties restart
+//! there and a sampled (non-greedy) continuation differs from what the dead worker would have
+//! produced; a greedy one is identical.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rwkv_proto::wv1;
+use rwkv_tokenizer::{StopChecker, StreamDecoder, Tokenizer};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use crate::error::ApiError;
+use crate::pool::{Lease, WorkerPool};
+use crate::telemetry;
+
+/// What the API layer asks for, already validated and tokenized.
+#[derive(Clone, Debug)]
+pub struct GenerationSpec {
+    pub request_id: String,
+    pub tenant: String,
+    pub model: String,
+    pub prompt: Vec<u32>,
+    /// Sampling settings as the worker takes them (`max_tokens` is taken from `max_tokens`).
+    pub params: wv1::SamplingParams,
+    pub max_tokens: u32,
+    pub stop: Vec<String>,
+    pub top_logprobs: Option<u32>,
+    pub deadline: Instant,
+}
+
+/// One generated token with the text it released (possibly empty: a partial UTF-8 character,
+/// or text held back because it may begin a stop string).
+#[derive(Clone, Debug)]
+pub struct TokenOut {
+    pub id: u32,
+    pub text: String,
+    pub logprobs: Option<wv1::TokenLogprobs>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Length,
+    Stop,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Length => "length",
+            Finish::Stop => "stop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub cached_tokens: u32,
+    pub completion_tokens: u32,
+}
+
+#[derive(Debug)]
+pub enum GenerationEvent {
+    Token(TokenOut),
+    /// The last event on success: any text still held back, why it ended, and the counts.
+    Done {
+        tail: String,
+        finish: Finish,
+        usage: Usage,
+    },
+    /// The last event on failure.
+    Failed(ApiError),
+}
+
+/// How many workers one request may try before giving up.
+const MAX_ATTEMPTS: usize = 3;
+/// Events buffered between the generation task and the HTTP response.
+const EVENT_BUFFER: usize = 64;
+
+/// Starts the generation on a task; events arrive on the receiver. Dropping the receiver (the
+/// client went away) cancels the worker's sequence at its next step.
+pub fn start(
+    pool: WorkerPool,
+    tokenizer: Arc<Tokenizer>,
+    spec: GenerationSpec,
+) -> mpsc::Receiver<GenerationEvent> {
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = run(&pool, &tokenizer, &spec, &tx, started).await;
+        if let Err(e) = outcome {
+            let _ = tx.send(GenerationEvent::Failed(e)).await;
+        }
+    });
+    rx
+}
+
+/// Text-side state of a generation, kept across failovers.
+struct Progress {
+    generated: Vec<u32>,
+    decoder: StreamDecoder,
+    stops: StopChecker,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+/// The generation ended: by a stop string (router side) or by the worker's own finish.
+enum Ended {
+    StopString,
+    Worker(wv1::Finished),
+}
+
+enum AttemptError {
+    /// The worker failed; another may succeed.
+    Retry(Status),
+    /// The request itself is at fault, or the client left.
+    Fatal(ApiError),
+}
+
+async fn run(
+    pool: &WorkerPool,
+    tokenizer: &Tokenizer,
+    spec: &GenerationSpec,
+    tx: &mpsc::Sender<GenerationEvent>,
+    started: Instant,
+) -> Result<(), ApiError> {
+    let mut progress = Progress {
+        generated: Vec::new(),
+        decoder: StreamDecoder::new(),
+        stops: StopChecker::new(spec.stop.iter().cloned()),
+        first_token_at: None,
+        last_token_at: None,
+    };
+    let mut tried: Vec<String> = Vec::new();
+    let mut last_error = None;
+    while tried.len() < MAX_ATTEMPTS {
+        let context: Vec<u32> = spec
+            .prompt
+            .iter()
+            .chain(&progress.generated)
+            .copied()
+            .collect();
+        let lease = match pool
+            .acquire(&spec.model, &context, &tried, spec.deadline)
+            .await
+        {
+            Ok(lease) => lease,
+            // Every worker that could serve it failed already: report the last failure.
+            Err(crate::pool::PoolError::NoWorker(_)) if last_error.is_some() => break,
+            Err(e) => return Err(e.into()),
+        };
+        let worker_id = lease.worker.record.id.clone();
+        match attempt(tokenizer, spec, &lease, &context, &mut progress, tx).await {
+            Ok(ended) => {
+                pool.record_success(&lease.worker);
+                let (worker_finish, cached) = match &ended {
+                    Ended::StopString => (Finish::Stop, 0),
+                    Ended::Worker(f) => (
+                        if f.reason == wv1::FinishReason::Stop as i32 {
+                            Finish::Stop
+                        } else {
+                            Finish::Length
+                        },
+                        f.usage.map_or(0, |u| u.cached_tokens),
+                    ),
+                };
+                // Flush the text held back (a partial character, a possible stop string start)
+                // unless a stop string already ended the text.
+                let mut tail = String::new();
+                if !progress.stops.is_stopped() {
+                    let rest = progress.decoder.finish();
+                    tail = progress.stops.push(&rest).emit;
+                    if !progress.stops.is_stopped() {
+                        tail.push_str(&progress.stops.finish());
+                    }
+                }
+                let finish = if progress.stops.is_stopped() {
+                    Finish::Stop
+                } else {
+                    worker_finish
+                };
+                let prompt_tokens = spec.prompt.len() as u32;
+                let usage = Usage {
+                    prompt_tokens,
+                    cached_tokens: cached.min(prompt_tokens),
+                    completion_tokens: progress.generated.len() as u32,
+                };
+                // The worker cached the state after the prompt and after the generation.
+                pool.remember_prefix(&spec.prompt, &worker_id);
+                pool.remember_prefix(&context_after(spec, &progress), &worker_id);
+                record_latency(started, &progress);
+                let _ = tx
+                    .send(GenerationEvent::Done {
+                        tail,
+                        finish,
+                        usage,
+                    })
+                    .await;
+                return Ok(());
+            }
+            Err(AttemptError::Fatal(e)) => return Err(e),
+            Err(AttemptError::Retry(status)) => {
+                tracing::warn!(
+                    request_id = spec.request_id,
+                    worker = worker_id,
+                    generated = progress.generated.len(),
+                    "worker failed mid-request ({status}); failing over"
+                );
+                if status.code() != Code::ResourceExhausted {
+                    pool.record_failure(&lease.worker);
+                }
+                metrics::counter!(telemetry::FAILOVERS).increment(1);
+                tried.push(worker_id);
+                last_error = Some(status);
+            }
+        }
+    }
+    Err(ApiError::unavailable(format!(
+        "the request failed on {} worker(s); last error: {}",
+        tried.len(),
+        last_error.map_or_else(|| "none".into(), |s| s.message().to_owned())
+    )))
+}
+
+fn context_after(spec: &GenerationSpec, progress: &Progress) -> Vec<u32> {
+    spec.prompt
+        .iter()
+        .chain(&progress.generated)
+        .copied()
+        .collect()
+}
+
+fn record_latency(started: Instant, progress: &Progress) {
+    if let Some(first) = progress.first_token_at {
+        metrics::histogram!(telemetry::TTFT_SECONDS).record((first - started).as_secs_f64());
+        if let Some(last) = progress.last_token_at {
+            let gaps = progress.generated.len().saturating_sub(1);
+            if gaps > 0 {
+                let mean = (last - first).as_secs_f64() / gaps as f64;
+                metrics::histogram!(telemetry::ITL_SECONDS).record(mean);
+            }
+        }
+    }
+}
+
+/// One try on one worker.
+async fn attempt(
+    tokenizer: &Tokenizer,
+    spec: &GenerationSpec,
+    lease: &Lease,
+    context: &[u32],
+    progress: &mut Progress,
+    tx: &mpsc::Sender<GenerationEvent>,
+) -> Result<Ended, AttemptError> {
+    let remaining = spec.max_tokens - progress.generated.len() as u32;
+    let request = wv1::GenerateRequest {
+        tenant: spec.tenant.clone(),
+        session: None,
+        tokens: context.to_vec(),
+        params: Some(wv1::SamplingParams {
+            max_tokens: Some(remaining),
+            ..spec.params.clone()
+        }),
+        top_logprobs: spec.top_logprobs,
+        request_id: spec.request_id.clone(),
+    };
+    let mut client = lease.worker.client.clone();
+    let call = tokio::time::timeout_at(spec.deadline, client.generate(request));
+    let mut stream = match call.await {
+        Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
+        Ok(Err(status)) => return Err(classify(status)),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    loop {
+        let next = match tokio::time::timeout_at(spec.deadline, stream.message()).await {
+            Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
+            Ok(next) => next,
+        };
+        match next {
+            Ok(Some(wv1::GenerateEvent {
+                event: Some(wv1::generate_event::Event::Token(token)),
+            })) => {
+                let now = Instant::now();
+                progress.first_token_at.get_or_insert(now);
+                progress.last_token_at = Some(now);
+                progress.generated.push(token.token);
+                let piece = progress
+                    .decoder
+                    .push(tokenizer, token.token)
+                    .unwrap_or_default();
+                let outcome = progress.stops.push(&piece);
+                let out = TokenOut {
+                    id: token.token,
+                    text: outcome.emit,
+                    logprobs: token.logprobs,
+                };
+                if tx.send(GenerationEvent::Token(out)).await.is_err() {
+                    // The client left; dropping the stream cancels the sequence on the worker.
+                    return Err(AttemptError::Fatal(ApiError::client_gone()));
+                }
+                if outcome.stopped {
+                    return Ok(Ended::StopString);
+                }
+            }
+            Ok(Some(wv1::GenerateEvent {
+                event: Some(wv1::generate_event::Event::Finished(finished)),
+            })) => return Ok(Ended::Worker(finished)),
+            Ok(Some(wv1::GenerateEvent { event: None })) => {
+                return Err(AttemptError::Retry(Status::internal(
+                    "empty event from worker",
+                )))
+            }
+            Ok(None) => {
+                return Err(AttemptError::Retry(Status::unavailable(
+                    "the worker closed the stream before finishing",
+                )))
+            }
+            Err(status) => return Err(classify(status)),
+        }
+    }
+}
+
+/// Worker faults are retried elsewhere; request faults go back to the client.
+fn classify(status: Status) -> AttemptError {
+    match status.code() {
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::ResourceExhausted
+        | Code::Internal => AttemptError::Retry(status),
+        _ => AttemptError::Fatal(ApiError::from_status(&status)),
+    }
+}
+
+/// Default time a request may wait and run in total.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);

@@ -1,0 +1,119 @@
+//! The front door of the cluster: an OpenAI-compatible HTTP API over a pool of workers.
+//!
+//! This crate owns request validation and tokenization ([`api`], [`chat`]), worker selection with
+//! a bounded queue, cache-aware placement and circuit breaking ([`pool`], [`affinity`]), the
+//! streaming of one generation with stop strings and failover ([`generation`]), scoring
+//! ([`scoring`]), the HTTP routes
+//! ([`http`]) and the router's metrics ([`telemetry`]). It talks to workers only through the
+//! worker gRPC service of `rwkv-proto`, and learns about them through a `rwkv_cluster::Registry`.
+//! It never depends on the model, the engine or a backend: the same router fronts CPU and GPU
+//! workers, in one process (`rwkv serve`) or across machines.
+
+pub mod affinity;
+pub mod api;
+pub mod chat;
+pub mod error;
+pub mod generation;
+pub mod http;
+pub mod pool;
+pub mod scoring;
+pub mod telemetry;
+pub mod tenants;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::ApiError;
+pub use http::{router as http_router, serve as serve_http};
+pub use pool::{PoolConfig, WorkerPool};
+
+/// Limits and defaults of the HTTP API.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Model used when a request names none; `None`: the one model the cluster serves, and a
+    /// request without `model` is refused while several are served.
+    pub default_model: Option<String>,
+    /// Longest accepted prompt, in tokens.
+    pub max_prompt_tokens: usize,
+    /// Largest accepted `max_tokens`.
+    pub max_tokens_limit: u32,
+    /// `max_tokens` of a chat completion that sets none.
+    pub default_chat_max_tokens: u32,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Most stop strings per request.
+    pub max_stop: usize,
+    /// Largest `logprobs` / `top_logprobs`.
+    pub max_logprobs: u32,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Time a request may spend queued and running, in total.
+    pub request_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            default_model: None,
+            max_prompt_tokens: 65536,
+            max_tokens_limit: 8192,
+            default_chat_max_tokens: 512,
+            max_n: 16,
+            max_stop: 16,
+            max_logprobs: 20,
+            max_body_bytes: 4 << 20,
+            request_timeout: generation::DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct Router {
+    pub cfg: Arc<RouterConfig>,
+    pub pool: WorkerPool,
+    pub tokenizer: Arc<rwkv_tokenizer::Tokenizer>,
+    /// Renders `/metrics`; `None` when no Prometheus recorder is installed.
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Token ids the tokenizer cannot turn into text (World's 65530..65535): never sampled, as
+    /// in `rwkv generate`, since the reference decoder would fail on them.
+    pub unusable_tokens: Arc<Vec<u32>>,
+    /// API keys and per-tenant limits; open (one tenant, no key) unless configured.
+    pub tenants: Arc<tenants::Tenants>,
+}
+
+impl Router {
+    pub fn new(
+        cfg: RouterConfig,
+        pool: WorkerPool,
+        tokenizer: Arc<rwkv_tokenizer::Tokenizer>,
+        prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> Self {
+        let unusable = (1..tokenizer.vocab_size() as u32)
+            .filter(|&t| tokenizer.token_bytes(t).is_none())
+            .collect();
+        Self {
+            cfg: Arc::new(cfg),
+            pool,
+            tokenizer,
+            prometheus,
+            unusable_tokens: Arc::new(unusable),
+            tenants: Arc::new(tenants::Tenants::open()),
+        }
+    }
+
+    /// Requires API keys from `tenants` and applies their limits.
+    pub fn with_tenants(mut self, tenants: Arc<tenants::Tenants>) -> Self {
+        self.tenants = tenants;
+        self
+    }
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("cfg", &self.cfg)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}

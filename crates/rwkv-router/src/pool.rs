@@ -1,0 +1,397 @@
+//! The router's view of the workers: membership, health, load, and picking one per request.
+//!
+//! Each worker gets at most `slots` requests from this router at a time, so its batch stays full
+//! without building a queue inside the worker; everything beyond waits here, in a bounded queue
+//! (full: [`PoolError::QueueFull`], a 429). A request goes to the worker that holds the longest
+//! cached prefix of its tokens ([`crate::affinity`]) unless that worker is full, else to the least
+//! loaded one. A worker that fails `breaker_failures` times in a row is skipped for
+//! `breaker_cooldown` (circuit breaker); one that leaves the registry leaves the table at once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rwkv_cluster::{Membership, Registry, WorkerRecord};
+use rwkv_proto::wv1::{self, worker_client::WorkerClient};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::affinity::Affinity;
+use crate::telemetry;
+
+/// Tuning of the pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Requests allowed to wait for a worker; beyond it, new requests get a 429.
+    pub max_queue: usize,
+    /// Failures in a row that open a worker's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps a worker out.
+    pub breaker_cooldown: Duration,
+    /// How often each worker's load is polled (also its health check).
+    pub poll_interval: Duration,
+    /// Largest message accepted from a worker.
+    pub max_message_bytes: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 256,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(500),
+            max_message_bytes: 256 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no worker serves model `{0}`")]
+    NoWorker(String),
+    #[error("all workers are busy and {0} requests are already queued; retry later")]
+    QueueFull(usize),
+    #[error("no worker became free within the request timeout")]
+    Timeout,
+}
+
+/// One worker: its record, a gRPC client, and the router's bookkeeping.
+#[derive(Debug)]
+pub struct WorkerEntry {
+    pub record: WorkerRecord,
+    pub client: WorkerClient<Channel>,
+    /// Filled by the first successful `Info` call; the worker gets no traffic before that.
+    info: RwLock<Option<wv1::WorkerInfo>>,
+    /// Requests this router has in flight on the worker.
+    assigned: AtomicUsize,
+    failures: AtomicU32,
+    /// Breaker open until this instant.
+    open_until: Mutex<Option<Instant>>,
+    /// False while draining or after its last health check failed.
+    healthy: AtomicBool,
+    /// Set when the worker left the registry; its poller stops.
+    gone: AtomicBool,
+}
+
+impl WorkerEntry {
+    pub fn info(&self) -> Option<wv1::WorkerInfo> {
+        self.info.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn assigned(&self) -> usize {
+        self.assigned.load(Ordering::SeqCst)
+    }
+
+    fn capacity(&self) -> usize {
+        self.record.slots.max(1) as usize
+    }
+
+    /// Healthy, known, breaker closed.
+    pub fn is_available(&self) -> bool {
+        if !self.healthy.load(Ordering::SeqCst) || self.gone.load(Ordering::SeqCst) {
+            return false;
+        }
+        let open = self.open_until.lock().unwrap_or_else(|e| e.into_inner());
+        open.is_none_or(|until| Instant::now() >= until)
+    }
+}
+
+/// Shared by every request handler; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct WorkerPool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: PoolConfig,
+    workers: RwLock<BTreeMap<String, Arc<WorkerEntry>>>,
+    /// Woken whenever capacity may have appeared (a lease ended, a worker became healthy).
+    freed: Notify,
+    queued: AtomicUsize,
+    affinity: Mutex<Affinity>,
+}
+
+/// A request's claim on one worker; dropping it gives the capacity back.
+#[derive(Debug)]
+pub struct Lease {
+    pool: WorkerPool,
+    pub worker: Arc<WorkerEntry>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.worker.assigned.fetch_sub(1, Ordering::SeqCst);
+        self.pool.inner.freed.notify_waiters();
+    }
+}
+
+/// Leaves the queue count when the waiting request leaves (served, timed out or gone).
+struct QueueTicket<'a>(&'a AtomicUsize);
+
+impl Drop for QueueTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl WorkerPool {
+    pub fn new(cfg: PoolConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                workers: RwLock::new(BTreeMap::new()),
+                freed: Notify::new(),
+                queued: AtomicUsize::new(0),
+                affinity: Mutex::new(Affinity::new(1 << 16)),
+            }),
+        }
+    }
+
+    /// Follows `registry` for as long as the returned task runs.
+    pub async fn follow(
+        &self,
+        registry: &dyn Registry,
+    ) -> Result<tokio::task::JoinHandle<()>, rwkv_cluster::RegistryError> {
+        let mut watch = registry.watch().await?;
+        let pool = self.clone();
+        pool.sync(&watch.borrow_and_update().clone());
+        Ok(tokio::spawn(async move {
+            while watch.changed().await.is_ok() {
+                let members = watch.borrow_and_update().clone();
+                pool.sync(&members);
+            }
+        }))
+    }
+
+    /// Makes the table match `members`: new workers get a client and a poller, missing ones go.
+    pub fn sync(&self, members: &Membership) {
+        let mut workers = self
+            .inner
+            .workers
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        workers.retain(|id, entry| {
+            let keep = members.get(id) == Some(&entry.record);
+            if !keep {
+                entry.gone.store(true, Ordering::SeqCst);
+                tracing::info!(worker = id, "worker left the routing table");
+            }
+            keep
+        });
+        for (id, record) in members {
+            if workers.contains_key(id) {
+                continue;
+            }
+            let channel = match Channel::from_shared(record.address.clone()) {
+                Ok(endpoint) => endpoint
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .connect_lazy(),
+                Err(e) => {
+                    tracing::warn!(worker = id, address = record.address, "bad address: {e}");
+                    continue;
+                }
+            };
+            let max = self.inner.cfg.max_message_bytes;
+            let entry = Arc::new(WorkerEntry {
+                record: record.clone(),
+                client: WorkerClient::new(channel)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+                info: RwLock::new(None),
+                assigned: AtomicUsize::new(0),
+                failures: AtomicU32::new(0),
+                open_until: Mutex::new(None),
+                healthy: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
+            });
+            tracing::info!(worker = id, address = record.address, "worker joined");
+            tokio::spawn(poll(self.clone(), entry.clone()));
+            workers.insert(id.clone(), entry);
+        }
+        metrics::gauge!(telemetry::WORKERS).set(workers.len() as f64);
+    }
+
+    pub fn workers(&self) -> Vec<Arc<WorkerEntry>> {
+        let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
+        workers.values().cloned().collect()
+    }
+
+    /// Models served by at least one available worker.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .workers()
+            .iter()
+            .filter(|w| w.is_available())
+            .map(|w| w.record.model.clone())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    /// At least one worker can take requests.
+    pub fn is_ready(&self) -> bool {
+        self.workers().iter().any(|w| w.is_available())
+    }
+
+    /// Requests waiting for a worker now.
+    pub fn queued(&self) -> usize {
+        self.inner.queued.load(Ordering::SeqCst)
+    }
+
+    /// Waits for a worker of `model` with free capacity, preferring the holder of the longest
+    /// cached prefix of `tokens`, skipping `exclude` (workers that already failed this request).
+    pub async fn acquire(
+        &self,
+        model: &str,
+        tokens: &[u32],
+        exclude: &[String],
+        deadline: Instant,
+    ) -> Result<Lease, PoolError> {
+        let preferred = self.lock_affinity().longest(tokens);
+        let mut ticket = None;
+        loop {
+            let notified = self.inner.freed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_pick(model, preferred.as_deref(), exclude) {
+                Pick::Leased(lease) => return Ok(lease),
+                Pick::NoWorker => return Err(PoolError::NoWorker(model.to_owned())),
+                Pick::Busy => {}
+            }
+            if ticket.is_none() {
+                let queued = self.inner.queued.fetch_add(1, Ordering::SeqCst);
+                ticket = Some(QueueTicket(&self.inner.queued));
+                if queued >= self.inner.cfg.max_queue {
+                    metrics::counter!(telemetry::REJECTED, "reason" => "queue_full").increment(1);
+                    return Err(PoolError::QueueFull(queued));
+                }
+                metrics::gauge!(telemetry::QUEUED).set((queued + 1) as f64);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                metrics::counter!(telemetry::REJECTED, "reason" => "queue_timeout").increment(1);
+                return Err(PoolError::Timeout);
+            }
+        }
+    }
+
+    fn try_pick(&self, model: &str, preferred: Option<&str>, exclude: &[String]) -> Pick {
+        let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
+        let mut serving = workers
+            .values()
+            .filter(|w| w.record.model == model && !exclude.contains(&w.record.id))
+            .filter(|w| w.is_available())
+            .peekable();
+        if serving.peek().is_none() {
+            // Workers that exist but are briefly unavailable (breaker, first health check) are
+            // worth waiting for; a model nobody serves is not.
+            let any = workers
+                .values()
+                .any(|w| w.record.model == model && !exclude.contains(&w.record.id));
+            return if any { Pick::Busy } else { Pick::NoWorker };
+        }
+        let with_room: Vec<&Arc<WorkerEntry>> =
+            serving.filter(|w| w.assigned() < w.capacity()).collect();
+        let chosen = preferred
+            .and_then(|id| with_room.iter().find(|w| w.record.id == id))
+            .or_else(|| {
+                with_room.iter().min_by(|a, b| {
+                    // Least loaded by fraction of capacity in use.
+                    (a.assigned() * b.capacity()).cmp(&(b.assigned() * a.capacity()))
+                })
+            });
+        match chosen {
+            Some(w) => {
+                w.assigned.fetch_add(1, Ordering::SeqCst);
+                Pick::Leased(Lease {
+                    pool: self.clone(),
+                    worker: Arc::clone(w),
+                })
+            }
+            None => Pick::Busy,
+        }
+    }
+
+    /// Remembers that `worker` now holds the state after `tokens` in its prefix cache.
+    pub fn remember_prefix(&self, tokens: &[u32], worker: &str) {
+        self.lock_affinity().insert(tokens, worker);
+    }
+
+    fn lock_affinity(&self) -> std::sync::MutexGuard<'_, Affinity> {
+        self.inner
+            .affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A call to `worker` failed in a way that says the worker (not the request) is at fault.
+    pub fn record_failure(&self, worker: &WorkerEntry) {
+        let failures = worker.failures.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics::counter!(telemetry::WORKER_FAILURES, "worker" => worker.record.id.clone())
+            .increment(1);
+        if failures >= self.inner.cfg.breaker_failures {
+            let until = Instant::now() + self.inner.cfg.breaker_cooldown;
+            *worker.open_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(until);
+            tracing::warn!(worker = worker.record.id, failures, "circuit breaker open");
+        }
+    }
+
+    pub fn record_success(&self, worker: &WorkerEntry) {
+        worker.failures.store(0, Ordering::SeqCst);
+    }
+}
+
+enum Pick {
+    Leased(Lease),
+    Busy,
+    NoWorker,
+}
+
+/// Polls one worker until it leaves: `Info` until it answers, then `Load` as a health check.
+async fn poll(pool: WorkerPool, worker: Arc<WorkerEntry>) {
+    let interval = pool.inner.cfg.poll_interval;
+    while !worker.gone.load(Ordering::SeqCst) {
+        let mut client = worker.client.clone();
+        let healthy = if worker.info().is_none() {
+            match tokio::time::timeout(interval * 4, client.info(wv1::InfoRequest {})).await {
+                Ok(Ok(info)) => {
+                    let info = info.into_inner();
+                    if info.model_id != worker.record.model {
+                        tracing::error!(
+                            worker = worker.record.id,
+                            registered = worker.record.model,
+                            serves = info.model_id,
+                            "worker serves a different model than it registered; ignoring it"
+                        );
+                        false
+                    } else {
+                        *worker.info.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+                        true
+                    }
+                }
+                _ => false,
+            }
+        } else {
+            match tokio::time::timeout(interval * 4, client.load(wv1::LoadRequest {})).await {
+                Ok(Ok(load)) => !load.into_inner().draining,
+                _ => false,
+            }
+        };
+        let was = worker.healthy.swap(healthy, Ordering::SeqCst);
+        if healthy != was {
+            tracing::info!(worker = worker.record.id, healthy, "worker health changed");
+            if healthy {
+                pool.record_success(&worker);
+                pool.inner.freed.notify_waiters();
+            } else {
+                pool.record_failure(&worker);
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

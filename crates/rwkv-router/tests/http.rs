@@ -1,0 +1,599 @@
+//! The router's HTTP API end to end, in one process: a CPU worker behind its gRPC service on
+//! 127.0.0.1, the router in front, and a real HTTP client (reqwest) parsing JSON and SSE.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rwkv_cluster::{MemoryRegistry, Registry, WorkerRecord};
+use rwkv_cpu::CpuBackend;
+use rwkv_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams};
+use rwkv_model::{synthetic, Checkpoint, ModelWeights};
+use rwkv_router::tenants::{key_digest, TenantConfig, Tenants, TenantsFile};
+use rwkv_router::{PoolConfig, Router, RouterConfig, WorkerPool};
+use rwkv_tokenizer::Tokenizer;
+use rwkv_worker::{WorkerIdentity, WorkerService};
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny";
+
+/// A random-weight model with the World vocabulary, so text prompts work.
+fn weights() -> ModelWeights {
+    let spec = synthetic::SyntheticSpec::new(64, 2, 65536);
+    let ckpt = Checkpoint::from_tensors("synthetic", synthetic::random_checkpoint(&spec));
+    ModelWeights::from_checkpoint(&ckpt).unwrap()
+}
+
+struct Cluster {
+    base: String,
+    http: reqwest::Client,
+    engine: Engine,
+    tokenizer: Arc<Tokenizer>,
+    _registration: rwkv_cluster::Registration,
+    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+async fn start(cfg: RouterConfig, slots: usize) -> Cluster {
+    start_with_queue(cfg, slots, 256).await
+}
+
+async fn start_with_queue(cfg: RouterConfig, slots: usize, max_queue: usize) -> Cluster {
+    start_full(cfg, slots, max_queue, None).await
+}
+
+async fn start_full(
+    cfg: RouterConfig,
+    slots: usize,
+    max_queue: usize,
+    tenants: Option<TenantsFile>,
+) -> Cluster {
+    let engine = Engine::start(
+        CpuBackend::new(&weights(), slots),
+        EngineConfig {
+            model_id: MODEL.into(),
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let service = WorkerService::new(
+        engine.handle(),
+        WorkerIdentity {
+            worker_id: "w0".into(),
+            model_id: MODEL.into(),
+            model_hash: [0; 32],
+            backend: "cpu".into(),
+            slots,
+            max_batch_size: 64,
+            max_waiting: 256,
+        },
+    );
+    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_addr = worker_listener.local_addr().unwrap();
+    let (stop_worker, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rwkv_worker::serve(service, worker_listener, async {
+        let _ = rx.await;
+    }));
+
+    let registry = MemoryRegistry::new();
+    let registration = registry
+        .register(WorkerRecord {
+            id: "w0".into(),
+            address: format!("http://{worker_addr}"),
+            model: MODEL.into(),
+            slots: slots as u32,
+        })
+        .await
+        .unwrap();
+    let pool = WorkerPool::new(PoolConfig {
+        poll_interval: Duration::from_millis(50),
+        max_queue,
+        ..PoolConfig::default()
+    });
+    pool.follow(&registry).await.unwrap();
+    let tokenizer = Arc::new(Tokenizer::world());
+    let router = Router::new(
+        RouterConfig {
+            default_model: Some(MODEL.into()),
+            ..cfg
+        },
+        pool.clone(),
+        tokenizer.clone(),
+        None,
+    );
+    let router = match tenants {
+        Some(file) => router.with_tenants(Arc::new(Tenants::from_config(file))),
+        None => router,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop_router, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rwkv_router::serve_http(router, listener, async {
+        let _ = rx.await;
+    }));
+    for _ in 0..200 {
+        if pool.is_ready() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pool.is_ready(), "the worker never became ready");
+    Cluster {
+        base,
+        http: reqwest::Client::new(),
+        engine,
+        tokenizer,
+        _registration: registration,
+        _stop: vec![stop_worker, stop_router],
+    }
+}
+
+impl Cluster {
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Greedy continuation computed by the engine directly.
+    fn direct(&self, prompt: &str, max_tokens: usize) -> String {
+        let tokens = self.tokenizer.encode(prompt).unwrap();
+        let (out, _) = self
+            .engine
+            .generate(GenerateRequest {
+                tenant: "direct".into(),
+                tokens,
+                params: SamplingParams {
+                    temperature: 0.0,
+                    stop_tokens: vec![0],
+                    token_ban: (65530..65536).collect(),
+                    presence_penalty: 0.0,
+                    frequency_penalty: 0.0,
+                    max_tokens,
+                    ..SamplingParams::default()
+                },
+                ..GenerateRequest::default()
+            })
+            .unwrap()
+            .collect();
+        String::from_utf8_lossy(&self.tokenizer.decode_bytes_lossy(&out)).into_owned()
+    }
+}
+
+/// Reads an SSE body into its `data:` payloads.
+async fn sse_events(response: reqwest::Response) -> Vec<String> {
+    let text = response.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|block| {
+            block
+                .lines()
+                .find_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.trim().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_completion_equals_the_engine_and_streams_the_same_text() {
+    let c = start(RouterConfig::default(), 4).await;
+    let prompt = "The quick brown fox";
+    let expected = c.direct(prompt, 20);
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], expected);
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 20);
+    assert_eq!(body["object"], "text_completion");
+
+    let response = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .json(
+            &json!({"prompt": prompt, "max_tokens": 20, "temperature": 0, "stream": true,
+                      "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = sse_events(response).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0))
+        .filter_map(|c| c["text"].as_str())
+        .collect();
+    assert_eq!(streamed, expected);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_uses_the_world_format_and_stops_at_the_turn_end() {
+    let c = start(RouterConfig::default(), 4).await;
+    let (status, body) = c
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                   "temperature": 0, "logprobs": true, "top_logprobs": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(!content.starts_with(' ') && !content.contains("\n\n"));
+    let lps = choice["logprobs"]["content"].as_array().unwrap();
+    assert!(!lps.is_empty());
+    assert_eq!(lps[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        body["usage"]["prompt_tokens"], 7,
+        "User: hi\\n\\nAssistant: is 7 tokens"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors_with_the_right_status() {
+    let c = start(
+        RouterConfig {
+            max_prompt_tokens: 50,
+            max_body_bytes: 10_000,
+            ..RouterConfig::default()
+        },
+        2,
+    )
+    .await;
+    let cases = [
+        (json!({"model": "nope", "prompt": "x"}), 404, Some("model")),
+        (
+            json!({"prompt": "x", "max_tokens": -1}),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"prompt": "x", "temperature": 7}),
+            400,
+            Some("temperature"),
+        ),
+        (json!({"prompt": "word ".repeat(100)}), 400, Some("prompt")),
+        (json!({"prompt": [70000]}), 400, Some("prompt")),
+        (json!({"prompt": ""}), 400, Some("prompt")),
+        (json!({"max_tokens": 3}), 400, Some("prompt")),
+    ];
+    for (body, status, param) in cases {
+        let (got, err) = c.post("/v1/completions", body.clone()).await;
+        assert_eq!(got, status, "{body} -> {err}");
+        assert_eq!(err["error"]["param"].as_str(), param, "{body} -> {err}");
+        assert!(err["error"]["message"].as_str().is_some());
+    }
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "invalid_json");
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .body(vec![b' '; 20_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // Still serving.
+    let (status, _) = c
+        .post("/v1/completions", json!({"prompt": "ok", "max_tokens": 2}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailing_space_after_a_colon_is_removed_with_a_warning() {
+    let c = start(RouterConfig::default(), 2).await;
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Question: 1+1\n\nAnswer: ", "max_tokens": 3, "temperature": 0,
+                   "echo": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["warnings"][0].as_str().unwrap().contains("space"));
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Question: 1+1\n\nAnswer:"));
+    assert_eq!(
+        &text["Question: 1+1\n\nAnswer:".len()..],
+        c.direct("Question: 1+1\n\nAnswer:", 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_stop_strings_and_the_small_routes() {
+    let c = start(RouterConfig::default(), 4).await;
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": ["a", "b"], "n": 2, "max_tokens": 4, "seed": 3}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"].as_array().unwrap().len(), 4);
+
+    // A stop string taken from the greedy continuation itself must cut the text before it.
+    let full = c.direct("Hello", 12);
+    let stop: String = full.chars().skip(3).take(2).collect();
+    let (_, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 12, "temperature": 0, "stop": stop}),
+        )
+        .await;
+    let text = body["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(
+        body["choices"][0]["finish_reason"], "stop",
+        "{full:?} / {stop:?}"
+    );
+    assert_eq!(text, &full[..full.find(&stop).unwrap()]);
+
+    let (_, t) = c.post("/tokenize", json!({"prompt": "User: hi"})).await;
+    assert_eq!(t["tokens"], json!([24281, 59, 4571]));
+    let (_, d) = c
+        .post("/detokenize", json!({"tokens": [24281, 59, 4571]}))
+        .await;
+    assert_eq!(d["prompt"], "User: hi");
+    let models: Value = c
+        .http
+        .get(format!("{}/v1/models", c.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    let ready = c
+        .http
+        .get(format!("{}/ready", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after_and_a_client_leaving_frees_the_slot() {
+    let c = start_with_queue(RouterConfig::default(), 1, 0).await;
+    let long = json!({"prompt": "a", "max_tokens": 8000, "stream": true});
+    let mut running = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status(), 200);
+    running.chunk().await.unwrap().expect("the stream started");
+    let r = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .json(&json!({"prompt": "b", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["type"], "rate_limit_error");
+    // The client of the long stream goes away: its slot frees up and new requests run.
+    drop(running);
+    let mut status = 0;
+    for _ in 0..100 {
+        let (s, _) = c
+            .post("/v1/completions", json!({"prompt": "b", "max_tokens": 1}))
+            .await;
+        status = s;
+        if s == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_equals_the_engine_and_echo_logprobs_agree_with_it() {
+    let c = start(RouterConfig::default(), 4).await;
+    let context =
+        "User: You are a very talented expert. Answer this question:\nAssistant: The answer is";
+    let (status, body) = c
+        .post(
+            "/v1/score",
+            json!({"context": context, "continuations": [" A", " B", " C", " D", " maybe not"]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let ctx = c.tokenizer.encode(context).unwrap();
+    let conts: Vec<Vec<u32>> = [" A", " B", " C", " D", " maybe not"]
+        .iter()
+        .map(|t| c.tokenizer.encode(t).unwrap())
+        .collect();
+    let direct = c
+        .engine
+        .score(rwkv_engine::ScoreRequest {
+            tenant: "direct".into(),
+            context: ctx.clone(),
+            continuations: conts.clone(),
+            top_logprobs: None,
+        })
+        .unwrap();
+    for (i, s) in direct.scores.iter().enumerate() {
+        let got: Vec<f32> = body["scores"][i]["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(got, s.logprobs, "continuation {i}");
+        assert_eq!(body["scores"][i]["greedy"], s.greedy);
+    }
+
+    // lm-eval style: echo + logprobs + max_tokens 0 gives the prompt's own log-probabilities.
+    let full: Vec<u32> = ctx.iter().chain(&conts[4]).copied().collect();
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": full, "max_tokens": 0, "echo": true, "logprobs": 1}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let lp = &body["choices"][0]["logprobs"];
+    let token_lps = lp["token_logprobs"].as_array().unwrap();
+    assert_eq!(token_lps.len(), full.len());
+    assert!(token_lps[0].is_null());
+    let tail: Vec<f32> = token_lps[ctx.len()..]
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let expected = &direct.scores[4].logprobs;
+    for (a, b) in tail.iter().zip(expected) {
+        assert!((a - b).abs() < 1e-4, "{tail:?} vs {expected:?}");
+    }
+    assert_eq!(lp["top_logprobs"][1].as_object().unwrap().len(), 1);
+    assert_eq!(
+        body["choices"][0]["text"],
+        context.to_owned() + " maybe not"
+    );
+}
+
+fn tenant(name: &str, key: &str, admin: bool) -> TenantConfig {
+    TenantConfig {
+        name: name.into(),
+        api_key_sha256: vec![key_digest(key)],
+        admin,
+        requests_per_second: None,
+        burst: None,
+        max_concurrent: Some(1),
+        tokens_per_minute: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_tenant_isolation_and_per_tenant_limits() {
+    let tenants = TenantsFile {
+        tenants: vec![
+            tenant("alpha", "key-a", true),
+            tenant("beta", "key-b", false),
+        ],
+    };
+    let c = start_full(RouterConfig::default(), 4, 256, Some(tenants)).await;
+    let post = |key: Option<&'static str>, body: Value| {
+        let mut r = c
+            .http
+            .post(format!("{}/v1/completions", c.base))
+            .json(&body);
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        r.send()
+    };
+    let prompt = json!({"prompt": "A shared prefix that both tenants send", "max_tokens": 2,
+                        "temperature": 0});
+    for key in [None, Some("wrong")] {
+        let r = post(key, prompt.clone()).await.unwrap();
+        assert_eq!(r.status(), 401);
+        let err: Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "invalid_api_key");
+    }
+    // Health and readiness need no key.
+    let r = c
+        .http
+        .get(format!("{}/ready", c.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The same prompt twice for alpha: the second prefill is served from alpha's cache; beta
+    // sending the same prompt must not hit alpha's cached state.
+    // (A continuation of the prompt, as a chat resending its history: the cached state is the
+    // end of the first prompt, and at least one new token must be fed to get logits.)
+    let usage = |v: Value| {
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+    };
+    let ids: Vec<u32> = (100..140).collect();
+    let longer: Vec<u32> = (100..150).collect();
+    let ask = |ids: &[u32]| json!({"prompt": ids, "max_tokens": 2, "temperature": 0});
+    let first: Value = post(Some("key-a"), ask(&ids))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let again: Value = post(Some("key-a"), ask(&longer))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let other: Value = post(Some("key-b"), ask(&longer))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage(first), 0);
+    assert!(
+        usage(again) > 0,
+        "alpha's second request reuses alpha's state"
+    );
+    assert_eq!(usage(other), 0, "beta never sees alpha's cached state");
+
+    // One request at a time for beta: a second concurrent one gets 429 with Retry-After.
+    let mut long = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .bearer_auth("key-b")
+        .json(&json!({"prompt": "x", "max_tokens": 4000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    long.chunk().await.unwrap();
+    let r = post(Some("key-b"), prompt.clone()).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    // Alpha is not affected by beta's limit.
+    assert_eq!(
+        post(Some("key-a"), prompt.clone()).await.unwrap().status(),
+        200
+    );
+    drop(long);
+
+    // /metrics needs an admin key.
+    let metrics = |key: &'static str| {
+        c.http
+            .get(format!("{}/metrics", c.base))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(metrics("key-b").await.unwrap().status(), 403);
+    assert_ne!(metrics("key-a").await.unwrap().status(), 403);
+}

@@ -1,0 +1,329 @@
+//! [`WorkerService`]: the `rwkv.worker.v1.Worker` implementation, and [`serve`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rwkv_engine::{EngineHandle, GenerateStream};
+use rwkv_proto::wv1::{self, worker_server::Worker};
+use rwkv_proto::{count_u32, FieldError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{self, status_of};
+use crate::telemetry;
+
+/// What a worker tells about itself in `Info`, besides what the engine knows.
+#[derive(Clone, Debug)]
+pub struct WorkerIdentity {
+    pub worker_id: String,
+    pub model_id: String,
+    pub model_hash: [u8; 32],
+    /// Backend name (`cpu`, `cuda`, ...), for operators.
+    pub backend: String,
+    pub slots: usize,
+    pub max_batch_size: usize,
+    pub max_waiting: usize,
+}
+
+/// The gRPC face of one engine. Cheap to clone; clones share the drain flag.
+#[derive(Clone, Debug)]
+pub struct WorkerService {
+    engine: EngineHandle,
+    identity: Arc<WorkerIdentity>,
+    draining: Arc<AtomicBool>,
+}
+
+/// How often a stream's bridge thread checks for a vanished client while no event comes
+/// (a sequence waiting for a slot); a token event is noticed immediately.
+const CLIENT_POLL: Duration = Duration::from_millis(100);
+/// Events buffered per stream before the bridge waits for the client (back-pressure).
+const STREAM_BUFFER: usize = 64;
+
+impl WorkerService {
+    pub fn new(engine: EngineHandle, identity: WorkerIdentity) -> Self {
+        Self {
+            engine,
+            identity: Arc::new(identity),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// True once `Drain` was called: new generations are refused with UNAVAILABLE.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Stops admitting work (what a `Drain` call does first).
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        metrics::gauge!(telemetry::DRAINING).set(1.0);
+    }
+
+    fn refuse_if_draining(&self) -> Result<(), Status> {
+        if self.is_draining() {
+            return Err(Status::unavailable(
+                "the worker is draining and accepts no new work",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a blocking engine call (the engine answers between two steps) off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        rpc: &'static str,
+        call: impl FnOnce(EngineHandle) -> Result<T, Status> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let engine = self.engine.clone();
+        let result = tokio::task::spawn_blocking(move || call(engine))
+            .await
+            .map_err(|e| Status::internal(format!("worker task failed: {e}")))
+            .and_then(|r| r);
+        telemetry::rpc_done(
+            rpc,
+            result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        result.map(Response::new)
+    }
+
+    async fn load_now(&self) -> Result<wv1::WorkerLoad, Status> {
+        let draining = self.is_draining();
+        let stats = self
+            .blocking("load", |engine| engine.stats().map_err(|e| status_of(&e)))
+            .await?
+            .into_inner();
+        Ok(convert::load(&stats, draining))
+    }
+}
+
+/// Moves one generation's events from the engine's blocking channel to the gRPC stream, on a
+/// blocking-pool thread. Returning drops `stream`, which cancels the sequence if it still runs:
+/// that is how a disconnected client frees its slot.
+fn bridge(stream: GenerateStream, out: mpsc::Sender<Result<wv1::GenerateEvent, Status>>) {
+    loop {
+        match stream.recv_timeout(CLIENT_POLL) {
+            Ok(event) => {
+                let item = convert::event(event);
+                let last = !matches!(&item, Ok(e) if matches!(e.event, Some(wv1::generate_event::Event::Token(_))));
+                let code = item.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                if out.blocking_send(item).is_err() {
+                    telemetry::rpc_done("generate", tonic::Code::Cancelled);
+                    return;
+                }
+                if last {
+                    telemetry::rpc_done("generate", code);
+                    return;
+                }
+            }
+            Err(ended) => {
+                if ended {
+                    let _ = out.blocking_send(Err(Status::unavailable("the engine stopped")));
+                    telemetry::rpc_done("generate", tonic::Code::Unavailable);
+                    return;
+                }
+                if out.is_closed() {
+                    telemetry::rpc_done("generate", tonic::Code::Cancelled);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = ReceiverStream<Result<wv1::GenerateEvent, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<wv1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        self.refuse_if_draining()?;
+        let req = request.into_inner();
+        let request_id = req.request_id.clone();
+        let req = convert::generate_request(req).inspect_err(|s| {
+            telemetry::rpc_done("generate", s.code());
+        })?;
+        tracing::debug!(request_id, tokens = req.tokens.len(), "generate");
+        // Submitting only queues a command; it does not wait for the engine.
+        let stream = self.engine.generate(req).map_err(|e| {
+            let status = status_of(&e);
+            telemetry::rpc_done("generate", status.code());
+            status
+        })?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::task::spawn_blocking(move || bridge(stream, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn score(
+        &self,
+        request: Request<wv1::ScoreRequest>,
+    ) -> Result<Response<wv1::ScoreResponse>, Status> {
+        self.refuse_if_draining()?;
+        let req = convert::score_request(request.into_inner())?;
+        self.blocking("score", move |engine| {
+            engine
+                .score(req)
+                .map(convert::score_response)
+                .map_err(|e| status_of(&e))
+        })
+        .await
+    }
+
+    async fn create_session(
+        &self,
+        request: Request<wv1::CreateSessionRequest>,
+    ) -> Result<Response<wv1::SessionRef>, Status> {
+        self.refuse_if_draining()?;
+        let tenant = convert::tenant(request.into_inner().tenant)?;
+        self.blocking("create_session", move |engine| {
+            let session = engine.create_session(&tenant).map_err(|e| status_of(&e))?;
+            Ok(wv1::SessionRef { tenant, session })
+        })
+        .await
+    }
+
+    async fn fork_session(
+        &self,
+        request: Request<wv1::SessionRef>,
+    ) -> Result<Response<wv1::SessionRef>, Status> {
+        self.refuse_if_draining()?;
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
+        self.blocking("fork_session", move |engine| {
+            let session = engine
+                .fork_session(&tenant, r.session)
+                .map_err(|e| status_of(&e))?;
+            Ok(wv1::SessionRef { tenant, session })
+        })
+        .await
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<wv1::SessionRef>,
+    ) -> Result<Response<wv1::DeleteSessionResponse>, Status> {
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
+        self.blocking("delete_session", move |engine| {
+            engine
+                .delete_session(&tenant, r.session)
+                .map_err(|e| status_of(&e))?;
+            Ok(wv1::DeleteSessionResponse {})
+        })
+        .await
+    }
+
+    async fn export_session(
+        &self,
+        request: Request<wv1::SessionRef>,
+    ) -> Result<Response<wv1::SessionExport>, Status> {
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
+        self.blocking("export_session", move |engine| {
+            let data = engine
+                .export_session(&tenant, r.session)
+                .map_err(|e| status_of(&e))?;
+            Ok(wv1::SessionExport { data })
+        })
+        .await
+    }
+
+    async fn import_session(
+        &self,
+        request: Request<wv1::ImportSessionRequest>,
+    ) -> Result<Response<wv1::SessionRef>, Status> {
+        self.refuse_if_draining()?;
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
+        if r.data.is_empty() {
+            return Err(FieldError::new("data", "is empty").into());
+        }
+        self.blocking("import_session", move |engine| {
+            let session = engine
+                .import_session(&tenant, r.data)
+                .map_err(|e| status_of(&e))?;
+            Ok(wv1::SessionRef { tenant, session })
+        })
+        .await
+    }
+
+    async fn info(
+        &self,
+        _request: Request<wv1::InfoRequest>,
+    ) -> Result<Response<wv1::WorkerInfo>, Status> {
+        let id = &self.identity;
+        let cfg = self.engine.model();
+        telemetry::rpc_done("info", tonic::Code::Ok);
+        Ok(Response::new(wv1::WorkerInfo {
+            worker_id: id.worker_id.clone(),
+            model_id: id.model_id.clone(),
+            model_hash: id.model_hash.to_vec(),
+            backend: id.backend.clone(),
+            vocab_size: count_u32(cfg.vocab_size),
+            n_layer: count_u32(cfg.n_layer),
+            n_embd: count_u32(cfg.n_embd),
+            head_size: count_u32(cfg.head_size),
+            slots: count_u32(id.slots),
+            state_bytes: cfg.state_bytes() as u64,
+            max_batch_size: count_u32(id.max_batch_size),
+            max_waiting: count_u32(id.max_waiting),
+        }))
+    }
+
+    async fn load(
+        &self,
+        _request: Request<wv1::LoadRequest>,
+    ) -> Result<Response<wv1::WorkerLoad>, Status> {
+        self.load_now().await.map(Response::new)
+    }
+
+    async fn drain(
+        &self,
+        request: Request<wv1::DrainRequest>,
+    ) -> Result<Response<wv1::WorkerLoad>, Status> {
+        let timeout = Duration::from_millis(request.into_inner().timeout_ms);
+        self.start_drain();
+        tracing::info!(?timeout, "draining");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let load = self.load_now().await?;
+            if (load.running == 0 && load.waiting == 0) || Instant::now() >= deadline {
+                return Ok(Response::new(load));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves, then lets open streams finish.
+pub async fn serve(
+    service: WorkerService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "worker gRPC service listening");
+    telemetry::describe();
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            wv1::worker_server::WorkerServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+/// Largest accepted message: a session export of a 7B model's state (33 MiB) with room to spare.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
