@@ -25,6 +25,8 @@ use crate::telemetry;
 pub struct GenerationSpec {
     pub request_id: String,
     pub tenant: String,
+    /// The tenant's fair-share weight while waiting for a worker.
+    pub weight: u32,
     pub model: String,
     pub prompt: Vec<u32>,
     /// Sampling settings as the worker takes them (`max_tokens` is taken from `max_tokens`).
@@ -148,7 +150,16 @@ async fn run(
             .copied()
             .collect();
         let lease = match pool
-            .acquire(&spec.model, &context, &tried, spec.deadline)
+            .acquire(
+                &spec.model,
+                &crate::pool::Requester {
+                    tenant: &spec.tenant,
+                    weight: spec.weight,
+                },
+                &context,
+                &tried,
+                spec.deadline,
+            )
             .await
         {
             Ok(lease) => lease,

@@ -246,7 +246,7 @@ fn prepare_prompts(
 /// task ends and drops its generation, which cancels it on the worker.
 fn start_choices(
     state: &Router,
-    tenant: &str,
+    tenant: &Tenant,
     request_id: &str,
     prompts: &[Vec<u32>],
     v: &Validated,
@@ -270,7 +270,8 @@ fn start_choices(
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
             let spec = GenerationSpec {
                 request_id: format!("{request_id}/{index}"),
-                tenant: tenant.to_owned(),
+                tenant: tenant.name().to_owned(),
+                weight: tenant.weight(),
                 model: v.model.clone(),
                 prompt: prompt.clone(),
                 params,
@@ -663,7 +664,7 @@ async fn completions(
         for (i, p) in prompts.iter().enumerate() {
             let scored = prompt_logprobs(
                 &state,
-                tenant.name(),
+                &tenant,
                 &format!("{id}/p{i}"),
                 &v.model,
                 &p.tokens,
@@ -678,15 +679,7 @@ async fn completions(
         // Nothing to generate (scoring, or echo only): no worker needs to run the prompt.
         already_finished(&tokens, v.n)
     } else {
-        start_choices(
-            &state,
-            tenant.name(),
-            &id,
-            &tokens,
-            &v,
-            Dialect::Completion,
-            top,
-        )
+        start_choices(&state, &tenant, &id, &tokens, &v, Dialect::Completion, top)
     };
     let plan = ResponsePlan {
         dialect: Dialect::Completion,
@@ -741,15 +734,7 @@ async fn chat_completions(
     // turn ends on text, as in the reference chat demo.
     v.stop.push(chat::TURN_END.to_owned());
     let id = new_id("chatcmpl");
-    let events = start_choices(
-        &state,
-        tenant.name(),
-        &id,
-        &[tokens],
-        &v,
-        Dialect::Chat,
-        top,
-    );
+    let events = start_choices(&state, &tenant, &id, &[tokens], &v, Dialect::Chat, top);
     let plan = ResponsePlan {
         dialect: Dialect::Chat,
         id,
@@ -794,7 +779,7 @@ fn already_finished(prompts: &[Vec<u32>], n: usize) -> mpsc::Receiver<(usize, Ge
 /// Completion-style logprobs of a prompt's own tokens: the first has none (nothing precedes it).
 async fn prompt_logprobs(
     state: &Router,
-    tenant: &str,
+    tenant: &Tenant,
     request_id: &str,
     model: &str,
     tokens: &[u32],
@@ -809,7 +794,8 @@ async fn prompt_logprobs(
     if tokens.len() > 1 {
         let spec = ScoreSpec {
             request_id: request_id.to_owned(),
-            tenant: tenant.to_owned(),
+            tenant: tenant.name().to_owned(),
+            weight: tenant.weight(),
             model: model.to_owned(),
             context: tokens[..1].to_vec(),
             continuations: vec![tokens[1..].to_vec()],
@@ -911,6 +897,7 @@ async fn score(
     let spec = ScoreSpec {
         request_id: new_id("score"),
         tenant: tenant.name().to_owned(),
+        weight: tenant.weight(),
         model: v.model.clone(),
         context,
         continuations: lists.clone(),

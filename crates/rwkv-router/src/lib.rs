@@ -13,6 +13,7 @@ pub mod affinity;
 pub mod api;
 pub mod chat;
 pub mod error;
+pub mod fair;
 pub mod generation;
 pub mod http;
 pub mod pool;

@@ -7,7 +7,7 @@
 //! loaded one. A worker that fails `breaker_failures` times in a row is skipped for
 //! `breaker_cooldown` (circuit breaker); one that leaves the registry leaves the table at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::affinity::Affinity;
+use crate::fair::{FairQueue, Ticket};
 use crate::telemetry;
 
 /// Tuning of the pool.
@@ -113,6 +114,16 @@ struct Inner {
     freed: Notify,
     queued: AtomicUsize,
     affinity: Mutex<Affinity>,
+    /// Waiting requests per model, in weighted-fair order across tenants.
+    fair: Mutex<HashMap<String, FairQueue>>,
+}
+
+/// Who is asking, for fair ordering among the requests that wait.
+#[derive(Clone, Debug)]
+pub struct Requester<'a> {
+    pub tenant: &'a str,
+    /// Share of the service while tenants compete (>= 1).
+    pub weight: u32,
 }
 
 /// A request's claim on one worker; dropping it gives the capacity back.
@@ -129,12 +140,31 @@ impl Drop for Lease {
     }
 }
 
-/// Leaves the queue count when the waiting request leaves (served, timed out or gone).
-struct QueueTicket<'a>(&'a AtomicUsize);
+/// A request's place in the queue; leaving (served, timed out or gone) updates the counts.
+struct QueueTicket<'a> {
+    pool: &'a WorkerPool,
+    model: &'a str,
+    ticket: Ticket,
+    served: bool,
+}
 
 impl Drop for QueueTicket<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.pool.inner.queued.fetch_sub(1, Ordering::SeqCst);
+        let mut fair = self.pool.lock_fair();
+        if let Some(q) = fair.get_mut(self.model) {
+            if self.served {
+                q.served(self.ticket);
+            } else {
+                q.leave(self.ticket);
+            }
+            if q.is_empty() {
+                fair.remove(self.model);
+            }
+        }
+        drop(fair);
+        // The next in line may be able to go now.
+        self.pool.inner.freed.notify_waiters();
     }
 }
 
@@ -147,6 +177,7 @@ impl WorkerPool {
                 freed: Notify::new(),
                 queued: AtomicUsize::new(0),
                 affinity: Mutex::new(Affinity::new(1 << 16)),
+                fair: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -246,32 +277,61 @@ impl WorkerPool {
 
     /// Waits for a worker of `model` with free capacity, preferring the holder of the longest
     /// cached prefix of `tokens`, skipping `exclude` (workers that already failed this request).
+    /// Requests that must wait are served in weighted-fair order across tenants.
     pub async fn acquire(
         &self,
         model: &str,
+        who: &Requester<'_>,
         tokens: &[u32],
         exclude: &[String],
         deadline: Instant,
     ) -> Result<Lease, PoolError> {
         let preferred = self.lock_affinity().longest(tokens);
-        let mut ticket = None;
+        let mut ticket: Option<QueueTicket<'_>> = None;
         loop {
             let notified = self.inner.freed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_pick(model, preferred.as_deref(), exclude) {
-                Pick::Leased(lease) => return Ok(lease),
-                Pick::NoWorker => return Err(PoolError::NoWorker(model.to_owned())),
-                Pick::Busy => {}
+            // Only the first in line may take capacity while others wait for this model.
+            let my_turn = match &ticket {
+                Some(t) => self
+                    .lock_fair()
+                    .get(model)
+                    .is_none_or(|q| q.is_first(t.ticket)),
+                None => self.lock_fair().get(model).is_none_or(FairQueue::is_empty),
+            };
+            if my_turn {
+                match self.try_pick(model, preferred.as_deref(), exclude) {
+                    Pick::Leased(lease) => {
+                        if let Some(t) = ticket.as_mut() {
+                            t.served = true;
+                        }
+                        return Ok(lease);
+                    }
+                    Pick::NoWorker => return Err(PoolError::NoWorker(model.to_owned())),
+                    Pick::Busy => {}
+                }
             }
             if ticket.is_none() {
                 let queued = self.inner.queued.fetch_add(1, Ordering::SeqCst);
-                ticket = Some(QueueTicket(&self.inner.queued));
+                let place = self
+                    .lock_fair()
+                    .entry(model.to_owned())
+                    .or_default()
+                    .push(who.tenant, who.weight);
+                ticket = Some(QueueTicket {
+                    pool: self,
+                    model,
+                    ticket: place,
+                    served: false,
+                });
                 if queued >= self.inner.cfg.max_queue {
                     metrics::counter!(telemetry::REJECTED, "reason" => "queue_full").increment(1);
                     return Err(PoolError::QueueFull(queued));
                 }
                 metrics::gauge!(telemetry::QUEUED).set((queued + 1) as f64);
+                // Now in line: check again at once, it may be this request's turn already.
+                continue;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 metrics::counter!(telemetry::REJECTED, "reason" => "queue_timeout").increment(1);
@@ -320,6 +380,10 @@ impl WorkerPool {
     /// Remembers that `worker` now holds the state after `tokens` in its prefix cache.
     pub fn remember_prefix(&self, tokens: &[u32], worker: &str) {
         self.lock_affinity().insert(tokens, worker);
+    }
+
+    fn lock_fair(&self) -> std::sync::MutexGuard<'_, HashMap<String, FairQueue>> {
+        self.inner.fair.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_affinity(&self) -> std::sync::MutexGuard<'_, Affinity> {

@@ -15,6 +15,8 @@ use crate::telemetry;
 pub struct ScoreSpec {
     pub request_id: String,
     pub tenant: String,
+    /// The tenant's fair-share weight while waiting for a worker.
+    pub weight: u32,
     pub model: String,
     pub context: Vec<u32>,
     pub continuations: Vec<Vec<u32>>,
@@ -29,7 +31,16 @@ pub async fn score(pool: &WorkerPool, spec: &ScoreSpec) -> Result<wv1::ScoreResp
     let mut last_error = String::new();
     while tried.len() < MAX_ATTEMPTS {
         let lease = match pool
-            .acquire(&spec.model, &spec.context, &tried, spec.deadline)
+            .acquire(
+                &spec.model,
+                &crate::pool::Requester {
+                    tenant: &spec.tenant,
+                    weight: spec.weight,
+                },
+                &spec.context,
+                &tried,
+                spec.deadline,
+            )
             .await
         {
             Ok(lease) => lease,

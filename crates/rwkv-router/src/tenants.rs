@@ -35,6 +35,8 @@ pub struct TenantConfig {
     pub burst: Option<u32>,
     pub max_concurrent: Option<u32>,
     pub tokens_per_minute: Option<u64>,
+    /// Share of the workers while tenants' requests wait for them [default: 1].
+    pub weight: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -113,11 +115,16 @@ impl Tenant {
             burst: None,
             max_concurrent: None,
             tokens_per_minute: None,
+            weight: None,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.config.weight.unwrap_or(1).max(1)
     }
 
     /// Checks every limit; on success the request holds a concurrency slot until dropped.
@@ -365,6 +372,7 @@ mod tests {
             burst: None,
             max_concurrent: None,
             tokens_per_minute: None,
+            weight: None,
         }
     }
 

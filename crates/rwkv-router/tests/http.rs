@@ -491,6 +491,7 @@ fn tenant(name: &str, key: &str, admin: bool) -> TenantConfig {
         burst: None,
         max_concurrent: Some(1),
         tokens_per_minute: None,
+        weight: None,
     }
 }
 
@@ -596,4 +597,52 @@ async fn api_keys_tenant_isolation_and_per_tenant_limits() {
     };
     assert_eq!(metrics("key-b").await.unwrap().status(), 403);
     assert_ne!(metrics("key-a").await.unwrap().status(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_tenant_does_not_starve_another() {
+    let unlimited = |name: &str, key: &str| TenantConfig {
+        max_concurrent: None,
+        ..tenant(name, key, false)
+    };
+    let tenants = TenantsFile {
+        tenants: vec![unlimited("flood", "key-f"), unlimited("quiet", "key-q")],
+    };
+    // One slot: every request but one waits in the router's queue.
+    let c = start_full(RouterConfig::default(), 1, 256, Some(tenants)).await;
+    let done = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let send = |key: &'static str, who: &'static str| {
+        let (http, base, done) = (c.http.clone(), c.base.clone(), done.clone());
+        tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/v1/completions"))
+                .bearer_auth(key)
+                .json(&json!({"prompt": "flood", "max_tokens": 24, "temperature": 0}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+            done.lock().unwrap().push(who);
+        })
+    };
+    let mut flood: Vec<_> = (0..16).map(|_| send("key-f", "flood")).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = send("key-q", "quiet");
+    // More flood arrives after the quiet request: arrival order alone would not save it either.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    flood.extend((0..8).map(|_| send("key-f", "flood")));
+    quiet.await.unwrap();
+    let before = done.lock().unwrap().len();
+    for f in flood {
+        f.await.unwrap();
+    }
+    // The quiet tenant's request arrived behind ~23 queued flood requests; fair queueing serves
+    // it after at most the one running and the one at the head of the line.
+    assert!(
+        before <= 4,
+        "the quiet tenant's request finished after {} others: {:?}",
+        before - 1,
+        done.lock().unwrap()
+    );
 }
