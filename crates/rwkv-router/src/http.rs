@@ -72,6 +72,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     telemetry::describe();
     tracing::info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
+    // Streams send one small SSE event per token: without TCP_NODELAY, Nagle's algorithm holds
+    // each one back until the client's delayed ACK (~40 ms), which shows up as TTFT and ITL.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await
