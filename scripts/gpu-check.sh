@@ -14,7 +14,8 @@
 #    a failure, writes each log to $OUT/gpu-check (or /tmp/gpu-check) and prints a summary
 #    table last. Exit status: 0 only if every binary passed.
 # Environment: GPU_CHECK_TIMEOUT (seconds per binary, default 300), GPU_CHECK_FILTER (a test
-# name filter passed to every binary).
+# name filter passed to every binary), GPU_CHECK_SKIP_TESTS=1 (only the serving benchmark),
+# GPU_CHECK_SERVE=0 (skip the serving benchmark), GPU_CHECK_SERVE_SWEEP / _PROMPTS / _TIMEOUT.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 BIN=.carry/bin
@@ -98,6 +99,7 @@ failed=0
 for bin in "$BIN"/*; do
     name=$(basename "$bin")
     [ "$name" = BUILD_ROOT ] && continue
+    [ "${GPU_CHECK_SKIP_TESTS:-0}" = 1 ] && continue
     chmod +x "$bin" 2>/dev/null
     log="$LOGS/$name.log"
     echo
@@ -113,7 +115,7 @@ for bin in "$BIN"/*; do
 done
 
 # End to end through the CLI: the same tokens on both backends, and a greedy generation.
-if [ -x .carry/cli/rwkv ]; then
+if [ -x .carry/cli/rwkv ] && [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
     echo
     echo "===== cli"
     m=tests/fixtures/rwkv6-tiny-c256-l3.safetensors
@@ -133,6 +135,43 @@ PY
     .carry/cli/rwkv generate --backend cuda --model $m --prompt a --max-tokens 16 --temperature 0 || cli_rc=1
     [ "$cli_rc" -ne 0 ] && failed=1
     summary+=("$(printf '%-8s %4s %6ss  %s' cli "$cli_rc" - "forward cuda vs cpu, generate --backend cuda")")
+fi
+
+# Serving on the GPU: `rwkv serve --backend cuda` on a random-weight 1.6B-shaped model, loaded
+# by `rwkv bench serve` with a concurrency sweep (skip with GPU_CHECK_SERVE=0).
+if [ -x .carry/cli/rwkv ] && [ "${GPU_CHECK_SERVE:-1}" != 0 ]; then
+    echo
+    echo "===== serve"
+    serve_rc=0
+    model=/tmp/bench-1b6.safetensors
+    [ -f $model ] || .carry/cli/rwkv bench --make-model 2048,24,65536 $model > /dev/null || serve_rc=1
+    RUST_LOG=warn .carry/cli/rwkv serve --model $model --backend cuda --slots 256 \
+        --max-batch-tokens 4096 --listen 127.0.0.1:8000 > "$LOGS/serve.log" 2>&1 &
+    serve_pid=$!
+    for _ in $(seq 1 120); do
+        curl -sf localhost:8000/ready > /dev/null 2>&1 && break
+        sleep 1
+    done
+    if curl -sf localhost:8000/ready > /dev/null 2>&1; then
+        # One user alone (few prompts: each takes 128 sequential steps), then a sweep where
+        # every point has enough prompts to fill its concurrency.
+        timeout 90 .carry/cli/rwkv bench serve --endpoint http://127.0.0.1:8000 \
+            --concurrency 1 --num-prompts 12 --input-len 256 --output-len 128 \
+            --json "$LOGS/bench-serve-c1.json" 2>&1 | tee "$LOGS/bench-serve-c1.log"
+        serve_rc=${PIPESTATUS[0]}
+        timeout "${GPU_CHECK_SERVE_TIMEOUT:-180}" .carry/cli/rwkv bench serve \
+            --endpoint http://127.0.0.1:8000 --concurrency "${GPU_CHECK_SERVE_SWEEP:-16,64,256}" \
+            --num-prompts "${GPU_CHECK_SERVE_PROMPTS:-256}" --input-len 256 --output-len 128 \
+            --json "$LOGS/bench-serve.json" --plot "$LOGS/bench-serve.svg" 2>&1 | tee "$LOGS/bench-serve.log"
+        [ "${PIPESTATUS[0]}" -ne 0 ] && serve_rc=1
+        curl -s localhost:8000/metrics > "$LOGS/serve-metrics.txt" 2>/dev/null
+    else
+        echo "rwkv serve did not become ready; its log:"; tail -20 "$LOGS/serve.log"
+        serve_rc=1
+    fi
+    kill $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null
+    [ "$serve_rc" -ne 0 ] && failed=1
+    summary+=("$(printf '%-8s %4s %6ss  %s' serve "$serve_rc" - "rwkv serve --backend cuda + rwkv bench serve (1.6B shape)")")
 fi
 
 echo

@@ -5,7 +5,8 @@ use rwkv_cpu::{CpuBackend, CpuOptions, Precision};
 use rwkv_model::{Backend, ModelWeights};
 
 /// `--backend` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// CUDA if a GPU is usable, else the CPU.
     Auto,
@@ -16,7 +17,8 @@ pub enum BackendKind {
 }
 
 /// CPU weight handling for `--backend cpu` (and the CPU fallback of `auto`).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum CpuPrecision {
     /// f32 weights: the exact reference numerics.
     F32,
@@ -33,8 +35,19 @@ pub fn open(
     kind: BackendKind,
     cpu_precision: CpuPrecision,
 ) -> anyhow::Result<Box<dyn Backend>> {
+    open_on(weights, slots, kind, cpu_precision, 0)
+}
+
+/// Like [`open`], on GPU `device` when the backend is CUDA.
+pub fn open_on(
+    weights: &ModelWeights,
+    slots: usize,
+    kind: BackendKind,
+    cpu_precision: CpuPrecision,
+    device: usize,
+) -> anyhow::Result<Box<dyn Backend>> {
     if kind != BackendKind::Cpu {
-        match open_cuda(weights, slots) {
+        match open_cuda(weights, slots, device) {
             Ok(backend) => return Ok(backend),
             Err(err) if kind == BackendKind::Cuda => return Err(err),
             Err(err) => eprintln!("[rwkv] no usable GPU ({err:#}); running on the CPU"),
@@ -52,19 +65,39 @@ pub fn open(
     Ok(Box::new(CpuBackend::with_options(weights, slots, options)))
 }
 
+/// Whether `auto` would pick a GPU: the binary has CUDA and the driver library is installed.
+pub fn gpu_likely(kind: BackendKind) -> bool {
+    match kind {
+        BackendKind::Cpu => false,
+        BackendKind::Cuda => true,
+        #[cfg(feature = "cuda")]
+        BackendKind::Auto => rwkv_cuda::driver_available(),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Auto => false,
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn open_cuda(weights: &ModelWeights, slots: usize) -> anyhow::Result<Box<dyn Backend>> {
+fn open_cuda(
+    weights: &ModelWeights,
+    slots: usize,
+    device: usize,
+) -> anyhow::Result<Box<dyn Backend>> {
     // Probe first: creating a CUDA context where libcuda is absent would panic inside cudarc.
     anyhow::ensure!(
         rwkv_cuda::driver_available(),
         "the CUDA driver library is not installed"
     );
-    let backend = rwkv_cuda::CudaBackend::new(weights, slots, 0)?;
+    let backend = rwkv_cuda::CudaBackend::new(weights, slots, device)?;
     eprintln!("[rwkv] running on {}", backend.name());
     Ok(Box::new(backend))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(_weights: &ModelWeights, _slots: usize) -> anyhow::Result<Box<dyn Backend>> {
+fn open_cuda(
+    _weights: &ModelWeights,
+    _slots: usize,
+    _device: usize,
+) -> anyhow::Result<Box<dyn Backend>> {
     anyhow::bail!("this binary was built without the `cuda` feature")
 }

@@ -1,5 +1,6 @@
-//! `rwkv bench`: prefill and decode throughput of the CPU backend on a checkpoint, and a generator
-//! for random-weight benchmark models (`--make-model C,L,V OUT`).
+//! `rwkv bench`: prefill and decode throughput of the CPU backend on a checkpoint, a generator
+//! for random-weight benchmark models (`--make-model C,L,V OUT`), and `rwkv bench serve`, a load
+//! generator for the HTTP API (module `serve`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,8 +10,15 @@ use rwkv_cpu::{CpuBackend, CpuOptions, Isa, Precision};
 use rwkv_model::synthetic::{random_checkpoint, SyntheticSpec};
 use rwkv_model::{Backend, Checkpoint, ModelWeights, OutputRows, SeqStep};
 
+// The HTTP load generator has several modules of its own; it lives in `cmd/bench_serve/`.
+#[path = "bench_serve/mod.rs"]
+pub mod serve;
+
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Checkpoint to benchmark (.pth or .safetensors).
     #[arg(long, required_unless_present = "make_model")]
     model: Option<PathBuf>,
@@ -53,7 +61,17 @@ pub struct Args {
     json: bool,
 }
 
+#[derive(clap::Subcommand)]
+enum BenchCommand {
+    /// Load-test an OpenAI-compatible HTTP endpoint (`rwkv serve`, `rwkv router`, ...): TTFT,
+    /// inter-token latency and throughput at request rates or concurrencies (vLLM-style).
+    Serve(serve::Args),
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(BenchCommand::Serve(serve_args)) = args.command {
+        return serve::run(serve_args);
+    }
     if let Some(shape) = &args.make_model {
         let out = args
             .out

@@ -2,10 +2,16 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cluster_args;
+pub mod eval;
 pub mod forward;
 pub mod generate;
 pub mod inspect;
+pub mod router;
+pub mod serve;
+pub mod server;
 pub mod tokenize;
+pub mod worker;
 
 use anyhow::{bail, Context};
 

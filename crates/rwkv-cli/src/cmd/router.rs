@@ -1,0 +1,79 @@
+//! `rwkv router`: the HTTP API in front of the workers registered in etcd.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rwkv_router::WorkerPool;
+use rwkv_tokenizer::Tokenizer;
+use serde::Deserialize;
+
+use super::cluster_args::EtcdArgs;
+use super::serve::RouterArgs;
+use super::server;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "RWKV_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    router: RouterArgs,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(flatten)]
+    extra: RouterOnlyArgs,
+}
+
+#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterOnlyArgs {
+    /// `world`, a Hugging Face tokenizer.json, or a World vocabulary .txt [default: world].
+    #[arg(long, env = "RWKV_TOKENIZER")]
+    pub tokenizer: Option<String>,
+    /// Model for requests that name none [default: the only model served].
+    #[arg(long, env = "RWKV_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct RouterFile {
+    #[serde(flatten)]
+    router: RouterArgs,
+    #[serde(flatten)]
+    etcd: EtcdArgs,
+    #[serde(flatten)]
+    extra: RouterOnlyArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    server::init_tracing();
+    let file: RouterFile = server::read_config(args.config.as_deref())?;
+    let router_args = args.router.or(file.router);
+    let etcd_args = args.etcd.or(file.etcd);
+    let tokenizer_spec = args.extra.tokenizer.or(file.extra.tokenizer);
+    let default_model = args.extra.default_model.or(file.extra.default_model);
+    let tokenizer = Tokenizer::load(tokenizer_spec.as_deref().unwrap_or("world"))?;
+    let prometheus = server::install_metrics()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let registry = etcd_args.connect().await?;
+        let pool = WorkerPool::new(router_args.pool_config());
+        pool.follow(&registry).await?;
+        let cfg = router_args.router_config(default_model);
+        let router = router_args.build_router(cfg, pool, Arc::new(tokenizer), prometheus)?;
+        let listen = router_args
+            .listen
+            .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 8000)));
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!("[rwkv] router on http://{}", listener.local_addr()?);
+        rwkv_router::serve_http(router, listener, server::shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}

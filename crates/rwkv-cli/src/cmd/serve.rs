@@ -1,0 +1,193 @@
+//! `rwkv serve`: the router and one in-process worker in one process, no etcd needed.
+//!
+//! The worker still serves its gRPC API (on a loopback port), and the router reaches it through
+//! the same client, pool and failover code as in a cluster, so single-process mode runs the
+//! production path.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rwkv_cluster::{MemoryRegistry, Registry, WorkerRecord};
+use rwkv_router::{PoolConfig, Router, RouterConfig, WorkerPool};
+use rwkv_worker::WorkerService;
+use serde::Deserialize;
+
+use super::server::{self, EngineArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "RWKV_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    router: RouterArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Router settings (flags, `RWKV_*` variables or TOML keys).
+#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterArgs {
+    /// HTTP listen address [default: 127.0.0.1:8000].
+    #[arg(long, env = "RWKV_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Requests that may wait for a free worker; more get 429 [default: 256].
+    #[arg(long, env = "RWKV_MAX_QUEUE")]
+    pub max_queue: Option<usize>,
+    /// Seconds a request may spend queued and running [default: 600].
+    #[arg(long, env = "RWKV_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<u64>,
+    /// Longest prompt in tokens [default: 65536].
+    #[arg(long, env = "RWKV_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `max_tokens` [default: 8192].
+    #[arg(long, env = "RWKV_MAX_TOKENS_LIMIT")]
+    pub max_tokens_limit: Option<u32>,
+    /// Largest request body in bytes [default: 4 MiB].
+    #[arg(long, env = "RWKV_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Tenants file (TOML): API keys as SHA-256 digests and per-tenant limits; re-read when it
+    /// changes. Without it the API is open (no key, one tenant).
+    #[arg(long, env = "RWKV_TENANTS")]
+    pub tenants: Option<PathBuf>,
+}
+
+impl RouterArgs {
+    pub fn or(self, file: RouterArgs) -> Self {
+        Self {
+            listen: self.listen.or(file.listen),
+            max_queue: self.max_queue.or(file.max_queue),
+            request_timeout: self.request_timeout.or(file.request_timeout),
+            max_prompt_tokens: self.max_prompt_tokens.or(file.max_prompt_tokens),
+            max_tokens_limit: self.max_tokens_limit.or(file.max_tokens_limit),
+            max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
+            tenants: self.tenants.or(file.tenants),
+        }
+    }
+
+    /// The router over `pool`, with API keys when a tenants file is configured (watched for
+    /// changes as long as the runtime runs).
+    pub fn build_router(
+        &self,
+        cfg: RouterConfig,
+        pool: WorkerPool,
+        tokenizer: Arc<rwkv_tokenizer::Tokenizer>,
+        prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> anyhow::Result<Router> {
+        let router = Router::new(cfg, pool, tokenizer, Some(prometheus));
+        let Some(path) = &self.tenants else {
+            tracing::warn!("no --tenants file: the API is open to anyone who can reach it");
+            return Ok(router);
+        };
+        let tenants =
+            Arc::new(rwkv_router::tenants::Tenants::from_file(path).map_err(anyhow::Error::msg)?);
+        tenants.watch(Duration::from_secs(2));
+        Ok(router.with_tenants(tenants))
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)))
+    }
+
+    pub fn router_config(&self, default_model: Option<String>) -> RouterConfig {
+        let d = RouterConfig::default();
+        RouterConfig {
+            default_model,
+            max_prompt_tokens: self.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),
+            max_tokens_limit: self.max_tokens_limit.unwrap_or(d.max_tokens_limit),
+            max_body_bytes: self.max_body_bytes.unwrap_or(d.max_body_bytes),
+            request_timeout: self
+                .request_timeout
+                .map_or(d.request_timeout, Duration::from_secs),
+            ..d
+        }
+    }
+
+    pub fn pool_config(&self) -> PoolConfig {
+        let d = PoolConfig::default();
+        PoolConfig {
+            max_queue: self.max_queue.unwrap_or(d.max_queue),
+            ..d
+        }
+    }
+}
+
+/// Everything `rwkv serve` reads from a config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ServeFile {
+    #[serde(flatten)]
+    router: RouterArgs,
+    #[serde(flatten)]
+    engine: EngineArgs,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    server::init_tracing();
+    let file: ServeFile = server::read_config(args.config.as_deref())?;
+    let router_args = args.router.or(file.router);
+    let engine_args = args.engine.or(file.engine);
+    let prometheus = server::install_metrics()?;
+    let model = server::load_model(&engine_args)?;
+    let tokenizer = server::load_tokenizer(&engine_args, model.weights.config.vocab_size)?;
+    let (engine, identity) = server::start_engine(&engine_args, &model, &tokenizer, "local")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("cannot open the worker's loopback port")?;
+        let worker_addr = worker_listener.local_addr()?;
+        let service = WorkerService::new(engine.handle(), identity.clone());
+        let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker_task = tokio::spawn(rwkv_worker::serve(
+            service.clone(),
+            worker_listener,
+            async {
+                let _ = worker_stopped.await;
+            },
+        ));
+
+        let registry = MemoryRegistry::new();
+        let registration = registry
+            .register(WorkerRecord {
+                id: identity.worker_id.clone(),
+                address: format!("http://{worker_addr}"),
+                model: identity.model_id.clone(),
+                slots: identity.slots as u32,
+            })
+            .await?;
+        let pool = WorkerPool::new(router_args.pool_config());
+        pool.follow(&registry).await?;
+        let router = router_args.build_router(
+            router_args.router_config(Some(identity.model_id.clone())),
+            pool,
+            Arc::new(tokenizer),
+            prometheus,
+        )?;
+        let listen = router_args.listen();
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        eprintln!(
+            "[rwkv] serving `{}` on http://{} (OpenAI API under /v1; Ctrl-C stops)",
+            identity.model_id,
+            listener.local_addr()?
+        );
+        // Graceful shutdown: stop accepting HTTP, let open streams finish, then drain the worker.
+        rwkv_router::serve_http(router, listener, server::shutdown_signal()).await?;
+        service.start_drain();
+        registration.deregister().await;
+        let _ = stop_worker.send(());
+        let _ = worker_task.await;
+        engine.shutdown();
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,252 @@
+//! What `rwkv serve` and `rwkv worker` share: loading the model (or the demo model), starting the
+//! engine on the best backend, metrics, logging, and waiting for a shutdown signal.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use rwkv_engine::{is_frequency_exempt, Engine, EngineConfig, SchedulerConfig};
+use rwkv_model::{synthetic, Checkpoint, ModelWeights};
+use rwkv_tokenizer::Tokenizer;
+use rwkv_worker::WorkerIdentity;
+use serde::Deserialize;
+
+use super::backend::{BackendKind, CpuPrecision};
+
+/// Model, backend and engine settings: flags, `RWKV_*` environment variables, or keys of the
+/// TOML file given with `--config` (flags win over the environment, which wins over the file).
+#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineArgs {
+    /// Checkpoint (.pth or .safetensors). Without it, a small random-weight demo model is served.
+    #[arg(long, env = "RWKV_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Model name in the API (`model` field, `/v1/models`); default: the file name without its
+    /// extension, or `rwkv6-demo`.
+    #[arg(long, env = "RWKV_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// `world`, a Hugging Face tokenizer.json, or a World vocabulary .txt.
+    #[arg(long, env = "RWKV_TOKENIZER")]
+    pub tokenizer: Option<String>,
+    /// Compute backend [default: auto = CUDA if a GPU is usable, else CPU].
+    #[arg(long, value_enum, env = "RWKV_BACKEND")]
+    pub backend: Option<BackendKind>,
+    /// Weight precision on the CPU [default: bf16].
+    #[arg(long, value_enum, env = "RWKV_CPU_PRECISION")]
+    pub cpu_precision: Option<CpuPrecision>,
+    /// Sequences that run at once (device state slots) [default: 64 on a GPU, 16 on the CPU].
+    #[arg(long, env = "RWKV_SLOTS")]
+    pub slots: Option<usize>,
+    /// Tokens fed per step, all sequences together [default: 2048].
+    #[arg(long, env = "RWKV_MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<usize>,
+    /// Prompt tokens of one sequence per step [default: 512].
+    #[arg(long, env = "RWKV_PREFILL_CHUNK")]
+    pub prefill_chunk: Option<usize>,
+    /// Host memory for swapped-out session states, MiB [default: 4096].
+    #[arg(long, env = "RWKV_HOST_TIER_MB")]
+    pub host_tier_mb: Option<usize>,
+    /// Host memory for cached prefix states, MiB; 0 disables the cache [default: 1024].
+    #[arg(long, env = "RWKV_PREFIX_CACHE_MB")]
+    pub prefix_cache_mb: Option<usize>,
+    /// GPUs to run on, e.g. `0` [default: 0]. Sharding one model over several GPUs of a worker
+    /// is not available yet: run one worker per GPU instead.
+    #[arg(long, env = "RWKV_GPUS")]
+    pub gpus: Option<String>,
+}
+
+impl EngineArgs {
+    /// `self` where set, else `file`.
+    pub fn or(self, file: EngineArgs) -> Self {
+        Self {
+            model: self.model.or(file.model),
+            model_id: self.model_id.or(file.model_id),
+            tokenizer: self.tokenizer.or(file.tokenizer),
+            backend: self.backend.or(file.backend),
+            cpu_precision: self.cpu_precision.or(file.cpu_precision),
+            slots: self.slots.or(file.slots),
+            max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
+            prefill_chunk: self.prefill_chunk.or(file.prefill_chunk),
+            host_tier_mb: self.host_tier_mb.or(file.host_tier_mb),
+            prefix_cache_mb: self.prefix_cache_mb.or(file.prefix_cache_mb),
+            gpus: self.gpus.or(file.gpus),
+        }
+    }
+}
+
+/// Reads a TOML config file into `T` (unknown keys are errors that name the key).
+pub fn read_config<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&Path>,
+) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Shape of the built-in demo model: small enough to start in a second on any CPU, with the
+/// World vocabulary so text prompts work.
+const DEMO_SHAPE: (usize, usize, usize) = (256, 4, 65536);
+
+/// A loaded (or generated) model with its identity.
+pub struct LoadedModel {
+    pub weights: ModelWeights,
+    pub model_id: String,
+    pub hash: [u8; 32],
+}
+
+pub fn load_model(args: &EngineArgs) -> anyhow::Result<LoadedModel> {
+    let (ckpt, default_id) = match &args.model {
+        Some(path) => {
+            let ckpt = Checkpoint::open(path)?;
+            let id = path
+                .file_stem()
+                .map_or_else(|| "rwkv".into(), |s| s.to_string_lossy().into_owned());
+            (ckpt, id)
+        }
+        None => {
+            let (c, l, v) = DEMO_SHAPE;
+            tracing::warn!(
+                "no --model given: serving a built-in RANDOM-WEIGHT demo model (rwkv6-demo, \
+                 C={c} L={l} V={v}); its output is gibberish. Pass --model PATH for a real model."
+            );
+            let spec = synthetic::SyntheticSpec::new(c, l, v);
+            let ckpt = Checkpoint::from_tensors("rwkv6-demo", synthetic::random_checkpoint(&spec));
+            (ckpt, "rwkv6-demo".to_owned())
+        }
+    };
+    let weights = ModelWeights::from_checkpoint(&ckpt)?;
+    let hash = ckpt.fingerprint();
+    Ok(LoadedModel {
+        weights,
+        model_id: args.model_id.clone().unwrap_or(default_id),
+        hash,
+    })
+}
+
+pub fn load_tokenizer(args: &EngineArgs, vocab: usize) -> anyhow::Result<Tokenizer> {
+    let tokenizer = Tokenizer::load(args.tokenizer.as_deref().unwrap_or("world"))?;
+    anyhow::ensure!(
+        tokenizer.vocab_size() <= vocab,
+        "the tokenizer has {} tokens but the model only {vocab}: wrong --tokenizer for this model?",
+        tokenizer.vocab_size()
+    );
+    Ok(tokenizer)
+}
+
+/// Starts the engine on the chosen backend; returns it with what the worker tells about itself.
+pub fn start_engine(
+    args: &EngineArgs,
+    model: &LoadedModel,
+    tokenizer: &Tokenizer,
+    worker_id: &str,
+) -> anyhow::Result<(Engine, WorkerIdentity)> {
+    let kind = args.backend.unwrap_or(BackendKind::Auto);
+    let precision = args.cpu_precision.unwrap_or(CpuPrecision::Bf16);
+    let default_slots = if super::backend::gpu_likely(kind) {
+        64
+    } else {
+        16
+    };
+    let slots = args.slots.unwrap_or(default_slots);
+    anyhow::ensure!(slots > 0, "--slots must be at least 1");
+    let device = gpu_device(args.gpus.as_deref())?;
+    let backend = super::backend::open_on(&model.weights, slots, kind, precision, device)?;
+    let backend_name = backend.name();
+    let vocab = model.weights.config.vocab_size;
+    let frequency_exempt = (0..vocab as u32)
+        .filter(|&id| tokenizer.token_bytes(id).is_some_and(is_frequency_exempt))
+        .collect();
+    let scheduler = SchedulerConfig {
+        max_batch_tokens: args.max_batch_tokens.unwrap_or(2048),
+        max_batch_size: slots,
+        prefill_chunk: args.prefill_chunk.unwrap_or(512),
+        ..SchedulerConfig::default()
+    };
+    let cfg = EngineConfig {
+        scheduler: scheduler.clone(),
+        model_id: model.model_id.clone(),
+        model_hash: model.hash,
+        host_tier_bytes: args.host_tier_mb.unwrap_or(4096) << 20,
+        prefix_cache_bytes: args.prefix_cache_mb.unwrap_or(1024) << 20,
+        frequency_exempt,
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(backend, cfg)?;
+    tracing::info!(
+        model = model.model_id,
+        backend = backend_name,
+        slots,
+        "engine started"
+    );
+    let identity = WorkerIdentity {
+        worker_id: worker_id.to_owned(),
+        model_id: model.model_id.clone(),
+        model_hash: model.hash,
+        backend: backend_name,
+        slots,
+        max_batch_size: scheduler.max_batch_size,
+        max_waiting: scheduler.max_waiting,
+    };
+    Ok((engine, identity))
+}
+
+/// The one GPU of `--gpus`.
+fn gpu_device(gpus: Option<&str>) -> anyhow::Result<usize> {
+    let Some(list) = gpus else { return Ok(0) };
+    let ids = super::parse_ids(list).context("--gpus takes comma-separated GPU indices")?;
+    match ids.as_slice() {
+        [one] => Ok(*one as usize),
+        [] => anyhow::bail!("--gpus is empty"),
+        _ => anyhow::bail!(
+            "--gpus {list}: sharding one model over several GPUs (tensor parallel over NCCL) is \
+             not available in the CUDA backend yet; run one worker per GPU (`--gpus 0`, `--gpus 1`)"
+        ),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Installs the Prometheus recorder (before the engine starts: it resolves its handles once)
+/// and registers every metric's description.
+pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    rwkv_engine::telemetry::describe();
+    rwkv_worker::telemetry::describe();
+    rwkv_router::telemetry::describe();
+    Ok(handle)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,184 @@
+//! `rwkv worker`: one engine behind the worker gRPC service, registered in etcd.
+//!
+//! On SIGTERM/Ctrl-C it drains: it leaves the registry (routers stop sending), refuses new work,
+//! lets the work in flight finish (up to `--drain-timeout`), then stops.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rwkv_cluster::{Registry, WorkerRecord};
+use rwkv_worker::WorkerService;
+use serde::Deserialize;
+
+use super::cluster_args::EtcdArgs;
+use super::server::{self, EngineArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// TOML file with any of the settings below (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "RWKV_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerArgs {
+    /// gRPC listen address [default: 0.0.0.0:50051].
+    #[arg(long, env = "RWKV_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// URL routers use to reach this worker, e.g. `http://worker-0.workers:50051`
+    /// [default: http://<listen> when it is not a wildcard address].
+    #[arg(long, env = "RWKV_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Unique id in the cluster [default: the host name and port].
+    #[arg(long, env = "RWKV_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Serve `/metrics` (Prometheus) and `/health` on this address.
+    #[arg(long, env = "RWKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Seconds to let work in flight finish on shutdown [default: 60].
+    #[arg(long, env = "RWKV_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<u64>,
+}
+
+impl WorkerArgs {
+    pub fn or(self, file: WorkerArgs) -> Self {
+        Self {
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            worker_id: self.worker_id.or(file.worker_id),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            drain_timeout: self.drain_timeout.or(file.drain_timeout),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WorkerFile {
+    #[serde(flatten)]
+    worker: WorkerArgs,
+    #[serde(flatten)]
+    etcd: EtcdArgs,
+    #[serde(flatten)]
+    engine: EngineArgs,
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "worker".into())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    server::init_tracing();
+    let file: WorkerFile = server::read_config(args.config.as_deref())?;
+    let worker_args = args.worker.or(file.worker);
+    let etcd_args = args.etcd.or(file.etcd);
+    let engine_args = args.engine.or(file.engine);
+    anyhow::ensure!(
+        engine_args.model.is_some(),
+        "--model is required for a worker (only `rwkv serve` has a built-in demo model)"
+    );
+    let listen = worker_args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)));
+    let advertise = match &worker_args.advertise {
+        Some(url) => url.clone(),
+        None if !listen.ip().is_unspecified() => format!("http://{listen}"),
+        None => anyhow::bail!(
+            "--advertise is required when listening on {listen}: routers need an address they can reach"
+        ),
+    };
+    let worker_id = worker_args
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
+    let prometheus = server::install_metrics()?;
+    let model = server::load_model(&engine_args)?;
+    let tokenizer = server::load_tokenizer(&engine_args, model.weights.config.vocab_size)?;
+    let (engine, identity) = server::start_engine(&engine_args, &model, &tokenizer, &worker_id)?;
+    let drain_timeout = Duration::from_secs(worker_args.drain_timeout.unwrap_or(60));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        if let Some(addr) = worker_args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+            let app = axum::Router::new()
+                .route("/health", axum::routing::get(|| async { "ok" }))
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let text = prometheus.render();
+                        async move { text }
+                    }),
+                );
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let service = WorkerService::new(engine.handle(), identity.clone());
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(rwkv_worker::serve(service.clone(), listener, async {
+            let _ = server_stopped.await;
+        }));
+        let registry = etcd_args.connect().await?;
+        let registration = registry
+            .register(WorkerRecord {
+                id: worker_id.clone(),
+                address: advertise.clone(),
+                model: identity.model_id.clone(),
+                slots: identity.slots as u32,
+            })
+            .await?;
+        eprintln!(
+            "[rwkv] worker `{worker_id}` serving `{}` at {advertise}",
+            identity.model_id
+        );
+        server::shutdown_signal().await;
+
+        // Drain: leave the registry, refuse new work, let the work in flight finish.
+        service.start_drain();
+        registration.deregister().await;
+        let deadline = Instant::now() + drain_timeout;
+        let handle = engine.handle();
+        loop {
+            let stats = tokio::task::spawn_blocking({
+                let handle = handle.clone();
+                move || handle.stats()
+            })
+            .await??;
+            if stats.running + stats.waiting == 0 || Instant::now() >= deadline {
+                tracing::info!(
+                    unfinished = stats.running + stats.waiting,
+                    "drained; stopping"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = stop_server.send(());
+        let _ = server.await;
+        engine.shutdown();
+        anyhow::Ok(())
+    })
+}
