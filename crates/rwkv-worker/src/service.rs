@@ -101,6 +101,15 @@ impl WorkerService {
     }
 }
 
+/// Sets its flag when dropped (a cancelled RPC's future is dropped, not polled to the end).
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// Moves one generation's events from the engine's blocking channel to the gRPC stream, on a
 /// blocking-pool thread. Returning drops `stream`, which cancels the sequence if it still runs:
 /// that is how a disconnected client frees its slot.
@@ -167,11 +176,22 @@ impl Worker for WorkerService {
     ) -> Result<Response<wv1::ScoreResponse>, Status> {
         self.refuse_if_draining()?;
         let req = convert::score_request(request.into_inner())?;
+        // tonic drops this future when the client goes away; the guard tells the waiting thread,
+        // which then drops the pending score, and that cancels it in the engine.
+        let gone = Arc::new(AtomicBool::new(false));
+        let _guard = SetOnDrop(gone.clone());
         self.blocking("score", move |engine| {
-            engine
-                .score(req)
-                .map(convert::score_response)
-                .map_err(|e| status_of(&e))
+            let pending = engine.submit_score(req).map_err(|e| status_of(&e))?;
+            loop {
+                if let Some(result) = pending.wait_timeout(CLIENT_POLL) {
+                    return result
+                        .map(convert::score_response)
+                        .map_err(|e| status_of(&e));
+                }
+                if gone.load(Ordering::SeqCst) {
+                    return Err(Status::cancelled("the client went away"));
+                }
+            }
         })
         .await
     }
