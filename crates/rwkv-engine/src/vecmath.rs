@@ -128,10 +128,31 @@ pub(crate) fn exp_shifted(logits: &[f32], max: f32, scale: f32, out: &mut [f32])
     debug_assert_eq!(logits.len(), out.len());
     // Two simple loops rather than one fused loop: LLVM vectorises each of them, but not the
     // fused version (the store-then-accumulate pattern defeats its SLP pass).
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        unsafe { exp_into_avx2(logits, max, scale, out) };
+        return sum(out);
+    }
+    exp_into(logits, max, scale, out);
+    sum(out)
+}
+
+#[inline(always)]
+fn exp_into(logits: &[f32], max: f32, scale: f32, out: &mut [f32]) {
     for (o, &l) in out.iter_mut().zip(logits) {
         *o = exp_nonpositive((l - max) * scale);
     }
-    sum(out)
+}
+
+/// [`exp_into`] compiled for AVX2: twice the lanes of baseline x86-64's SSE2. The same IEEE
+/// operations in the same order (Rust never fuses a multiply-add on its own, and FMA is not
+/// enabled), so the results are bit-identical to the baseline path; only the speed differs. This
+/// pass is half of a top-p sampling step over 65,536 logits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn exp_into_avx2(logits: &[f32], max: f32, scale: f32, out: &mut [f32]) {
+    exp_into(logits, max, scale, out);
 }
 
 /// Sum of `xs`, in `f32` lanes added up in `f64`.
@@ -189,6 +210,26 @@ mod tests {
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert_eq!(exp_nonpositive(-88.0), 0.0);
         assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn the_avx2_exp_pass_is_bit_identical_to_the_baseline_one() {
+        let logits: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 2000) as f32 * -0.05)
+            .collect();
+        let (mut base, mut wide) = (vec![0.0; logits.len()], vec![0.0; logits.len()]);
+        exp_into(&logits, 0.5, 0.7, &mut base);
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 is present.
+            unsafe { exp_into_avx2(&logits, 0.5, 0.7, &mut wide) };
+            let same = base
+                .iter()
+                .zip(&wide)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same);
+        }
+        assert!(base.iter().all(|v| v.is_finite() && *v >= 0.0));
     }
 
     #[test]
