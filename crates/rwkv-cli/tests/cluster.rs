@@ -6,9 +6,8 @@
 //! Needs the `etcd` binary (Debian's `etcd-server`, which `.ci/run` installs). Without it the
 //! test says so and passes, unless `RWKV_REQUIRE_ETCD=1` (set in CI) makes that a failure.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -16,23 +15,9 @@ use serde_json::{json, Value};
 
 const MAX_TOKENS: usize = 12;
 
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
+mod common;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, Proc};
 
 fn etcd_binary() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -8,10 +8,8 @@
 //! - 5-shot prompts reuse the subject's cached few-shot state, with the same results as without;
 //! - a malformed CSV row is an error naming the file and line.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -192,38 +190,15 @@ fn a_prediction_is_the_argmax_of_a_direct_forward_pass() {
     );
 }
 
-/// A child process killed when the test ends, however it ends.
-struct Proc(Child);
+mod common;
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn http_get_status(addr: &str, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
-}
+use common::{free_port, get_status as http_get_status, Proc};
 
 #[test]
 fn endpoint_and_in_process_give_the_same_answers() {
     let dir = tempfile::tempdir().unwrap();
     let model = make_model(dir.path());
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let _server = Proc(
         Command::new(env!("CARGO_BIN_EXE_rwkv"))

@@ -56,10 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let default_model = args.extra.default_model.or(file.extra.default_model);
     let tokenizer = Tokenizer::load(tokenizer_spec.as_deref().unwrap_or("world"))?;
     let prometheus = server::install_metrics()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = server::runtime()?;
     runtime.block_on(async move {
         let registry = etcd_args.connect().await?;
         let pool = WorkerPool::new(router_args.pool_config());

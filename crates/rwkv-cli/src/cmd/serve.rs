@@ -136,10 +136,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let model = server::load_model(&engine_args)?;
     let tokenizer = server::load_tokenizer(&engine_args, model.weights.config.vocab_size)?;
     let (engine, identity) = server::start_engine(&engine_args, &model, &tokenizer, "local")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = server::runtime()?;
     runtime.block_on(async move {
         let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

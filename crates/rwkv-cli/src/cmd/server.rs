@@ -206,6 +206,14 @@ fn gpu_device(gpus: Option<&str>) -> anyhow::Result<usize> {
     }
 }
 
+/// The async runtime of the server commands (the engine has its own thread).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

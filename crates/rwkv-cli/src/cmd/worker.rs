@@ -113,10 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = server::load_tokenizer(&engine_args, model.weights.config.vocab_size)?;
     let (engine, identity) = server::start_engine(&engine_args, &model, &tokenizer, &worker_id)?;
     let drain_timeout = Duration::from_secs(worker_args.drain_timeout.unwrap_or(60));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = server::runtime()?;
     runtime.block_on(async move {
         if let Some(addr) = worker_args.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr)
