@@ -4,7 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // prost-build finds protoc through this variable; a build script is single-threaded.
     std::env::set_var("PROTOC", protoc);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with `env!`: the compiled build script is shared by checkouts of the
+    // same package in other directories (worktrees using one target dir).
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let root = std::path::Path::new(&manifest_dir).join("../../proto");
     let files = [root.join("rwkv/worker/v1/worker.proto")];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
