@@ -637,10 +637,11 @@ async fn a_flooding_tenant_does_not_starve_another() {
     for f in flood {
         f.await.unwrap();
     }
-    // The quiet tenant's request arrived behind ~23 queued flood requests; fair queueing serves
-    // it after at most the one running and the one at the head of the line.
+    // The quiet tenant's request arrived behind 16 queued flood requests (8 more came after it).
+    // Fair queueing serves it right after the flood's head of line; the bound leaves room for
+    // scheduling jitter on a loaded machine (without fair queueing it finished 22nd of 25).
     assert!(
-        before <= 4,
+        before <= 8,
         "the quiet tenant's request finished after {} others: {:?}",
         before - 1,
         done.lock().unwrap()
