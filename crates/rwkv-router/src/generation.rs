@@ -14,7 +14,7 @@ use rwkv_proto::wv1;
 use rwkv_tokenizer::{StopChecker, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::error::ApiError;
 use crate::pool::{Lease, WorkerPool};
@@ -224,10 +224,7 @@ async fn run(
                     generated = progress.generated.len(),
                     "worker failed mid-request ({status}); failing over"
                 );
-                if status.code() != Code::ResourceExhausted {
-                    pool.record_failure(&lease.worker);
-                }
-                metrics::counter!(telemetry::FAILOVERS).increment(1);
+                pool.record_failover(&lease.worker, &status);
                 tried.push(worker_id);
                 last_error = Some(status);
             }
@@ -340,14 +337,10 @@ async fn attempt(
 
 /// Worker faults are retried elsewhere; request faults go back to the client.
 fn classify(status: Status) -> AttemptError {
-    match status.code() {
-        Code::Unavailable
-        | Code::Unknown
-        | Code::Aborted
-        | Code::Cancelled
-        | Code::ResourceExhausted
-        | Code::Internal => AttemptError::Retry(status),
-        _ => AttemptError::Fatal(ApiError::from_status(&status)),
+    if crate::pool::is_worker_fault(status.code()) {
+        AttemptError::Retry(status)
+    } else {
+        AttemptError::Fatal(ApiError::from_status(&status))
     }
 }
 

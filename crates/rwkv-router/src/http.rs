@@ -175,14 +175,19 @@ fn check_prompt(state: &Router, tokens: &[u32], field: &str) -> Result<(), ApiEr
         e.code = Some("context_length_exceeded");
         return Err(e);
     }
+    check_vocab(state, tokens, field)
+}
+
+/// Token ids from a client must name tokens of the vocabulary.
+fn check_vocab(state: &Router, tokens: &[u32], field: &str) -> Result<(), ApiError> {
     let vocab = state.tokenizer.vocab_size();
-    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(ApiError::invalid(
             field,
             format!("token id {bad} is outside the vocabulary (size {vocab})"),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The text of a token for logprobs displays (invalid UTF-8 shown lossily).
@@ -984,13 +989,7 @@ struct DetokenizeRequest {
 async fn detokenize(State(state): State<Router>, body: Body) -> Result<Json<Value>, ApiError> {
     let body = read_body(&state, body).await?;
     let req: DetokenizeRequest = api::parse(&body)?;
-    let vocab = state.tokenizer.vocab_size();
-    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::invalid(
-            "tokens",
-            format!("token id {bad} is outside the vocabulary (size {vocab})"),
-        ));
-    }
+    check_vocab(&state, &req.tokens, "tokens")?;
     let bytes = state.tokenizer.decode_bytes_lossy(&req.tokens);
     Ok(Json(
         json!({"prompt": String::from_utf8_lossy(&bytes).into_owned()}),

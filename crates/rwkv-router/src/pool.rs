@@ -408,6 +408,30 @@ impl WorkerPool {
     pub fn record_success(&self, worker: &WorkerEntry) {
         worker.failures.store(0, Ordering::SeqCst);
     }
+
+    /// A request leaves `worker` for another after `status`: an overloaded worker is busy, not
+    /// failing, so only other faults feed its circuit breaker.
+    pub fn record_failover(&self, worker: &WorkerEntry, status: &tonic::Status) {
+        if status.code() != tonic::Code::ResourceExhausted {
+            self.record_failure(worker);
+        }
+        metrics::counter!(telemetry::FAILOVERS).increment(1);
+    }
+}
+
+/// Whether a worker's answer says the worker (not the request) is at fault, so another worker
+/// may succeed: it is down, overloaded, or failed internally.
+pub fn is_worker_fault(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Aborted
+            | Code::Cancelled
+            | Code::ResourceExhausted
+            | Code::Internal
+    )
 }
 
 enum Pick {

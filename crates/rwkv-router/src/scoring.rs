@@ -4,11 +4,9 @@
 
 use rwkv_proto::wv1;
 use tokio::time::Instant;
-use tonic::Code;
 
 use crate::error::ApiError;
-use crate::pool::{PoolError, WorkerPool};
-use crate::telemetry;
+use crate::pool::{is_worker_fault, PoolError, WorkerPool};
 
 /// A scoring request, validated and tokenized.
 #[derive(Clone, Debug)]
@@ -66,27 +64,17 @@ pub async fn score(pool: &WorkerPool, spec: &ScoreSpec) -> Result<wv1::ScoreResp
                 pool.remember_prefix(&spec.context, &lease.worker.record.id);
                 return Ok(response.into_inner());
             }
-            Ok(Err(status)) => match status.code() {
-                Code::Unavailable
-                | Code::Unknown
-                | Code::Aborted
-                | Code::Cancelled
-                | Code::Internal
-                | Code::ResourceExhausted => {
-                    tracing::warn!(
-                        request_id = spec.request_id,
-                        worker = lease.worker.record.id,
-                        "scoring failed on a worker ({status}); trying another"
-                    );
-                    if status.code() != Code::ResourceExhausted {
-                        pool.record_failure(&lease.worker);
-                    }
-                    metrics::counter!(telemetry::FAILOVERS).increment(1);
-                    tried.push(lease.worker.record.id.clone());
-                    last_error = status.message().to_owned();
-                }
-                _ => return Err(ApiError::from_status(&status)),
-            },
+            Ok(Err(status)) if is_worker_fault(status.code()) => {
+                tracing::warn!(
+                    request_id = spec.request_id,
+                    worker = lease.worker.record.id,
+                    "scoring failed on a worker ({status}); trying another"
+                );
+                pool.record_failover(&lease.worker, &status);
+                tried.push(lease.worker.record.id.clone());
+                last_error = status.message().to_owned();
+            }
+            Ok(Err(status)) => return Err(ApiError::from_status(&status)),
         }
     }
     Err(ApiError::unavailable(format!(

@@ -69,6 +69,13 @@ struct Bucket {
     updated: Instant,
 }
 
+/// Requests the token bucket holds: `burst`, but at least one second's worth of `rate` and 1.
+fn bucket_depth(config: &TenantConfig, rate: f64) -> f64 {
+    f64::from(config.burst.unwrap_or(0))
+        .max(rate.ceil())
+        .max(1.0)
+}
+
 /// Held while a request runs; releases the tenant's concurrency slot when dropped.
 #[derive(Debug)]
 pub struct Admission {
@@ -91,9 +98,7 @@ const WINDOW: Duration = Duration::from_secs(60);
 
 impl Tenant {
     fn new(config: TenantConfig) -> Self {
-        let burst = f64::from(config.burst.unwrap_or(0))
-            .max(config.requests_per_second.unwrap_or(1.0).ceil())
-            .max(1.0);
+        let burst = bucket_depth(&config, config.requests_per_second.unwrap_or(1.0));
         Self {
             config,
             bucket: Mutex::new(Bucket {
@@ -155,9 +160,7 @@ impl Tenant {
             tenant: self.clone(),
         };
         if let Some(rate) = self.config.requests_per_second {
-            let burst = f64::from(self.config.burst.unwrap_or(0))
-                .max(rate.ceil())
-                .max(1.0);
+            let burst = bucket_depth(&self.config, rate);
             let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
             b.tokens = (b.tokens + now.duration_since(b.updated).as_secs_f64() * rate).min(burst);

@@ -91,6 +91,21 @@ impl WorkerService {
         result.map(Response::new)
     }
 
+    /// Stops admitting work and waits until the work in flight has finished or `timeout` has
+    /// passed; returns the load then (nonzero `running`/`waiting` if the timeout won).
+    pub async fn drain_for(&self, timeout: Duration) -> Result<wv1::WorkerLoad, Status> {
+        self.start_drain();
+        tracing::info!(?timeout, "draining");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let load = self.load_now().await?;
+            if (load.running == 0 && load.waiting == 0) || Instant::now() >= deadline {
+                return Ok(load);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn load_now(&self) -> Result<wv1::WorkerLoad, Status> {
         let draining = self.is_draining();
         let stats = self
@@ -309,16 +324,7 @@ impl Worker for WorkerService {
         request: Request<wv1::DrainRequest>,
     ) -> Result<Response<wv1::WorkerLoad>, Status> {
         let timeout = Duration::from_millis(request.into_inner().timeout_ms);
-        self.start_drain();
-        tracing::info!(?timeout, "draining");
-        let deadline = Instant::now() + timeout;
-        loop {
-            let load = self.load_now().await?;
-            if (load.running == 0 && load.waiting == 0) || Instant::now() >= deadline {
-                return Ok(Response::new(load));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.drain_for(timeout).await.map(Response::new)
     }
 }
 

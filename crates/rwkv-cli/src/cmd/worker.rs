@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use rwkv_cluster::{Registry, WorkerRecord};
@@ -156,23 +156,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Drain: leave the registry, refuse new work, let the work in flight finish.
         service.start_drain();
         registration.deregister().await;
-        let deadline = Instant::now() + drain_timeout;
-        let handle = engine.handle();
-        loop {
-            let stats = tokio::task::spawn_blocking({
-                let handle = handle.clone();
-                move || handle.stats()
-            })
-            .await??;
-            if stats.running + stats.waiting == 0 || Instant::now() >= deadline {
-                tracing::info!(
-                    unfinished = stats.running + stats.waiting,
-                    "drained; stopping"
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let load = service.drain_for(drain_timeout).await?;
+        tracing::info!(
+            unfinished = load.running + load.waiting,
+            "drained; stopping"
+        );
         let _ = stop_server.send(());
         let _ = server.await;
         engine.shutdown();
