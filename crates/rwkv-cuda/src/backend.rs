@@ -41,6 +41,10 @@ pub struct CudaBackend {
     initial: CudaSlice<f32>,
     pool: StatePool,
     ws: Workspace,
+    /// Pinned host memory the logits are downloaded into: from pinned memory the copies run
+    /// asynchronously at full link speed, so the head's chunks queue back to back and the step
+    /// waits once (a pageable copy blocks per chunk and runs several times slower).
+    logits_host: Option<HostState>,
     dev: Device,
 }
 
@@ -93,6 +97,7 @@ impl CudaBackend {
             initial,
             pool,
             ws,
+            logits_host: None,
             dev,
         })
     }
@@ -134,7 +139,7 @@ impl CudaBackend {
 
     /// Starts copying `host` into a slot on the copy stream and returns at once; the next
     /// forward step (or other compute work) on this slot waits for it.
-    pub fn swap_in(&mut self, slot: usize, host: &HostState) -> Result<()> {
+    pub fn swap_in(&mut self, slot: usize, host: &mut HostState) -> Result<()> {
         self.dev.bind()?;
         self.pool.swap_in(&self.dev, slot, host)
     }
@@ -234,30 +239,37 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         let plan = BatchPlan::new(steps)?;
         let vocab = self.cfg.vocab_size;
-        let mut data = vec![0.0; plan.head_rows.len() * vocab];
-        if plan.rows() > 0 {
-            self.pool.before_compute(&self.dev, plan.slots())?;
-            let split = self.options.precision.split();
-            let bufs = self.ws.bufs(&self.dev, &self.cfg, split, plan.rows())?;
-            let exec = CudaExec {
-                dev: &self.dev,
-                kernels: &self.kernels,
-            };
-            let step = Step {
-                exec: &exec,
-                cfg: &self.cfg,
-                weights: &self.views,
-                pool: self.pool.arg(&self.dev),
-                layout: self.pool.layout,
-                bufs,
-                precision: self.options.precision,
-            };
-            // Record the slots' compute event even when the step failed part-way, so a later
-            // swap still waits for whatever was issued.
-            let ran = step.run(&plan, &mut data);
-            self.pool.after_compute(&self.dev, plan.slots())?;
-            ran?;
+        let len = plan.head_rows.len() * vocab;
+        if plan.rows() == 0 {
+            return Ok(Logits {
+                vocab,
+                data: Vec::new(),
+            });
         }
+        let staging = pinned_at_least(&self.dev, &mut self.logits_host, len)?;
+        self.pool.before_compute(&self.dev, plan.slots())?;
+        let split = self.options.precision.split();
+        let bufs = self.ws.bufs(&self.dev, &self.cfg, split, plan.rows())?;
+        let exec = CudaExec {
+            dev: &self.dev,
+            kernels: &self.kernels,
+        };
+        let step = Step {
+            exec: &exec,
+            cfg: &self.cfg,
+            weights: &self.views,
+            pool: self.pool.arg(&self.dev),
+            layout: self.pool.layout,
+            bufs,
+            precision: self.options.precision,
+        };
+        // Record the slots' compute event even when the step failed part-way, so a later
+        // swap still waits for whatever was issued. The step synchronizes before returning,
+        // so the staging buffer holds the finished logits.
+        let ran = step.run(&plan, &mut staging.as_mut_slice()?[..len]);
+        self.pool.after_compute(&self.dev, plan.slots())?;
+        ran?;
+        let data = copy_out(&staging.as_slice()?[..len]);
         Ok(Logits { vocab, data })
     }
 
@@ -285,6 +297,42 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         Ok(self.pool.copy(&self.dev, src, dst)?)
     }
+}
+
+/// The pinned buffer in `slot`, replaced by a larger one when it holds fewer than `len` values.
+fn pinned_at_least<'a>(
+    dev: &Device,
+    slot: &'a mut Option<HostState>,
+    len: usize,
+) -> Result<&'a mut HostState> {
+    if slot.as_ref().is_none_or(|h| h.len() < len) {
+        // Free the old buffer first: pinned memory is a scarce resource.
+        *slot = None;
+        *slot = Some(HostState::alloc(dev, len)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| CudaError::shape("forward", "logits staging buffer"))
+}
+
+/// Copies the logits out of the staging buffer into an owned vector. Large batches copy on
+/// several threads: a 256-row batch is 64 MiB, and one core's copy (with the page faults of
+/// the fresh vector) would take longer than the step's GPU work.
+fn copy_out(src: &[f32]) -> Vec<f32> {
+    const PER_THREAD: usize = 1 << 20;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(src.len() / PER_THREAD);
+    if threads <= 1 {
+        return src.to_vec();
+    }
+    let mut out = vec![0.0f32; src.len()];
+    let chunk = src.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (dst, src) in out.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            s.spawn(move || dst.copy_from_slice(src));
+        }
+    });
+    out
 }
 
 #[cfg(test)]

@@ -74,9 +74,10 @@ impl Exec for CudaExec<'_> {
             return Ok(());
         }
         // SAFETY: `src` is a live device buffer of at least `dst.len()` elements (checked). The
-        // copy is queued on the compute stream after the kernels that produce `src`; `dst` is
-        // pageable, so the call returns only once the copy has finished, and `synchronize` at
-        // the end of the step makes that explicit.
+        // copy is queued on the compute stream after the kernels that produce `src`. From
+        // pageable memory the call returns once the copy has finished; into pinned memory (the
+        // backend's staging buffer, which outlives the step) it returns at once, and
+        // `synchronize` at the end of the step waits for it before anyone reads `dst`.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr(), self.dev.compute.cu_stream())
         }

@@ -37,7 +37,7 @@ impl GemmPrecision {
 }
 
 /// Rows of logits computed per head GEMM (bounds the head's scratch memory).
-pub const HEAD_CHUNK: usize = 32;
+pub const HEAD_CHUNK: usize = 128;
 
 /// Number of [rows, C] f32 activation buffers: x, a, dx, r, k, v, w, g, y.
 pub const ACT_BUFFERS: usize = 9;

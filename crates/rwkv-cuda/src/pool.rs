@@ -21,8 +21,10 @@
 //!   still reading it).
 //!
 //! Waits are only inserted for the slots involved, so a swap overlaps with forward steps on
-//! other slots. Pinned buffers carry their own event (cudarc records it after each copy), so a
-//! host buffer is never reused or read while a copy into or out of it is in flight.
+//! other slots. A pinned buffer keeps the event recorded after the last copy into or out of it
+//! and waits for it before the host reads or writes it, so a host buffer is never reused or read
+//! while a copy is in flight. (cudarc's own per-buffer events are not recorded: the device
+//! disables its event tracking, see `device.rs`.)
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -146,6 +148,8 @@ impl<E: Clone> SlotSync<E> {
 /// Reading it waits for a copy still in flight.
 pub struct HostState {
     buf: PinnedHostSlice<f32>,
+    /// Recorded on the copy stream after the last swap that used this buffer.
+    copied: Option<CudaEvent>,
 }
 
 impl std::fmt::Debug for HostState {
@@ -170,7 +174,7 @@ impl HostState {
         // SAFETY: `ptr` points at `len.max(1)` f32 values owned by `buf`, and no copy uses the
         // fresh buffer yet; all-zero bits are a valid f32.
         unsafe { std::ptr::write_bytes(ptr, 0, len.max(1)) };
-        Ok(Self { buf })
+        Ok(Self { buf, copied: None })
     }
 
     pub fn len(&self) -> usize {
@@ -181,8 +185,19 @@ impl HostState {
         self.buf.is_empty()
     }
 
+    /// Waits for the last swap that used this buffer.
+    fn wait_for_copy(&self) -> Result<()> {
+        match &self.copied {
+            Some(event) => event
+                .synchronize()
+                .map_err(CudaError::driver("wait for state copy")),
+            None => Ok(()),
+        }
+    }
+
     /// The values, after any copy into this buffer has finished.
     pub fn as_slice(&self) -> Result<&[f32]> {
+        self.wait_for_copy()?;
         self.buf
             .as_slice()
             .map_err(CudaError::driver("wait for state copy"))
@@ -190,6 +205,7 @@ impl HostState {
 
     /// The values for writing, after any copy out of or into this buffer has finished.
     pub fn as_mut_slice(&mut self) -> Result<&mut [f32]> {
+        self.wait_for_copy()?;
         self.buf
             .as_mut_slice()
             .map_err(CudaError::driver("wait for state copy"))
@@ -313,12 +329,13 @@ impl StatePool {
         dev.copy
             .memcpy_dtoh(&view, &mut host.buf)
             .map_err(CudaError::driver("swap out"))?;
+        host.copied = Some(record_copy(dev)?);
         self.after_copy(dev, slot)
     }
 
     /// Starts copying `host` into slot `slot` on the copy stream; later compute work on the slot
     /// waits for it.
-    pub fn swap_in(&mut self, dev: &Device, slot: usize, host: &HostState) -> Result<()> {
+    pub fn swap_in(&mut self, dev: &Device, slot: usize, host: &mut HostState) -> Result<()> {
         self.layout.check_slot(slot)?;
         self.check_host(host)?;
         self.before_copy(dev, slot)?;
@@ -327,6 +344,7 @@ impl StatePool {
         dev.copy
             .memcpy_htod(&host.buf, &mut view)
             .map_err(CudaError::driver("swap in"))?;
+        host.copied = Some(record_copy(dev)?);
         self.after_copy(dev, slot)
     }
 
@@ -398,6 +416,13 @@ impl StatePool {
         result.map_err(CudaError::driver("copy state"))?;
         self.after_compute(dev, [src, dst])
     }
+}
+
+/// An event after the work issued so far on the copy stream.
+fn record_copy(dev: &Device) -> Result<CudaEvent> {
+    dev.copy
+        .record_event(None)
+        .map_err(CudaError::driver("record copy event"))
 }
 
 #[cfg(test)]

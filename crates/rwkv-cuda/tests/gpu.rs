@@ -178,7 +178,7 @@ fn swapped_out_and_in_slots_continue_bit_identically() {
     let mut be = CudaBackend::new(&w, 4, 0).unwrap();
     be.forward(&[step(0, &prefix, OutputRows::None)]).unwrap();
     let saved = be.save_state(0).unwrap();
-    let host = be.swap_out(0).unwrap();
+    let mut host = be.swap_out(0).unwrap();
     assert_eq!(
         host.as_slice().unwrap(),
         saved.as_flat(),
@@ -186,8 +186,8 @@ fn swapped_out_and_in_slots_continue_bit_identically() {
     );
     let direct = be.forward(&[step(0, &rest, OutputRows::All)]).unwrap();
     // Back into the same slot (now advanced) and into another slot, decoding alongside.
-    be.swap_in(0, &host).unwrap();
-    be.swap_in(2, &host).unwrap();
+    be.swap_in(0, &mut host).unwrap();
+    be.swap_in(2, &mut host).unwrap();
     let again = be.forward(&[step(0, &rest, OutputRows::All)]).unwrap();
     assert_eq!(again.data, direct.data, "same slot after swap-in");
     let other = be.forward(&[step(2, &rest, OutputRows::All)]).unwrap();
@@ -197,7 +197,7 @@ fn swapped_out_and_in_slots_continue_bit_identically() {
     be.swap_out_into(2, &mut buf).unwrap();
     be.forward(&[step(1, &prefix, OutputRows::Last)]).unwrap();
     be.reset_state(3).unwrap();
-    be.swap_in(3, &buf).unwrap();
+    be.swap_in(3, &mut buf).unwrap();
     assert_eq!(be.save_state(3).unwrap(), be.save_state(2).unwrap());
     be.copy_state(3, 1).unwrap();
     assert_eq!(be.save_state(1).unwrap(), be.save_state(2).unwrap());
@@ -291,9 +291,9 @@ fn timing_report() {
             let ms = time(&mut be, &steps);
             line.push_str(&format!(", decode x{batch} {ms:.2} ms"));
         }
-        let host = be.alloc_host_state().unwrap();
+        let mut host = be.alloc_host_state().unwrap();
         let t = Instant::now();
-        be.swap_in(5, &host).unwrap();
+        be.swap_in(5, &mut host).unwrap();
         be.synchronize().unwrap();
         line.push_str(&format!(
             ", swap-in {:.3} ms",
