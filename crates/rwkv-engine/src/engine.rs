@@ -20,7 +20,7 @@ use crate::request::{Command, GenerateRequest, GenerateStream, SessionId};
 use crate::sampler::Sampler;
 use crate::scheduler::SchedulerConfig;
 use crate::score::{PendingScore, ScoreRequest, ScoreResult};
-use crate::sessions::{SessionCommand, SessionKey};
+use crate::sessions::{SessionCommand, SessionInfo, SessionKey};
 use crate::step_loop::Core;
 
 /// Everything the engine needs besides the backend.
@@ -160,9 +160,8 @@ impl EngineHandle {
     /// Validates and submits a generation; events arrive on the returned stream.
     pub fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, EngineError> {
         let vocab = self.config.vocab_size;
-        if let Some(&token) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::TokenOutOfVocab { token, vocab });
-        }
+        check_vocab(&req.tokens, vocab)?;
+        check_vocab(&req.separator, vocab)?;
         if req.session.is_none() && req.tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
@@ -208,8 +207,46 @@ impl EngineHandle {
 
     /// A new, empty session for `tenant`.
     pub fn create_session(&self, tenant: &str) -> Result<SessionId, EngineError> {
+        self.create_session_with(tenant, Vec::new())
+    }
+
+    /// A new session whose conversation starts with `tokens` (a system prompt), fed with the
+    /// first turn. Token ids are checked against the vocabulary.
+    pub fn create_session_with(
+        &self,
+        tenant: &str,
+        tokens: Vec<u32>,
+    ) -> Result<SessionId, EngineError> {
+        check_vocab(&tokens, self.config.vocab_size)?;
         let tenant = tenant.to_owned();
-        self.ask(|reply| SessionCommand::Create { tenant, reply })
+        self.ask(|reply| SessionCommand::Create {
+            tenant,
+            tokens,
+            reply,
+        })
+    }
+
+    /// A session's length and turn boundaries.
+    pub fn session_info(&self, tenant: &str, id: SessionId) -> Result<SessionInfo, EngineError> {
+        let key = SessionKey::new(tenant, id);
+        self.ask(|reply| SessionCommand::Info { key, reply })
+    }
+
+    /// The tenant's sessions, by id.
+    pub fn list_sessions(&self, tenant: &str) -> Result<Vec<SessionInfo>, EngineError> {
+        let tenant = tenant.to_owned();
+        self.ask(|reply| SessionCommand::List { tenant, reply })
+    }
+
+    /// Goes back to the end of turn `turn` (0: as created); later tokens are dropped.
+    pub fn rewind_session(
+        &self,
+        tenant: &str,
+        id: SessionId,
+        turn: usize,
+    ) -> Result<SessionInfo, EngineError> {
+        let key = SessionKey::new(tenant, id);
+        self.ask(|reply| SessionCommand::Rewind { key, turn, reply })
     }
 
     /// A copy of a session (same tokens, copied state).
@@ -276,5 +313,13 @@ impl<B: Backend> Core<B> {
             cache_entries: self.cache.len(),
             cache_bytes: self.cache.used_bytes(),
         }
+    }
+}
+
+/// Refuses token ids outside the vocabulary.
+fn check_vocab(tokens: &[u32], vocab: usize) -> Result<(), EngineError> {
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(&token) => Err(EngineError::TokenOutOfVocab { token, vocab }),
+        None => Ok(()),
     }
 }

@@ -35,6 +35,9 @@ pub enum EngineError {
     /// exporting it needs the state now.
     #[error("session {id} has no stored state (evicted); continue it once to rebuild the state")]
     StateUnavailable { id: u64 },
+    /// A rewind named a turn the session does not have.
+    #[error("session {id} has turns 0 to {last}; there is no turn {turn}")]
+    NoSuchTurn { id: u64, turn: usize, last: usize },
     /// An exported state failed validation on import.
     #[error("invalid state export: {0}")]
     Import(String),
@@ -63,6 +66,7 @@ impl EngineError {
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionBusy { .. } => "session_busy",
             Self::StateUnavailable { .. } => "state_unavailable",
+            Self::NoSuchTurn { .. } => "no_such_turn",
             Self::Import(_) => "invalid_import",
             Self::Backend(_) => "backend",
             Self::StepFailed(_) => "step_failed",

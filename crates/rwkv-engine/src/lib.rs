@@ -57,3 +57,4 @@ pub use sample_logits::{sample_logits, SampleScratch};
 pub use sampler::Sampler;
 pub use scheduler::{BatchItem, Scheduler, SchedulerConfig, SeqId};
 pub use score::{ContinuationScore, PendingScore, ScoreRequest, ScoreResult};
+pub use sessions::SessionInfo;

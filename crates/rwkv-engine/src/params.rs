@@ -33,6 +33,9 @@ pub struct SamplingParams {
     pub token_ban: Vec<u32>,
     /// Token ids that end the generation when sampled; the stop token is neither recorded nor emitted.
     pub stop_tokens: Vec<u32>,
+    /// Token ids that end the generation after being emitted: they are recorded, sent and stay
+    /// in a session's conversation (a chat turn's closing `\n\n`).
+    pub end_tokens: Vec<u32>,
     /// Texts that end the generation; matched across token boundaries by `rwkv_tokenizer::StopChecker` (the router's job).
     pub stop_strings: Vec<String>,
     /// RNG seed; `None` draws one from the OS (the chosen seed is still reported by the sampler).
@@ -53,6 +56,7 @@ impl Default for SamplingParams {
             penalty_decay: 0.996,
             token_ban: Vec::new(),
             stop_tokens: Vec::new(),
+            end_tokens: Vec::new(),
             stop_strings: Vec::new(),
             seed: None,
             max_tokens: 100,
@@ -145,7 +149,8 @@ impl SamplingParams {
         }
         self.validate()?;
         check_ids("token_ban", &self.token_ban, vocab_size)?;
-        check_ids("stop_tokens", &self.stop_tokens, vocab_size)
+        check_ids("stop_tokens", &self.stop_tokens, vocab_size)?;
+        check_ids("end_tokens", &self.end_tokens, vocab_size)
     }
 }
 

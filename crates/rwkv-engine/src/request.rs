@@ -27,6 +27,9 @@ pub struct GenerateRequest {
     pub params: SamplingParams,
     /// `Some(n)`: report the chosen token's log-probability and the `n` best alternatives.
     pub top_logprobs: Option<usize>,
+    /// Sessions only: put before `tokens` when the conversation is not empty and its last token
+    /// is not one of `params.end_tokens` (the previous turn did not close itself).
+    pub separator: Vec<u32>,
 }
 
 /// Why a generation ended.

@@ -89,6 +89,11 @@ impl Sampler {
         self.params.stop_tokens.contains(&token)
     }
 
+    /// True if emitting `token` ends the generation (it is emitted first, unlike a stop token).
+    pub fn is_end_token(&self, token: u32) -> bool {
+        self.params.end_tokens.contains(&token)
+    }
+
     /// The seed in use: the requested one, or the one drawn from the OS.
     pub fn seed(&self) -> u64 {
         self.seed

@@ -44,6 +44,40 @@ pub(crate) struct Session {
     pub(crate) pending: Vec<u32>,
     /// The generation using the session; a session runs one generation at a time.
     pub(crate) busy: Option<SeqId>,
+    /// Conversation length (`history + pending`) at creation and at the end of each turn:
+    /// where a rewind may go back to.
+    pub(crate) turns: Vec<usize>,
+}
+
+impl Session {
+    /// A session whose conversation starts with `tokens` (not fed yet).
+    fn starting_with(tokens: Vec<u32>) -> Self {
+        Self {
+            turns: vec![tokens.len()],
+            pending: tokens,
+            ..Self::default()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.history.len() + self.pending.len()
+    }
+
+    fn last_token(&self) -> Option<u32> {
+        self.pending.last().or(self.history.last()).copied()
+    }
+}
+
+/// What a caller may know about a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    /// Tokens in the conversation, fed or pending.
+    pub tokens: usize,
+    /// Conversation length at creation (turn 0) and at the end of each turn since.
+    pub turns: Vec<usize>,
+    /// A generation is using it.
+    pub busy: bool,
 }
 
 type Reply<T> = SyncSender<Result<T, EngineError>>;
@@ -52,7 +86,21 @@ type Reply<T> = SyncSender<Result<T, EngineError>>;
 pub(crate) enum SessionCommand {
     Create {
         tenant: String,
+        tokens: Vec<u32>,
         reply: Reply<SessionId>,
+    },
+    Info {
+        key: SessionKey,
+        reply: Reply<SessionInfo>,
+    },
+    List {
+        tenant: String,
+        reply: Reply<Vec<SessionInfo>>,
+    },
+    Rewind {
+        key: SessionKey,
+        turn: usize,
+        reply: Reply<SessionInfo>,
     },
     Fork {
         key: SessionKey,
@@ -77,9 +125,34 @@ impl<B: Backend> Core<B> {
     /// Runs one session operation and replies; a caller that stopped waiting is ignored.
     pub(crate) fn session_command(&mut self, cmd: SessionCommand) {
         match cmd {
-            SessionCommand::Create { tenant, reply } => {
-                let id = self.new_session(&tenant, Session::default());
+            SessionCommand::Create {
+                tenant,
+                tokens,
+                reply,
+            } => {
+                let id = self.new_session(&tenant, Session::starting_with(tokens));
                 let _ = reply.send(Ok(id));
+            }
+            SessionCommand::Info { key, reply } => {
+                let info = self
+                    .sessions
+                    .get(&key)
+                    .map(|s| info_of(key.id, s))
+                    .ok_or(EngineError::SessionNotFound { id: key.id });
+                let _ = reply.send(info);
+            }
+            SessionCommand::List { tenant, reply } => {
+                let mut list: Vec<SessionInfo> = self
+                    .sessions
+                    .iter()
+                    .filter(|(k, _)| k.tenant == tenant)
+                    .map(|(k, s)| info_of(k.id, s))
+                    .collect();
+                list.sort_by_key(|i| i.id);
+                let _ = reply.send(Ok(list));
+            }
+            SessionCommand::Rewind { key, turn, reply } => {
+                let _ = reply.send(self.rewind(&key, turn));
             }
             SessionCommand::Fork { key, reply } => {
                 let _ = reply.send(self.fork(&key));
@@ -98,6 +171,15 @@ impl<B: Backend> Core<B> {
                 let _ = reply.send(self.import(&tenant, &bytes));
             }
         }
+    }
+
+    /// True if a turn appended to this session must first close the previous one: the
+    /// conversation is not empty and does not end with one of `end_tokens`.
+    pub(crate) fn needs_separator(&self, key: &SessionKey, end_tokens: &[u32]) -> bool {
+        self.sessions
+            .get(key)
+            .and_then(Session::last_token)
+            .is_some_and(|last| !end_tokens.contains(&last))
     }
 
     /// Locks a session for generation `id`. `no_new_tokens`: the request appends nothing, so the
@@ -226,6 +308,41 @@ impl<B: Backend> Core<B> {
         Ok(id)
     }
 
+    /// Goes back to the end of turn `turn`: later tokens are dropped. The state survives when
+    /// it has consumed no dropped token; otherwise it is dropped and the next turn restores
+    /// the conversation from the prefix cache (turn ends are cached) or recomputes it.
+    fn rewind(&mut self, key: &SessionKey, turn: usize) -> Result<SessionInfo, EngineError> {
+        let session = self.idle_session(key)?;
+        let Some(&len) = session.turns.get(turn) else {
+            return Err(EngineError::NoSuchTurn {
+                id: key.id,
+                turn,
+                last: session.turns.len().saturating_sub(1),
+            });
+        };
+        let state_survives = len >= session.history.len();
+        if !state_survives {
+            if let Some(slot) = self.slots.unpark(key) {
+                self.slots.release(slot);
+            }
+            self.host.remove(key);
+        }
+        let session = self
+            .sessions
+            .get_mut(key)
+            .ok_or(EngineError::SessionNotFound { id: key.id })?;
+        let mut all = [&session.history[..], &session.pending[..]].concat();
+        all.truncate(len);
+        if state_survives {
+            session.pending = all.split_off(session.history.len());
+        } else {
+            session.history.clear();
+            session.pending = all;
+        }
+        session.turns.truncate(turn + 1);
+        Ok(info_of(key.id, session))
+    }
+
     fn delete(&mut self, key: &SessionKey) -> Result<(), EngineError> {
         self.idle_session(key)?;
         self.sessions.remove(key);
@@ -260,6 +377,7 @@ impl<B: Backend> Core<B> {
     fn import(&mut self, tenant: &str, bytes: &[u8]) -> Result<SessionId, EngineError> {
         let snap = export::decode(&self.cfg.model_hash, self.backend.config(), bytes)?;
         let session = Session {
+            turns: vec![snap.history.len() + snap.pending.len()],
             history: snap.history,
             pending: snap.pending,
             busy: None,
@@ -268,5 +386,14 @@ impl<B: Backend> Core<B> {
         // If the host tier cannot hold it, the session replays its history instead.
         drop(self.host.insert(SessionKey::new(tenant, id), snap.state));
         Ok(id)
+    }
+}
+
+fn info_of(id: SessionId, s: &Session) -> SessionInfo {
+    SessionInfo {
+        id,
+        tokens: s.len(),
+        turns: s.turns.clone(),
+        busy: s.busy.is_some(),
     }
 }

@@ -368,3 +368,89 @@ fn default_config_serves_one_token_prompts_and_repeats_through_the_prefix_cache(
         );
     }
 }
+
+/// One turn of a session: `tokens` appended (after `separator` when the conversation does not
+/// end on an end token), greedy, ending on `end_tokens` or after `max_tokens`.
+fn turn(engine: &Engine, sid: u64, tokens: &[u32], end_tokens: &[u32], max: usize) -> Vec<u32> {
+    let mut req = request(tokens, max);
+    req.session = Some(sid);
+    req.separator = vec![9];
+    req.params.end_tokens = end_tokens.to_vec();
+    run(engine, req)
+}
+
+#[test]
+fn turns_end_tokens_separators_and_rewinds_continue_exactly() {
+    let weights = weights();
+    let engine = start(&weights, 2, config(64, 16));
+    let sid = engine.create_session_with(TENANT, vec![4, 5, 6]).unwrap();
+    let info = engine.session_info(TENANT, sid).unwrap();
+    assert_eq!((info.tokens, info.turns.clone()), (3, vec![3]));
+
+    // Turn 1: the conversation does not end on an end token, so the separator goes first.
+    let out1 = turn(&engine, sid, &[7, 8], &[], 4);
+    let mut conv = vec![4, 5, 6, 9, 7, 8];
+    assert_eq!(out1, alone(&weights, &conv, greedy(4)));
+    conv.extend(&out1);
+    let info = engine.session_info(TENANT, sid).unwrap();
+    assert_eq!(info.turns, vec![3, conv.len()]);
+
+    // Turn 2 ends on an end token, which is emitted and stays in the conversation.
+    let mut prompt2 = conv.clone();
+    prompt2.extend([9, 1, 2]);
+    let free_run = alone(&weights, &prompt2, greedy(6));
+    let end = *free_run[1..]
+        .iter()
+        .find(|&&t| Some(&t) != conv.last())
+        .expect("a token to end on");
+    let k = free_run.iter().position(|&t| t == end).unwrap();
+    let out2 = turn(&engine, sid, &[1, 2], &[end], 6);
+    assert_eq!(out2, free_run[..=k]);
+    let turn2 = [&prompt2[..], &out2[..]].concat();
+
+    // Turn 3: the conversation ends on the end token, so no separator.
+    let out3 = turn(&engine, sid, &[3], &[end], 3);
+    let mut prompt3 = turn2.clone();
+    prompt3.push(3);
+    let expected3 = alone(&weights, &prompt3, greedy(3));
+    let stop3 = expected3
+        .iter()
+        .position(|&t| t == end)
+        .map_or(3, |i| i + 1);
+    assert_eq!(out3, expected3[..stop3]);
+
+    // Rewind to turn 1 (the state is dropped and rebuilt): turn 2 replays exactly.
+    let info = engine.rewind_session(TENANT, sid, 1).unwrap();
+    assert_eq!(
+        (info.tokens, info.turns.clone()),
+        (conv.len(), vec![3, conv.len()])
+    );
+    assert_eq!(turn(&engine, sid, &[1, 2], &[end], 6), out2);
+    // Rewinding to where it stands keeps the state; turn 3 again.
+    let info = engine.rewind_session(TENANT, sid, 2).unwrap();
+    assert_eq!(info.tokens, turn2.len());
+    assert_eq!(turn(&engine, sid, &[3], &[end], 3), out3);
+
+    let err = engine.rewind_session(TENANT, sid, 9).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::NoSuchTurn {
+                turn: 9,
+                last: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(engine.rewind_session("other", sid, 0).is_err());
+    let info = engine.rewind_session(TENANT, sid, 0).unwrap();
+    assert_eq!((info.tokens, info.turns), (3, vec![3]));
+    let listed = engine.list_sessions(TENANT).unwrap();
+    assert_eq!(listed.iter().map(|i| i.id).collect::<Vec<_>>(), vec![sid]);
+    assert!(engine.list_sessions("other").unwrap().is_empty());
+    let err = engine
+        .create_session_with(TENANT, vec![1 << 30])
+        .unwrap_err();
+    assert!(matches!(err, EngineError::TokenOutOfVocab { .. }), "{err}");
+}

@@ -1,7 +1,8 @@
 //! Wire types of the RWKV serving cluster: the code generated from `proto/` and nothing else.
 //!
 //! This crate owns the protobuf messages and gRPC stubs (client and server) of every service in
-//! `proto/`, plus small helpers for reading them. It never depends on other workspace crates, so a
+//! `proto/`, the trace context that travels with calls as metadata ([`trace`]), plus small
+//! helpers for reading them. It never depends on other workspace crates, so a
 //! change to the engine or the model never changes the wire. Whoever receives a message converts
 //! it to its own domain types and validates it there (the worker into engine requests, the router
 //! into its API types); the helpers here only make those conversions uniform.
@@ -14,6 +15,9 @@ pub mod worker {
 }
 
 pub use worker::v1 as wv1;
+
+pub mod trace;
+pub use trace::TraceContext;
 
 /// A message field that failed a receiver's check; becomes `INVALID_ARGUMENT` naming the field.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

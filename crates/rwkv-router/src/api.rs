@@ -209,6 +209,7 @@ impl Sampling {
             penalty_decay: decay,
             token_ban: Vec::new(),
             stop_tokens: Vec::new(),
+            end_tokens: Vec::new(),
             // Negative seeds (some clients send them) are as good as any: reinterpret the bits.
             seed: self.seed.map(|s| s as u64),
             max_tokens: Some(max_tokens),

@@ -106,6 +106,14 @@ impl ApiError {
         }
     }
 
+    /// 404 for a session whose worker left the cluster: its state went with it.
+    pub fn session_lost(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("session_lost"),
+            ..Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+        }
+    }
+
     pub fn timeout() -> Self {
         Self {
             code: Some("timeout"),

@@ -6,11 +6,15 @@
 //! replayed tokens count as prompt on the new worker, so presence/frequency penalties restart
 //! there and a sampled (non-greedy) continuation differs from what the dead worker would have
 //! produced; a greedy one is identical.
+//!
+//! A session's turn is different: its state lives on one worker, so it runs there or fails
+//! (no failover), and the worker, not a stop string, decides where the turn ends, so that the
+//! session's conversation is exactly what the model wrote (stop strings only trim the text).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rwkv_proto::wv1;
+use rwkv_proto::{wv1, TraceContext};
 use rwkv_tokenizer::{StopChecker, StreamDecoder, Tokenizer};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -35,6 +39,19 @@ pub struct GenerationSpec {
     pub stop: Vec<String>,
     pub top_logprobs: Option<u32>,
     pub deadline: Instant,
+    /// A turn of this session: `prompt` is appended to it.
+    pub session: Option<SessionTurn>,
+    /// The HTTP request's trace; each worker call gets a child span of it.
+    pub trace: Option<TraceContext>,
+}
+
+/// Where a session lives and how its turns join.
+#[derive(Clone, Debug)]
+pub struct SessionTurn {
+    pub worker: String,
+    pub id: u64,
+    /// Put before the turn's tokens when the previous turn did not end on an end token.
+    pub separator: Vec<u32>,
 }
 
 /// One generated token with the text it released (possibly empty: a partial UTF-8 character,
@@ -142,29 +159,40 @@ async fn run(
     };
     let mut tried: Vec<String> = Vec::new();
     let mut last_error = None;
-    while tried.len() < MAX_ATTEMPTS {
+    // A session's state is on its worker: there is nowhere else to try.
+    let attempts = if spec.session.is_some() {
+        1
+    } else {
+        MAX_ATTEMPTS
+    };
+    while tried.len() < attempts {
         let context: Vec<u32> = spec
             .prompt
             .iter()
             .chain(&progress.generated)
             .copied()
             .collect();
-        let lease = match pool
-            .acquire(
-                &spec.model,
-                &crate::pool::Requester {
-                    tenant: &spec.tenant,
-                    weight: spec.weight,
-                },
-                &context,
-                &tried,
-                spec.deadline,
-            )
-            .await
-        {
+        let who = crate::pool::Requester {
+            tenant: &spec.tenant,
+            weight: spec.weight,
+        };
+        let acquired = match &spec.session {
+            Some(s) => {
+                pool.acquire_on(&spec.model, &who, &s.worker, spec.deadline)
+                    .await
+            }
+            None => {
+                pool.acquire(&spec.model, &who, &context, &tried, spec.deadline)
+                    .await
+            }
+        };
+        let lease = match acquired {
             Ok(lease) => lease,
             // Every worker that could serve it failed already: report the last failure.
             Err(crate::pool::PoolError::NoWorker(_)) if last_error.is_some() => break,
+            Err(crate::pool::PoolError::NoWorker(_)) if spec.session.is_some() => {
+                return Err(crate::sessions::worker_gone())
+            }
             Err(e) => return Err(e.into()),
         };
         let worker_id = lease.worker.record.id.clone();
@@ -203,9 +231,12 @@ async fn run(
                     cached_tokens: cached.min(prompt_tokens),
                     completion_tokens: progress.generated.len() as u32,
                 };
-                // The worker cached the state after the prompt and after the generation.
-                pool.remember_prefix(&spec.prompt, &worker_id);
-                pool.remember_prefix(&context_after(spec, &progress), &worker_id);
+                // The worker cached the state after the prompt and after the generation (a
+                // session's prompt is only its new turn: nothing to remember).
+                if spec.session.is_none() {
+                    pool.remember_prefix(&spec.prompt, &worker_id);
+                    pool.remember_prefix(&context_after(spec, &progress), &worker_id);
+                }
                 record_latency(started, &progress);
                 let _ = tx
                     .send(GenerationEvent::Done {
@@ -220,6 +251,7 @@ async fn run(
             Err(AttemptError::Retry(status)) => {
                 tracing::warn!(
                     request_id = spec.request_id,
+                    trace_id = spec.trace.map(|t| t.trace_id_hex()),
                     worker = worker_id,
                     generated = progress.generated.len(),
                     "worker failed mid-request ({status}); failing over"
@@ -268,10 +300,15 @@ async fn attempt(
     tx: &mpsc::Sender<GenerationEvent>,
 ) -> Result<Ended, AttemptError> {
     let remaining = spec.max_tokens - progress.generated.len() as u32;
+    let (session, tokens, separator) = match &spec.session {
+        Some(s) => (Some(s.id), spec.prompt.clone(), s.separator.clone()),
+        None => (None, context.to_vec(), Vec::new()),
+    };
     let request = wv1::GenerateRequest {
         tenant: spec.tenant.clone(),
-        session: None,
-        tokens: context.to_vec(),
+        session,
+        tokens,
+        separator,
         params: Some(wv1::SamplingParams {
             max_tokens: Some(remaining),
             ..spec.params.clone()
@@ -279,11 +316,15 @@ async fn attempt(
         top_logprobs: spec.top_logprobs,
         request_id: spec.request_id.clone(),
     };
+    let mut request = tonic::Request::new(request);
+    if let Some(trace) = &spec.trace {
+        trace.child().inject(&mut request);
+    }
     let mut client = lease.worker.client.clone();
     let call = tokio::time::timeout_at(spec.deadline, client.generate(request));
     let mut stream = match call.await {
         Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
-        Ok(Err(status)) => return Err(classify(status)),
+        Ok(Err(status)) => return Err(classify(spec, status)),
         Ok(Ok(response)) => response.into_inner(),
     };
     loop {
@@ -313,7 +354,9 @@ async fn attempt(
                     // The client left; dropping the stream cancels the sequence on the worker.
                     return Err(AttemptError::Fatal(ApiError::client_gone()));
                 }
-                if outcome.stopped {
+                // A session's turn runs until the worker ends it, so that the session holds
+                // exactly what was generated; the text after the stop is not sent.
+                if outcome.stopped && spec.session.is_none() {
                     return Ok(Ended::StopString);
                 }
             }
@@ -330,18 +373,27 @@ async fn attempt(
                     "the worker closed the stream before finishing",
                 )))
             }
-            Err(status) => return Err(classify(status)),
+            Err(status) => return Err(classify(spec, status)),
         }
     }
 }
 
-/// Worker faults are retried elsewhere; request faults go back to the client.
-fn classify(status: Status) -> AttemptError {
+/// Worker faults are retried elsewhere; request faults go back to the client (an unknown
+/// session by its public id).
+fn classify(spec: &GenerationSpec, status: Status) -> AttemptError {
     if crate::pool::is_worker_fault(status.code()) {
-        AttemptError::Retry(status)
-    } else {
-        AttemptError::Fatal(ApiError::from_status(&status))
+        return AttemptError::Retry(status);
     }
+    AttemptError::Fatal(match &spec.session {
+        Some(s) if status.code() == tonic::Code::NotFound => {
+            let addr = crate::sessions::SessionAddr {
+                worker: s.worker.clone(),
+                id: s.id,
+            };
+            crate::sessions::session_error(&addr, &status)
+        }
+        _ => ApiError::from_status(&status),
+    })
 }
 
 /// Default time a request may wait and run in total.

@@ -1,5 +1,9 @@
-//! The HTTP routes: OpenAI-compatible completions and chat (JSON and SSE), models, tokenize and
-//! detokenize, health, readiness and Prometheus metrics.
+//! The HTTP routes: OpenAI-compatible completions and chat (JSON and SSE), stateful sessions
+//! ([`sessions`]), models, tokenize and detokenize, health, readiness and Prometheus metrics.
+
+mod sessions;
+
+pub use sessions::MAX_IMPORT_BYTES;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +30,9 @@ use crate::scoring::{self, ScoreSpec};
 use crate::telemetry;
 use crate::tenants::{Admission, Tenant};
 use crate::Router;
+use rwkv_proto::trace::{TraceContext, TRACEPARENT};
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// All routes, with request metrics. Everything but `/health` and `/ready` needs an API key
 /// when tenants are configured; `/metrics` needs an admin key.
@@ -39,6 +45,7 @@ pub fn router(state: Router) -> axum::Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/metrics", get(metrics_text))
+        .merge(sessions::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     axum::Router::new()
         .merge(authenticated)
@@ -84,13 +91,35 @@ pub async fn serve(
         .await
 }
 
+tokio::task_local! {
+    /// The trace of the HTTP request being handled (set by [`record_request`]).
+    static TRACE: TraceContext;
+}
+
+/// The current request's trace context, for the worker calls it makes.
+fn current_trace() -> Option<TraceContext> {
+    TRACE.try_with(|t| *t).ok()
+}
+
+/// Counts and times every request, and gives it a trace: the caller's `traceparent` continued
+/// (or a new trace), a log span carrying its id, and our span's `traceparent` on the response.
 async fn record_request(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let trace = request
+        .headers()
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceContext::parse)
+        .map_or_else(TraceContext::new_root, |t| t.child());
+    let span = tracing::info_span!("http", route = %route, trace_id = %trace);
     let started = Instant::now();
-    let response = next.run(request).await;
+    let mut response = TRACE.scope(trace, next.run(request)).instrument(span).await;
+    if let Ok(value) = trace.header().parse() {
+        response.headers_mut().insert(TRACEPARENT, value);
+    }
     let status = response.status().as_u16().to_string();
     metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route.clone(), "status" => status)
         .increment(1);
@@ -291,6 +320,8 @@ fn start_choices(
                 stop: v.stop.clone(),
                 top_logprobs,
                 deadline,
+                session: None,
+                trace: current_trace(),
             };
             let mut events = generation::start(state.pool.clone(), state.tokenizer.clone(), spec);
             let tx = tx.clone();
@@ -412,6 +443,8 @@ struct ResponsePlan {
     logprobs: bool,
     include_usage: bool,
     warnings: Vec<String>,
+    /// The session a reply belongs to (`/v1/sessions/{id}/messages`).
+    session: Option<String>,
 }
 
 impl ResponsePlan {
@@ -433,6 +466,9 @@ impl ResponsePlan {
         });
         if !self.warnings.is_empty() {
             v["warnings"] = json!(self.warnings);
+        }
+        if let Some(session) = &self.session {
+            v["session"] = json!(session);
         }
         v
     }
@@ -709,6 +745,7 @@ async fn completions(
         logprobs: top.is_some(),
         include_usage: v.include_usage,
         warnings,
+        session: None,
     };
     Ok(if v.stream {
         respond_stream(&state, admission, plan, events)
@@ -759,6 +796,7 @@ async fn chat_completions(
         logprobs: top.is_some(),
         include_usage: v.include_usage,
         warnings: Vec::new(),
+        session: None,
     };
     Ok(if v.stream {
         respond_stream(&state, admission, plan, events)
@@ -813,6 +851,7 @@ async fn prompt_logprobs(
             continuations: vec![tokens[1..].to_vec()],
             top_logprobs: top,
             deadline: Instant::now() + state.cfg.request_timeout,
+            trace: current_trace(),
         };
         let response = scoring::score(&state.pool, &spec).await?;
         let score = response
@@ -915,6 +954,7 @@ async fn score(
         continuations: lists.clone(),
         top_logprobs: top,
         deadline: Instant::now() + state.cfg.request_timeout,
+        trace: current_trace(),
     };
     let response = scoring::score(&state.pool, &spec).await?;
     admission.tenant().record_tokens(

@@ -3,7 +3,7 @@
 //! This crate owns request validation and tokenization ([`api`], [`chat`]), worker selection with
 //! a bounded queue, cache-aware placement and circuit breaking ([`pool`], [`affinity`]), the
 //! streaming of one generation with stop strings and failover ([`generation`]), scoring
-//! ([`scoring`]), the HTTP routes
+//! ([`scoring`]), stateful sessions and their quota ([`sessions`]), the HTTP routes
 //! ([`http`]) and the router's metrics ([`telemetry`]). It talks to workers only through the
 //! worker gRPC service of `rwkv-proto`, and learns about them through a `rwkv_cluster::Registry`.
 //! It never depends on the model, the engine or a backend: the same router fronts CPU and GPU
@@ -18,6 +18,7 @@ pub mod generation;
 pub mod http;
 pub mod pool;
 pub mod scoring;
+pub mod sessions;
 pub mod telemetry;
 pub mod tenants;
 
@@ -81,6 +82,11 @@ pub struct Router {
     pub unusable_tokens: Arc<Vec<u32>>,
     /// API keys and per-tenant limits; open (one tenant, no key) unless configured.
     pub tenants: Arc<tenants::Tenants>,
+    /// Tokens whose text contains the chat turn separator `\n\n`: a session's turn ends on
+    /// one of them (it stays in the conversation).
+    pub turn_end_tokens: Arc<Vec<u32>>,
+    /// The separator's tokens, put before a turn when the previous one did not end on it.
+    pub turn_separator: Arc<Vec<u32>>,
 }
 
 impl Router {
@@ -93,6 +99,15 @@ impl Router {
         let unusable = (1..tokenizer.vocab_size() as u32)
             .filter(|&t| tokenizer.token_bytes(t).is_none())
             .collect();
+        let separator = chat::TURN_END.as_bytes();
+        let turn_end_tokens = (1..tokenizer.vocab_size() as u32)
+            .filter(|&t| {
+                tokenizer
+                    .token_bytes(t)
+                    .is_some_and(|b| b.windows(separator.len()).any(|w| w == separator))
+            })
+            .collect();
+        let turn_separator = tokenizer.encode(chat::TURN_END).unwrap_or_default();
         Self {
             cfg: Arc::new(cfg),
             pool,
@@ -100,6 +115,8 @@ impl Router {
             prometheus,
             unusable_tokens: Arc::new(unusable),
             tenants: Arc::new(tenants::Tenants::open()),
+            turn_end_tokens: Arc::new(turn_end_tokens),
+            turn_separator: Arc::new(turn_separator),
         }
     }
 

@@ -287,6 +287,52 @@ impl WorkerPool {
         deadline: Instant,
     ) -> Result<Lease, PoolError> {
         let preferred = self.lock_affinity().longest(tokens);
+        self.acquire_where(model, who, preferred.as_deref(), deadline, &|w| {
+            !exclude.contains(&w.record.id)
+        })
+        .await
+    }
+
+    /// Waits for capacity on one particular worker (the holder of a session), in the same fair
+    /// queue as every other request for `model`. Fails with [`PoolError::NoWorker`] when that
+    /// worker is not in the pool.
+    pub async fn acquire_on(
+        &self,
+        model: &str,
+        who: &Requester<'_>,
+        worker: &str,
+        deadline: Instant,
+    ) -> Result<Lease, PoolError> {
+        self.acquire_where(model, who, None, deadline, &|w| w.record.id == worker)
+            .await
+    }
+
+    /// Where a new session of `model` goes: the available worker with the most room, by
+    /// fraction of capacity in use (sessions do not hold capacity while idle, so this spreads
+    /// them with the traffic).
+    pub fn least_loaded(&self, model: &str) -> Option<Arc<WorkerEntry>> {
+        let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
+        workers
+            .values()
+            .filter(|w| w.record.model == model && w.is_available())
+            .min_by(|a, b| (a.assigned() * b.capacity()).cmp(&(b.assigned() * a.capacity())))
+            .cloned()
+    }
+
+    /// The worker with this id, if it is in the pool.
+    pub fn worker(&self, id: &str) -> Option<Arc<WorkerEntry>> {
+        let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
+        workers.get(id).cloned()
+    }
+
+    async fn acquire_where(
+        &self,
+        model: &str,
+        who: &Requester<'_>,
+        preferred: Option<&str>,
+        deadline: Instant,
+        eligible: &(dyn Fn(&WorkerEntry) -> bool + Sync),
+    ) -> Result<Lease, PoolError> {
         let mut ticket: Option<QueueTicket<'_>> = None;
         loop {
             let notified = self.inner.freed.notified();
@@ -301,7 +347,7 @@ impl WorkerPool {
                 None => self.lock_fair().get(model).is_none_or(FairQueue::is_empty),
             };
             if my_turn {
-                match self.try_pick(model, preferred.as_deref(), exclude) {
+                match self.try_pick(model, preferred, eligible) {
                     Pick::Leased(lease) => {
                         if let Some(t) = ticket.as_mut() {
                             t.served = true;
@@ -340,11 +386,16 @@ impl WorkerPool {
         }
     }
 
-    fn try_pick(&self, model: &str, preferred: Option<&str>, exclude: &[String]) -> Pick {
+    fn try_pick(
+        &self,
+        model: &str,
+        preferred: Option<&str>,
+        eligible: &(dyn Fn(&WorkerEntry) -> bool + Sync),
+    ) -> Pick {
         let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
         let mut serving = workers
             .values()
-            .filter(|w| w.record.model == model && !exclude.contains(&w.record.id))
+            .filter(|w| w.record.model == model && eligible(w))
             .filter(|w| w.is_available())
             .peekable();
         if serving.peek().is_none() {
@@ -352,7 +403,7 @@ impl WorkerPool {
             // worth waiting for; a model nobody serves is not.
             let any = workers
                 .values()
-                .any(|w| w.record.model == model && !exclude.contains(&w.record.id));
+                .any(|w| w.record.model == model && eligible(w));
             return if any { Pick::Busy } else { Pick::NoWorker };
         }
         let with_room: Vec<&Arc<WorkerEntry>> =

@@ -2,7 +2,7 @@
 //! worker holding the longest cached prefix of the context. The worker prefills the context
 //! once and forks its state per continuation; a failed worker is replaced like in a generation.
 
-use rwkv_proto::wv1;
+use rwkv_proto::{wv1, TraceContext};
 use tokio::time::Instant;
 
 use crate::error::ApiError;
@@ -20,6 +20,8 @@ pub struct ScoreSpec {
     pub continuations: Vec<Vec<u32>>,
     pub top_logprobs: Option<u32>,
     pub deadline: Instant,
+    /// The HTTP request's trace; each worker call gets a child span of it.
+    pub trace: Option<TraceContext>,
 }
 
 const MAX_ATTEMPTS: usize = 3;
@@ -56,6 +58,10 @@ pub async fn score(pool: &WorkerPool, spec: &ScoreSpec) -> Result<wv1::ScoreResp
             top_logprobs: spec.top_logprobs,
             request_id: spec.request_id.clone(),
         };
+        let mut request = tonic::Request::new(request);
+        if let Some(trace) = &spec.trace {
+            trace.child().inject(&mut request);
+        }
         let mut client = lease.worker.client.clone();
         match tokio::time::timeout_at(spec.deadline, client.score(request)).await {
             Err(_) => return Err(ApiError::timeout()),
@@ -67,6 +73,7 @@ pub async fn score(pool: &WorkerPool, spec: &ScoreSpec) -> Result<wv1::ScoreResp
             Ok(Err(status)) if is_worker_fault(status.code()) => {
                 tracing::warn!(
                     request_id = spec.request_id,
+                    trace_id = spec.trace.map(|t| t.trace_id_hex()),
                     worker = lease.worker.record.id,
                     "scoring failed on a worker ({status}); trying another"
                 );

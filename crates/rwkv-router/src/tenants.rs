@@ -37,6 +37,10 @@ pub struct TenantConfig {
     pub tokens_per_minute: Option<u64>,
     /// Share of the workers while tenants' requests wait for them [default: 1].
     pub weight: Option<u32>,
+    /// Stateful sessions the tenant may hold at once, over the whole cluster.
+    pub max_sessions: Option<u32>,
+    /// Bytes of recurrent state those sessions may hold (each session holds one model state).
+    pub max_state_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -121,6 +125,8 @@ impl Tenant {
             max_concurrent: None,
             tokens_per_minute: None,
             weight: None,
+            max_sessions: None,
+            max_state_bytes: None,
         })
     }
 
@@ -376,6 +382,8 @@ mod tests {
             max_concurrent: None,
             tokens_per_minute: None,
             weight: None,
+            max_sessions: None,
+            max_state_bytes: None,
         }
     }
 

@@ -1,181 +1,9 @@
 //! The router's HTTP API end to end, in one process: a CPU worker behind its gRPC service on
 //! 127.0.0.1, the router in front, and a real HTTP client (reqwest) parsing JSON and SSE.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use rwkv_cluster::{MemoryRegistry, Registry, WorkerRecord};
-use rwkv_cpu::CpuBackend;
-use rwkv_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams};
-use rwkv_model::{synthetic, Checkpoint, ModelWeights};
-use rwkv_router::tenants::{key_digest, TenantConfig, Tenants, TenantsFile};
-use rwkv_router::{PoolConfig, Router, RouterConfig, WorkerPool};
-use rwkv_tokenizer::Tokenizer;
-use rwkv_worker::{WorkerIdentity, WorkerService};
-use serde_json::{json, Value};
-
-const MODEL: &str = "tiny";
-
-/// A random-weight model with the World vocabulary, so text prompts work.
-fn weights() -> ModelWeights {
-    let spec = synthetic::SyntheticSpec::new(64, 2, 65536);
-    let ckpt = Checkpoint::from_tensors("synthetic", synthetic::random_checkpoint(&spec));
-    ModelWeights::from_checkpoint(&ckpt).unwrap()
-}
-
-struct Cluster {
-    base: String,
-    http: reqwest::Client,
-    engine: Engine,
-    tokenizer: Arc<Tokenizer>,
-    _registration: rwkv_cluster::Registration,
-    _stop: Vec<tokio::sync::oneshot::Sender<()>>,
-}
-
-async fn start(cfg: RouterConfig, slots: usize) -> Cluster {
-    start_with_queue(cfg, slots, 256).await
-}
-
-async fn start_with_queue(cfg: RouterConfig, slots: usize, max_queue: usize) -> Cluster {
-    start_full(cfg, slots, max_queue, None).await
-}
-
-async fn start_full(
-    cfg: RouterConfig,
-    slots: usize,
-    max_queue: usize,
-    tenants: Option<TenantsFile>,
-) -> Cluster {
-    let engine = Engine::start(
-        CpuBackend::new(&weights(), slots),
-        EngineConfig {
-            model_id: MODEL.into(),
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
-    let service = WorkerService::new(
-        engine.handle(),
-        WorkerIdentity {
-            worker_id: "w0".into(),
-            model_id: MODEL.into(),
-            model_hash: [0; 32],
-            backend: "cpu".into(),
-            slots,
-            max_batch_size: 64,
-            max_waiting: 256,
-        },
-    );
-    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let worker_addr = worker_listener.local_addr().unwrap();
-    let (stop_worker, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(rwkv_worker::serve(service, worker_listener, async {
-        let _ = rx.await;
-    }));
-
-    let registry = MemoryRegistry::new();
-    let registration = registry
-        .register(WorkerRecord {
-            id: "w0".into(),
-            address: format!("http://{worker_addr}"),
-            model: MODEL.into(),
-            slots: slots as u32,
-        })
-        .await
-        .unwrap();
-    let pool = WorkerPool::new(PoolConfig {
-        poll_interval: Duration::from_millis(50),
-        max_queue,
-        ..PoolConfig::default()
-    });
-    pool.follow(&registry).await.unwrap();
-    let tokenizer = Arc::new(Tokenizer::world());
-    let router = Router::new(
-        RouterConfig {
-            default_model: Some(MODEL.into()),
-            ..cfg
-        },
-        pool.clone(),
-        tokenizer.clone(),
-        None,
-    );
-    let router = match tenants {
-        Some(file) => router.with_tenants(Arc::new(Tenants::from_config(file))),
-        None => router,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop_router, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(rwkv_router::serve_http(router, listener, async {
-        let _ = rx.await;
-    }));
-    for _ in 0..200 {
-        if pool.is_ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(pool.is_ready(), "the worker never became ready");
-    Cluster {
-        base,
-        http: reqwest::Client::new(),
-        engine,
-        tokenizer,
-        _registration: registration,
-        _stop: vec![stop_worker, stop_router],
-    }
-}
-
-impl Cluster {
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Greedy continuation computed by the engine directly.
-    fn direct(&self, prompt: &str, max_tokens: usize) -> String {
-        let tokens = self.tokenizer.encode(prompt).unwrap();
-        let (out, _) = self
-            .engine
-            .generate(GenerateRequest {
-                tenant: "direct".into(),
-                tokens,
-                params: SamplingParams {
-                    temperature: 0.0,
-                    stop_tokens: vec![0],
-                    token_ban: (65530..65536).collect(),
-                    presence_penalty: 0.0,
-                    frequency_penalty: 0.0,
-                    max_tokens,
-                    ..SamplingParams::default()
-                },
-                ..GenerateRequest::default()
-            })
-            .unwrap()
-            .collect();
-        String::from_utf8_lossy(&self.tokenizer.decode_bytes_lossy(&out)).into_owned()
-    }
-}
-
-/// Reads an SSE body into its `data:` payloads.
-async fn sse_events(response: reqwest::Response) -> Vec<String> {
-    let text = response.text().await.unwrap();
-    text.split("\n\n")
-        .filter_map(|block| {
-            block
-                .lines()
-                .find_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.trim().to_owned())
-        })
-        .collect()
-}
+use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_completion_equals_the_engine_and_streams_the_same_text() {
@@ -482,19 +310,6 @@ async fn scoring_equals_the_engine_and_echo_logprobs_agree_with_it() {
     );
 }
 
-fn tenant(name: &str, key: &str, admin: bool) -> TenantConfig {
-    TenantConfig {
-        name: name.into(),
-        api_key_sha256: vec![key_digest(key)],
-        admin,
-        requests_per_second: None,
-        burst: None,
-        max_concurrent: Some(1),
-        tokens_per_minute: None,
-        weight: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_tenant_isolation_and_per_tenant_limits() {
     let tenants = TenantsFile {
@@ -646,4 +461,43 @@ async fn a_flooding_tenant_does_not_starve_another() {
         before - 1,
         done.lock().unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_continue_the_callers_trace_or_start_one() {
+    let c = start(RouterConfig::default(), 2).await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .header("traceparent", parent)
+        .json(&json!({"prompt": "hi", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let ours = response.headers()["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let ours = rwkv_proto::TraceContext::parse(&ours).unwrap();
+    let theirs = rwkv_proto::TraceContext::parse(parent).unwrap();
+    assert_eq!(
+        ours.trace_id, theirs.trace_id,
+        "the caller's trace continues"
+    );
+    assert_ne!(ours.span_id, theirs.span_id, "in a span of our own");
+
+    // Without (or with a broken) traceparent, each request starts its own trace.
+    let mut ids = Vec::new();
+    for header in [None, Some("00-garbage")] {
+        let mut r = c.http.get(format!("{}/v1/models", c.base));
+        if let Some(h) = header {
+            r = r.header("traceparent", h);
+        }
+        let response = r.send().await.unwrap();
+        let t = response.headers()["traceparent"].to_str().unwrap();
+        ids.push(rwkv_proto::TraceContext::parse(t).unwrap().trace_id);
+    }
+    assert_ne!(ids[0], ids[1]);
 }

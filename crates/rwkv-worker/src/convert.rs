@@ -29,6 +29,7 @@ pub(crate) fn sampling_params(p: Option<wv1::SamplingParams>) -> Result<Sampling
         }
         params.token_ban = p.token_ban;
         params.stop_tokens = p.stop_tokens;
+        params.end_tokens = p.end_tokens;
         params.seed = p.seed;
     }
     params
@@ -45,7 +46,17 @@ pub(crate) fn generate_request(req: wv1::GenerateRequest) -> Result<GenerateRequ
         tokens: req.tokens,
         params: sampling_params(req.params)?,
         top_logprobs: req.top_logprobs.map(|n| n as usize),
+        separator: req.separator,
     })
+}
+
+pub(crate) fn session_info(info: rwkv_engine::SessionInfo) -> wv1::SessionInfo {
+    wv1::SessionInfo {
+        session: info.id,
+        tokens: count_u32(info.tokens),
+        turns: info.turns.into_iter().map(count_u32).collect(),
+        busy: info.busy,
+    }
 }
 
 pub(crate) fn score_request(req: wv1::ScoreRequest) -> Result<ScoreRequest, Status> {
@@ -154,6 +165,7 @@ pub fn status_of(e: &EngineError) -> Status {
     match e {
         EngineError::Sampling(s) => Status::invalid_argument(format!("params.{}: {s}", s.field())),
         EngineError::EmptyInput
+        | EngineError::NoSuchTurn { .. }
         | EngineError::EmptyScore(_)
         | EngineError::TokenOutOfVocab { .. }
         | EngineError::Import(_) => Status::invalid_argument(message),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rwkv_engine::{EngineHandle, GenerateStream};
 use rwkv_proto::wv1::{self, worker_server::Worker};
-use rwkv_proto::{count_u32, FieldError};
+use rwkv_proto::{count_u32, FieldError, TraceContext};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -135,11 +135,16 @@ fn bridge(stream: GenerateStream, out: mpsc::Sender<Result<wv1::GenerateEvent, S
                 let item = convert::event(event);
                 let last = !matches!(&item, Ok(e) if matches!(e.event, Some(wv1::generate_event::Event::Token(_))));
                 let code = item.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                if let Err(status) = &item {
+                    tracing::warn!("generation failed: {status}");
+                }
                 if out.blocking_send(item).is_err() {
+                    tracing::debug!("client went away; cancelled");
                     telemetry::rpc_done("generate", tonic::Code::Cancelled);
                     return;
                 }
                 if last {
+                    tracing::debug!(?code, "finished");
                     telemetry::rpc_done("generate", code);
                     return;
                 }
@@ -168,12 +173,21 @@ impl Worker for WorkerService {
         request: Request<wv1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         self.refuse_if_draining()?;
+        // The router's trace: this call's log lines carry its id.
+        let trace = TraceContext::extract(&request);
         let req = request.into_inner();
         let request_id = req.request_id.clone();
+        let span = tracing::info_span!(
+            "generate",
+            request_id,
+            trace_id = trace.map(|t| t.trace_id_hex())
+        );
+        let _entered = span.enter();
         let req = convert::generate_request(req).inspect_err(|s| {
+            tracing::debug!("refused: {s}");
             telemetry::rpc_done("generate", s.code());
         })?;
-        tracing::debug!(request_id, tokens = req.tokens.len(), "generate");
+        tracing::debug!(tokens = req.tokens.len(), session = req.session, "started");
         // Submitting only queues a command; it does not wait for the engine.
         let stream = self.engine.generate(req).map_err(|e| {
             let status = status_of(&e);
@@ -181,7 +195,8 @@ impl Worker for WorkerService {
             status
         })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::task::spawn_blocking(move || bridge(stream, tx));
+        let stream_span = span.clone();
+        tokio::task::spawn_blocking(move || stream_span.in_scope(|| bridge(stream, tx)));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -190,7 +205,15 @@ impl Worker for WorkerService {
         request: Request<wv1::ScoreRequest>,
     ) -> Result<Response<wv1::ScoreResponse>, Status> {
         self.refuse_if_draining()?;
-        let req = convert::score_request(request.into_inner())?;
+        let trace = TraceContext::extract(&request);
+        let req = request.into_inner();
+        tracing::debug!(
+            request_id = req.request_id,
+            trace_id = trace.map(|t| t.trace_id_hex()),
+            continuations = req.continuations.len(),
+            "score"
+        );
+        let req = convert::score_request(req)?;
         // tonic drops this future when the client goes away; the guard tells the waiting thread,
         // which then drops the pending score, and that cancels it in the engine.
         let gone = Arc::new(AtomicBool::new(false));
@@ -216,10 +239,57 @@ impl Worker for WorkerService {
         request: Request<wv1::CreateSessionRequest>,
     ) -> Result<Response<wv1::SessionRef>, Status> {
         self.refuse_if_draining()?;
-        let tenant = convert::tenant(request.into_inner().tenant)?;
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
         self.blocking("create_session", move |engine| {
-            let session = engine.create_session(&tenant).map_err(|e| status_of(&e))?;
+            let session = engine
+                .create_session_with(&tenant, r.tokens)
+                .map_err(|e| status_of(&e))?;
             Ok(wv1::SessionRef { tenant, session })
+        })
+        .await
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<wv1::SessionRef>,
+    ) -> Result<Response<wv1::SessionInfo>, Status> {
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
+        self.blocking("get_session", move |engine| {
+            let info = engine
+                .session_info(&tenant, r.session)
+                .map_err(|e| status_of(&e))?;
+            Ok(convert::session_info(info))
+        })
+        .await
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<wv1::ListSessionsRequest>,
+    ) -> Result<Response<wv1::SessionList>, Status> {
+        let tenant = convert::tenant(request.into_inner().tenant)?;
+        self.blocking("list_sessions", move |engine| {
+            let list = engine.list_sessions(&tenant).map_err(|e| status_of(&e))?;
+            Ok(wv1::SessionList {
+                sessions: list.into_iter().map(convert::session_info).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn rewind_session(
+        &self,
+        request: Request<wv1::RewindSessionRequest>,
+    ) -> Result<Response<wv1::SessionInfo>, Status> {
+        let r = request.into_inner();
+        let tenant = convert::tenant(r.tenant)?;
+        self.blocking("rewind_session", move |engine| {
+            let info = engine
+                .rewind_session(&tenant, r.session, r.turn as usize)
+                .map_err(|e| status_of(&e))?;
+            Ok(convert::session_info(info))
         })
         .await
     }

@@ -179,6 +179,7 @@ async fn sessions_round_trip_and_stay_within_their_tenant() {
     let session = c
         .create_session(wv1::CreateSessionRequest {
             tenant: "acme".into(),
+            tokens: vec![3, 4],
         })
         .await
         .unwrap()
@@ -220,6 +221,44 @@ async fn sessions_round_trip_and_stay_within_their_tenant() {
     };
     let status = c.export_session(foreign.clone()).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
+    let status = c.get_session(foreign.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let listed = c
+        .list_sessions(wv1::ListSessionsRequest {
+            tenant: "intruder".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.sessions.is_empty());
+
+    // Turn boundaries: created with 2 tokens, then two turns of 3 + 5 and 1 + 5 tokens.
+    let info = c.get_session(session.clone()).await.unwrap().into_inner();
+    assert_eq!(info.turns, vec![2, 10, 16]);
+    let rewound = c
+        .rewind_session(wv1::RewindSessionRequest {
+            tenant: "acme".into(),
+            session: session.session,
+            turn: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((rewound.tokens, rewound.turns), (10, vec![2, 10]));
+    let (replayed, _) = collect(c, turn(&[8])).await.unwrap();
+    assert_eq!(
+        replayed, expected,
+        "a rewound session replays its turn exactly"
+    );
+    let status = c
+        .rewind_session(wv1::RewindSessionRequest {
+            tenant: "acme".into(),
+            session: session.session,
+            turn: 5,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
     let status = c.delete_session(foreign).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 

@@ -127,6 +127,7 @@ fn sampling_params(
         penalty_decay: args.penalty_decay,
         token_ban,
         stop_tokens: vec![0],
+        end_tokens: Vec::new(),
         stop_strings: args.stop.clone(),
         seed: args.seed,
         max_tokens: args.max_tokens,

@@ -1,7 +1,9 @@
 //! Generations in the step loop: enqueueing a request, sampling a token from each last logits
 //! row, and reporting the token events and the end of the stream.
 
+use std::collections::HashMap;
 use std::sync::mpsc::Sender;
+use std::thread;
 use std::time::Instant;
 
 use rwkv_model::Backend;
@@ -52,6 +54,12 @@ impl<B: Backend> Core<B> {
         submitted: Instant,
     ) {
         let session = req.session.map(|sid| SessionKey::new(&req.tenant, sid));
+        let mut req = req;
+        if let Some(key) = &session {
+            if self.needs_separator(key, &req.params.end_tokens) {
+                req.tokens.splice(0..0, req.separator.iter().copied());
+            }
+        }
         let checked = match &session {
             Some(key) => self.claim_session(key, id, req.tokens.is_empty()),
             None if req.tokens.is_empty() => Err(EngineError::EmptyInput),
@@ -87,17 +95,67 @@ impl<B: Backend> Core<B> {
         self.seqs.insert(id, seq);
     }
 
-    /// Samples the next token of generation `id` from its logits row and sends it; a client
-    /// that went away is cancelled. Returns the number of tokens emitted (0 or 1).
-    pub(super) fn generation_row(&mut self, id: SeqId, logits: &mut [f32], now: Instant) -> usize {
+    /// Samples the next token of each generation from its logits row and sends it; a client
+    /// that went away is cancelled. Large batches sample on several threads: every sequence has
+    /// its own sampler and random stream, so the tokens do not depend on the split. Returns the
+    /// number of tokens emitted.
+    pub(super) fn sample_generations(
+        &mut self,
+        rows: Vec<(SeqId, &mut [f32])>,
+        now: Instant,
+    ) -> usize {
+        let mut rows: HashMap<SeqId, &mut [f32]> = rows.into_iter().collect();
+        let mut work: Vec<Draw<'_>> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(&id, seq)| {
+                let logits = rows.remove(&id)?;
+                Some(Draw {
+                    id,
+                    seq,
+                    logits,
+                    event: None,
+                })
+            })
+            .collect();
+        work.sort_unstable_by_key(|d| d.id);
+        let exempt = &self.exempt[..];
+        let draw = |d: &mut Draw<'_>| {
+            if let Role::Generate(g) = &mut d.seq.role {
+                d.event = sample_one(g, &mut d.seq.unfed, &mut d.seq.finish, d.logits, exempt);
+            }
+        };
+        let threads = self
+            .sampling_threads
+            .min(work.len() / PARALLEL_SAMPLING_ROWS);
+        if threads > 1 {
+            let per_thread = work.len().div_ceil(threads);
+            thread::scope(|s| {
+                for chunk in work.chunks_mut(per_thread) {
+                    s.spawn(|| chunk.iter_mut().for_each(draw));
+                }
+            });
+        } else {
+            work.iter_mut().for_each(draw);
+        }
+        let events: Vec<(SeqId, Option<GenerateEvent>)> =
+            work.into_iter().map(|d| (d.id, d.event)).collect();
+        events
+            .into_iter()
+            .map(|(id, event)| self.emit(id, event, now))
+            .sum()
+    }
+
+    /// Sends a sampled token (none when the generation ended without one) and records its
+    /// latency. Returns the number of tokens emitted (0 or 1).
+    fn emit(&mut self, id: SeqId, event: Option<GenerateEvent>, now: Instant) -> usize {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return 0;
         };
         let Role::Generate(g) = &mut seq.role else {
             return 0;
         };
-        let Some(event) = sample_one(g, &mut seq.unfed, &mut seq.finish, logits, &self.exempt)
-        else {
+        let Some(event) = event else {
             return 0;
         };
         match g.last_token.replace(now) {
@@ -112,6 +170,18 @@ impl<B: Backend> Core<B> {
         }
         1
     }
+}
+
+/// Rows each sampling thread gets at least: below that, starting a thread costs more than the
+/// rows it would take (a 65,536-entry top-p row takes tens of microseconds).
+const PARALLEL_SAMPLING_ROWS: usize = 8;
+
+/// One generation's sampling work in a step.
+struct Draw<'a> {
+    id: SeqId,
+    seq: &'a mut Seq,
+    logits: &'a mut [f32],
+    event: Option<GenerateEvent>,
 }
 
 /// Samples one token from the logits row. Returns the token event, if a token is emitted; sets
@@ -145,7 +215,9 @@ fn sample_one(
     // The token joins the conversation now; it is fed next step unless the generation ends, in
     // which case it stays pending for a session's next turn.
     unfed.push(token);
-    if g.usage.generated_tokens >= max_tokens {
+    if g.sampler.is_end_token(token) {
+        *finish = Some(FinishReason::Stop);
+    } else if g.usage.generated_tokens >= max_tokens {
         *finish = Some(FinishReason::Length);
     }
     Some(GenerateEvent::Token { token, logprobs })

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvError, TryRecvError};
 use std::sync::Arc;
+use std::thread;
 use std::time::Instant;
 
 use rwkv_model::{Backend, Logits, OutputRows, SeqStep, State};
@@ -73,6 +74,8 @@ pub(crate) struct Core<B: Backend> {
     pub(crate) next_session: u64,
     /// Token ids that do not count for the frequency penalty, indexed by id.
     exempt: Vec<bool>,
+    /// Threads a large batch's sampling may use (the machine's parallelism).
+    sampling_threads: usize,
     /// The model's initial state, for exporting a session that has not run yet.
     pub(crate) initial: State,
     pub(crate) metrics: Metrics,
@@ -117,8 +120,11 @@ impl<B: Backend> Core<B> {
             seqs: HashMap::new(),
             jobs: HashMap::new(),
             ids,
-            next_session: 1,
+            // Ids start at a random point so that an id from before a restart of this worker is
+            // unlikely to name a new session of the same tenant.
+            next_session: 1 + u64::from(rand::random::<u32>()),
             exempt,
+            sampling_threads: thread::available_parallelism().map_or(1, |n| n.get()),
             commands,
         })
     }
@@ -365,12 +371,12 @@ impl<B: Backend> Core<B> {
         let vocab = logits.vocab;
         // One clock read per step: every token of this step is emitted at this time.
         let now = Instant::now();
-        let mut row = 0;
-        let mut emitted = 0;
+        let mut rest: &mut [f32] = &mut logits.data;
+        let mut to_sample = Vec::new();
         for (item, output) in plan.iter().zip(outputs) {
             let n_rows = output.rows(item.tokens);
-            let rows = &mut logits.data[row * vocab..(row + n_rows) * vocab];
-            row += n_rows;
+            let (rows, tail) = std::mem::take(&mut rest).split_at_mut(n_rows * vocab);
+            rest = tail;
             let Some(seq) = self.seqs.get_mut(&item.id) else {
                 continue;
             };
@@ -388,11 +394,12 @@ impl<B: Backend> Core<B> {
                 self.checkpoint(item.id, input_done);
             }
             match lane {
-                None if input_done => emitted += self.generation_row(item.id, rows, now),
+                None if input_done => to_sample.push((item.id, rows)),
                 None => {}
                 Some(lane) => self.lane_rows(item.id, lane, before, rows, vocab),
             }
         }
+        let emitted = self.sample_generations(to_sample, now);
         self.metrics.generated(emitted);
     }
 
@@ -479,6 +486,10 @@ impl<B: Backend> Core<B> {
             if let Some(session) = self.sessions.get_mut(&key) {
                 session.history = seq.fed;
                 session.pending = seq.unfed;
+                // The turn consumed its input, so it counts (even if cancelled part-way).
+                session
+                    .turns
+                    .push(session.history.len() + session.pending.len());
             }
         }
         // A sequence that never got a slot consumed nothing; its input is dropped with it.
