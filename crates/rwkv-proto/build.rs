@@ -8,7 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // same package in other directories (worktrees using one target dir).
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
     let root = std::path::Path::new(&manifest_dir).join("../../proto");
-    let files = [root.join("rwkv/worker/v1/worker.proto")];
+    let files = [
+        root.join("rwkv/worker/v1/worker.proto"),
+        root.join("rwkv/api/v1/api.proto"),
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -16,6 +16,15 @@ pub mod worker {
 
 pub use worker::v1 as wv1;
 
+/// `rwkv.api.v1`: the public API the router serves next to its HTTP API.
+pub mod api {
+    pub mod v1 {
+        tonic::include_proto!("rwkv.api.v1");
+    }
+}
+
+pub use api::v1 as av1;
+
 pub mod trace;
 pub use trace::TraceContext;
 

@@ -24,6 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::{self, ChatRequest, CompletionRequest, Prompt, Validated};
 use crate::chat;
+use crate::checks::{check_prompt, check_vocab, encode, resolve_model};
 use crate::error::ApiError;
 use crate::generation::{self, Finish, GenerationEvent, GenerationSpec, TokenOut, Usage};
 use crate::scoring::{self, ScoreSpec};
@@ -47,13 +48,17 @@ pub fn router(state: Router) -> axum::Router {
         .route("/metrics", get(metrics_text))
         .merge(sessions::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    axum::Router::new()
+    let http = axum::Router::new()
         .merge(authenticated)
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
+        .with_state(state.clone());
+    // The public gRPC API on the same port (HTTP/2); it authenticates from metadata. Its
+    // router brings a fallback, which ours replaces for paths outside both APIs.
+    crate::grpc::routes(state)
+        .merge(http)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn(record_request))
-        .with_state(state)
 }
 
 /// Maps the request's API key to its tenant (a 401 otherwise) for the handlers.
@@ -97,7 +102,7 @@ tokio::task_local! {
 }
 
 /// The current request's trace context, for the worker calls it makes.
-fn current_trace() -> Option<TraceContext> {
+pub(crate) fn current_trace() -> Option<TraceContext> {
     TRACE.try_with(|t| *t).ok()
 }
 
@@ -141,86 +146,14 @@ fn now_secs() -> u64 {
 }
 
 /// Unique enough ids for responses and logs: start time, then a counter.
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}-{:x}{n:08x}", now_secs())
 }
 
-/// The model a request runs on: the one it names, else the configured default, else the only
-/// model the cluster serves.
-fn resolve_model(state: &Router, v: &mut Validated) -> Result<(), ApiError> {
-    if v.model.is_empty() {
-        let models = state.pool.models();
-        match models.as_slice() {
-            [only] => v.model = only.clone(),
-            [] => return Err(ApiError::unavailable("no worker is ready")),
-            _ => {
-                return Err(ApiError::invalid(
-                    "model",
-                    format!(
-                        "`model` is required: this cluster serves {}",
-                        models.join(", ")
-                    ),
-                ))
-            }
-        }
-    }
-    if state
-        .pool
-        .workers()
-        .iter()
-        .any(|w| w.record.model == v.model)
-    {
-        Ok(())
-    } else {
-        Err(ApiError::model_not_found(&v.model))
-    }
-}
-
-fn encode(state: &Router, text: &str, field: &str) -> Result<Vec<u32>, ApiError> {
-    state
-        .tokenizer
-        .encode(text)
-        .map_err(|e| ApiError::invalid(field, format!("cannot tokenize `{field}`: {e}")))
-}
-
-fn check_prompt(state: &Router, tokens: &[u32], field: &str) -> Result<(), ApiError> {
-    if tokens.is_empty() {
-        return Err(ApiError::invalid(
-            field,
-            format!("`{field}` must not be empty"),
-        ));
-    }
-    if tokens.len() > state.cfg.max_prompt_tokens {
-        let mut e = ApiError::invalid(
-            field,
-            format!(
-                "`{field}` has {} tokens, more than this server's limit of {}",
-                tokens.len(),
-                state.cfg.max_prompt_tokens
-            ),
-        );
-        e.code = Some("context_length_exceeded");
-        return Err(e);
-    }
-    check_vocab(state, tokens, field)
-}
-
-/// Token ids from a client must name tokens of the vocabulary.
-fn check_vocab(state: &Router, tokens: &[u32], field: &str) -> Result<(), ApiError> {
-    let vocab = state.tokenizer.vocab_size();
-    match tokens.iter().find(|&&t| t as usize >= vocab) {
-        Some(bad) => Err(ApiError::invalid(
-            field,
-            format!("token id {bad} is outside the vocabulary (size {vocab})"),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// The text of a token for logprobs displays (invalid UTF-8 shown lossily).
-fn token_text(state: &Router, id: u32) -> String {
+pub(crate) fn token_text(state: &Router, id: u32) -> String {
     String::from_utf8_lossy(state.tokenizer.token_bytes(id).unwrap_or_default()).into_owned()
 }
 
@@ -285,7 +218,7 @@ fn prepare_prompts(
 /// Starts one generation per (prompt, choice) and merges their events, tagged with the choice
 /// index, into one channel. When the receiver is dropped (the client left), every forwarding
 /// task ends and drops its generation, which cancels it on the worker.
-fn start_choices(
+pub(crate) fn start_choices(
     state: &Router,
     tenant: &Tenant,
     request_id: &str,
@@ -346,7 +279,7 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
-fn count_tokens(u: &Usage) {
+pub(crate) fn count_tokens(u: &Usage) {
     metrics::counter!(telemetry::TOKENS, "kind" => "prompt").increment(u.prompt_tokens.into());
     metrics::counter!(telemetry::TOKENS, "kind" => "cached").increment(u.cached_tokens.into());
     metrics::counter!(telemetry::TOKENS, "kind" => "completion")
@@ -354,7 +287,7 @@ fn count_tokens(u: &Usage) {
 }
 
 /// Charges a finished choice's tokens to its tenant (the prompt once per prompt).
-fn record_usage(admission: &Admission, u: &Usage, first_of_prompt: bool) {
+pub(crate) fn record_usage(admission: &Admission, u: &Usage, first_of_prompt: bool) {
     let prompt = if first_of_prompt { u.prompt_tokens } else { 0 };
     admission
         .tenant()
@@ -372,7 +305,7 @@ fn add_usage(total: &mut Usage, u: &Usage, first_of_prompt: bool) {
 
 /// Which dialect a response speaks.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Dialect {
+pub(crate) enum Dialect {
     Completion,
     Chat,
 }
@@ -484,7 +417,7 @@ impl ResponsePlan {
 
 /// Chat replies start after `"Assistant:"`, and the model's first token starts with a space;
 /// clients expect the content without it.
-fn trim_reply_start(started: &mut bool, text: String) -> String {
+pub(crate) fn trim_reply_start(started: &mut bool, text: String) -> String {
     if *started {
         return text;
     }
@@ -702,7 +635,7 @@ async fn completions(
         .sampling
         .validate(&state.cfg, req.sampling.max_tokens, 16)?;
     let top = api::top_logprobs("logprobs", req.logprobs, &state.cfg)?;
-    resolve_model(&state, &mut v)?;
+    resolve_model(&state, &mut v.model)?;
     let mut warnings = Vec::new();
     let prompts = prepare_prompts(&state, req.prompt, &mut warnings)?;
     let id = new_id("cmpl");
@@ -772,7 +705,7 @@ async fn chat_completions(
     } else {
         None
     };
-    resolve_model(&state, &mut v)?;
+    resolve_model(&state, &mut v.model)?;
     let messages = req
         .messages
         .ok_or_else(|| ApiError::invalid("messages", "`messages` is required"))?;
@@ -917,7 +850,7 @@ async fn score(
         ..api::Sampling::default()
     }
     .validate(&state.cfg, Some(0), 0)?;
-    resolve_model(&state, &mut v)?;
+    resolve_model(&state, &mut v.model)?;
     let top = api::top_logprobs("top_logprobs", req.top_logprobs, &state.cfg)?;
     let to_tokens = |t: TextOrTokens, field: &str| match t {
         TextOrTokens::Text(text) => encode(&state, &text, field),

@@ -12,9 +12,11 @@
 pub mod affinity;
 pub mod api;
 pub mod chat;
+pub mod checks;
 pub mod error;
 pub mod fair;
 pub mod generation;
+pub mod grpc;
 pub mod http;
 pub mod pool;
 pub mod scoring;

@@ -6,6 +6,12 @@
 //! state, and the worker scopes every session to its tenant, so another tenant's id (or a forged
 //! one) is simply not found. When the worker leaves the cluster, its sessions go with it
 //! (`session_lost`); export a session to keep it beyond its worker's life.
+//!
+//! [`ops`] holds the operations both APIs (HTTP and gRPC) call.
+
+pub mod ops;
+
+pub use ops::SessionView;
 
 use std::sync::Arc;
 

@@ -1,0 +1,305 @@
+//! The public gRPC API (`rwkv.api.v1`) on the HTTP port, against a CPU worker: the same
+//! answers as the HTTP API, the same checks, tenants and sessions.
+
+mod common;
+
+use common::*;
+use rwkv_proto::av1::inference_client::InferenceClient;
+use rwkv_proto::av1::sessions_client::SessionsClient;
+use rwkv_proto::av1::{self, generate_event::Event};
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+async fn channel(c: &Cluster) -> Channel {
+    Channel::from_shared(c.base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn greedy(max_tokens: u32) -> Option<av1::Sampling> {
+    Some(av1::Sampling {
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..av1::Sampling::default()
+    })
+}
+
+/// A request with `authorization: Bearer <key>` when a key is given.
+fn with_key<T>(message: T, key: Option<&str>) -> Request<T> {
+    let mut r = Request::new(message);
+    if let Some(key) = key {
+        let value: MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+        r.metadata_mut().insert("authorization", value);
+    }
+    r
+}
+
+/// Reads a generation stream into (text, finish reason, completion tokens).
+async fn collect(
+    mut stream: tonic::Streaming<av1::GenerateEvent>,
+) -> Result<(String, String, u32), tonic::Status> {
+    let mut text = String::new();
+    let mut ids = std::collections::HashSet::new();
+    while let Some(event) = stream.message().await? {
+        ids.insert(event.id.clone());
+        match event.event {
+            Some(Event::Token(t)) => text.push_str(&t.text),
+            Some(Event::Done(d)) => {
+                text.push_str(&d.tail);
+                assert_eq!(ids.len(), 1, "one id per stream");
+                let usage = d.usage.unwrap();
+                return Ok((text, d.finish_reason, usage.completion_tokens));
+            }
+            None => panic!("empty event"),
+        }
+    }
+    panic!("the stream ended without a done event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_chat_match_the_http_api() {
+    let c = start(RouterConfig::default(), 4).await;
+    let mut inference = InferenceClient::new(channel(&c).await);
+    let prompt = "The quick brown fox";
+    let stream = inference
+        .complete(av1::CompleteRequest {
+            prompt: Some(av1::complete_request::Prompt::Text(prompt.into())),
+            sampling: greedy(12),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (text, finish, generated) = collect(stream).await.unwrap();
+    assert_eq!(text, c.direct(prompt, 12));
+    assert_eq!((finish.as_str(), generated), ("length", 12));
+
+    let (_, http) = c
+        .post(
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0}),
+        )
+        .await;
+    let stream = inference
+        .chat(av1::ChatRequest {
+            messages: vec![av1::ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            sampling: greedy(8),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (text, finish, _) = collect(stream).await.unwrap();
+    assert_eq!(text, http["choices"][0]["message"]["content"]);
+    assert_eq!(finish, http["choices"][0]["finish_reason"]);
+
+    let models = inference
+        .list_models(av1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(models.models, vec![MODEL.to_owned()]);
+
+    // The same checks as HTTP, as gRPC codes; the field leads the message.
+    let mut bad = greedy(4).unwrap();
+    bad.temperature = Some(9.0);
+    let status = inference
+        .complete(av1::CompleteRequest {
+            prompt: Some(av1::complete_request::Prompt::Text("x".into())),
+            sampling: Some(bad),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("temperature"), "{status}");
+    let mut other_model = greedy(4).unwrap();
+    other_model.model = "nope".into();
+    let status = inference
+        .complete(av1::CompleteRequest {
+            prompt: Some(av1::complete_request::Prompt::Tokens(av1::TokenIds {
+                ids: vec![1, 2],
+            })),
+            sampling: Some(other_model),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status}");
+    let status = inference
+        .complete(av1::CompleteRequest {
+            prompt: Some(av1::complete_request::Prompt::Tokens(av1::TokenIds {
+                ids: vec![1 << 30],
+            })),
+            sampling: greedy(1),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+    // The HTTP API still answers on the same port.
+    let (status, _) = c
+        .post("/v1/completions", json!({"prompt": "a", "max_tokens": 1}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_over_grpc_continue_exactly_and_stay_with_their_tenant() {
+    let mut a = tenant("a", "key-a", false);
+    a.max_concurrent = None;
+    let b = tenant("b", "key-b", false);
+    let c = start_full(
+        RouterConfig::default(),
+        4,
+        64,
+        Some(TenantsFile {
+            tenants: vec![a, b],
+        }),
+    )
+    .await;
+    let mut sessions = SessionsClient::new(channel(&c).await);
+    let key = Some("key-a");
+    let session = sessions
+        .create(with_key(
+            av1::CreateSessionRequest {
+                model: String::new(),
+                system: Some("Be brief.".into()),
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(session.model, MODEL);
+    assert_eq!(session.turns.len(), 1);
+    let send = |id: &str, content: &str| {
+        with_key(
+            av1::SendRequest {
+                id: id.to_owned(),
+                content: content.to_owned(),
+                sampling: greedy(6),
+            },
+            key,
+        )
+    };
+    let reply = sessions.send(send(&session.id, "hello")).await.unwrap();
+    collect(reply.into_inner()).await.unwrap();
+    let fork = sessions
+        .fork(with_key(
+            av1::SessionRef {
+                id: session.id.clone(),
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (original, _, _) = collect(
+        sessions
+            .send(send(&session.id, "more"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    let (forked, _, _) = collect(
+        sessions
+            .send(send(&fork.id, "more"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(forked, original);
+
+    // Rewind, export, import: the imported session replays the same turn.
+    let rewound = sessions
+        .rewind(with_key(
+            av1::RewindRequest {
+                id: session.id.clone(),
+                turn: 1,
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rewound.turns.len(), 2);
+    let state = sessions
+        .export(with_key(
+            av1::SessionRef {
+                id: session.id.clone(),
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let imported = sessions
+        .import(with_key(
+            av1::ImportRequest {
+                model: String::new(),
+                data: state.data,
+            },
+            key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (again, _, _) = collect(
+        sessions
+            .send(send(&imported.id, "more"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again, original);
+    let listed = sessions
+        .list(with_key(av1::ListSessionsRequest {}, key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.sessions.len(), 3);
+
+    // Another tenant: not found; no key: unauthenticated.
+    let status = sessions
+        .get(with_key(
+            av1::SessionRef {
+                id: session.id.clone(),
+            },
+            Some("key-b"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = sessions
+        .send(with_key(
+            av1::SendRequest {
+                id: session.id.clone(),
+                content: "hi".into(),
+                sampling: greedy(2),
+            },
+            Some("key-b"),
+        ))
+        .await;
+    let status = match status {
+        Err(s) => s,
+        Ok(stream) => collect(stream.into_inner()).await.unwrap_err(),
+    };
+    assert_eq!(status.code(), Code::NotFound, "{status}");
+    let status = sessions
+        .list(with_key(av1::ListSessionsRequest {}, None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    sessions
+        .delete(with_key(av1::SessionRef { id: fork.id }, key))
+        .await
+        .unwrap();
+}
