@@ -96,6 +96,21 @@ pub async fn serve(
         .await
 }
 
+/// [`serve`] over TLS: HTTPS and gRPC over TLS on one port.
+pub async fn serve_https(
+    state: Router,
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    telemetry::describe();
+    tracing::info!(addr = ?listener.local_addr().ok(), "HTTPS API listening");
+    let listener = crate::tls::TlsListener::new(listener, tls)?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 tokio::task_local! {
     /// The trace of the HTTP request being handled (set by [`record_request`]).
     static TRACE: TraceContext;

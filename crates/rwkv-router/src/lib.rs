@@ -23,12 +23,13 @@ pub mod scoring;
 pub mod sessions;
 pub mod telemetry;
 pub mod tenants;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::ApiError;
-pub use http::{router as http_router, serve as serve_http};
+pub use http::{router as http_router, serve as serve_http, serve_https};
 pub use pool::{PoolConfig, WorkerPool};
 
 /// Limits and defaults of the HTTP API.

@@ -35,6 +35,9 @@ pub struct PoolConfig {
     pub poll_interval: Duration,
     /// Largest message accepted from a worker.
     pub max_message_bytes: usize,
+    /// How to verify workers that advertise `https://` addresses (their CA); without it such
+    /// workers are skipped with a warning.
+    pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for PoolConfig {
@@ -45,6 +48,7 @@ impl Default for PoolConfig {
             breaker_cooldown: Duration::from_secs(5),
             poll_interval: Duration::from_millis(500),
             max_message_bytes: 256 << 20,
+            worker_tls: None,
         }
     }
 }
@@ -217,13 +221,13 @@ impl WorkerPool {
             if workers.contains_key(id) {
                 continue;
             }
-            let channel = match Channel::from_shared(record.address.clone()) {
+            let channel = match self.endpoint(&record.address) {
                 Ok(endpoint) => endpoint
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .connect_lazy(),
                 Err(e) => {
-                    tracing::warn!(worker = id, address = record.address, "bad address: {e}");
+                    tracing::warn!(worker = id, address = record.address, "skipped: {e}");
                     continue;
                 }
             };
@@ -245,6 +249,19 @@ impl WorkerPool {
             workers.insert(id.clone(), entry);
         }
         metrics::gauge!(telemetry::WORKERS).set(workers.len() as f64);
+    }
+
+    /// The endpoint for a worker's address: TLS (verified with the configured CA) for
+    /// `https://`, plaintext HTTP/2 for `http://`.
+    fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, String> {
+        let endpoint = Channel::from_shared(address.to_owned()).map_err(|e| e.to_string())?;
+        if !address.starts_with("https://") {
+            return Ok(endpoint);
+        }
+        let tls = self.inner.cfg.worker_tls.clone().ok_or(
+            "the worker's address is https:// but no worker CA is configured (--worker-ca)",
+        )?;
+        endpoint.tls_config(tls).map_err(|e| e.to_string())
     }
 
     pub fn workers(&self) -> Vec<Arc<WorkerEntry>> {

@@ -14,4 +14,4 @@ mod service;
 pub mod telemetry;
 
 pub use convert::status_of;
-pub use service::{serve, WorkerIdentity, WorkerService};
+pub use service::{serve, serve_tls, WorkerIdentity, WorkerService};

@@ -404,10 +404,37 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    serve_with(service, listener, None, shutdown).await
+}
+
+/// [`serve`] over TLS with this certificate chain and key (PEM); routers verify it with the
+/// CA that signed it.
+pub async fn serve_tls(
+    service: WorkerService,
+    listener: tokio::net::TcpListener,
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    serve_with(service, listener, Some(tls), shutdown).await
+}
+
+async fn serve_with(
+    service: WorkerService,
+    listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(?addr, "worker gRPC service listening");
+    tracing::info!(?addr, tls = tls.is_some(), "worker gRPC service listening");
     telemetry::describe();
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(
             wv1::worker_server::WorkerServer::new(service)

@@ -34,6 +34,10 @@ pub struct RouterOnlyArgs {
     /// Model for requests that name none [default: the only model served].
     #[arg(long, env = "RWKV_DEFAULT_MODEL")]
     pub default_model: Option<String>,
+    /// CA certificate (PEM) that signed the workers' certificates: needed for workers that
+    /// advertise https:// addresses.
+    #[arg(long, env = "RWKV_WORKER_CA")]
+    pub worker_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,12 +58,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let etcd_args = args.etcd.or(file.etcd);
     let tokenizer_spec = args.extra.tokenizer.or(file.extra.tokenizer);
     let default_model = args.extra.default_model.or(file.extra.default_model);
+    let worker_ca = args.extra.worker_ca.or(file.extra.worker_ca);
+    let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
     let tokenizer = Tokenizer::load(tokenizer_spec.as_deref().unwrap_or("world"))?;
     let prometheus = server::install_metrics()?;
     let runtime = server::runtime()?;
     runtime.block_on(async move {
         let registry = etcd_args.connect().await?;
-        let pool = WorkerPool::new(router_args.pool_config());
+        let mut pool_config = router_args.pool_config();
+        if let Some(ca) = &worker_ca {
+            pool_config.worker_tls =
+                Some(rwkv_router::tls::worker_client_config(ca).map_err(anyhow::Error::msg)?);
+        }
+        let pool = WorkerPool::new(pool_config);
         pool.follow(&registry).await?;
         let cfg = router_args.router_config(default_model);
         let router = router_args.build_router(cfg, pool, Arc::new(tokenizer), prometheus)?;
@@ -69,8 +80,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        eprintln!("[rwkv] router on http://{}", listener.local_addr()?);
-        rwkv_router::serve_http(router, listener, server::shutdown_signal()).await?;
+        eprintln!(
+            "[rwkv] router on {}://{}",
+            if tls.is_some() { "https" } else { "http" },
+            listener.local_addr()?
+        );
+        server::serve_api(router, listener, tls).await?;
         anyhow::Ok(())
     })
 }

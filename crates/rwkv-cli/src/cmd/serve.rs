@@ -54,6 +54,12 @@ pub struct RouterArgs {
     /// changes. Without it the API is open (no key, one tenant).
     #[arg(long, env = "RWKV_TENANTS")]
     pub tenants: Option<PathBuf>,
+    /// Serve HTTPS (and gRPC over TLS) with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "RWKV_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "RWKV_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl RouterArgs {
@@ -66,6 +72,8 @@ impl RouterArgs {
             max_tokens_limit: self.max_tokens_limit.or(file.max_tokens_limit),
             max_body_bytes: self.max_body_bytes.or(file.max_body_bytes),
             tenants: self.tenants.or(file.tenants),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
         }
     }
 
@@ -170,16 +178,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prometheus,
         )?;
         let listen = router_args.listen();
+        let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         eprintln!(
-            "[rwkv] serving `{}` on http://{} (OpenAI API under /v1; Ctrl-C stops)",
+            "[rwkv] serving `{}` on {}://{} (OpenAI API under /v1, gRPC rwkv.api.v1; Ctrl-C stops)",
             identity.model_id,
+            if tls.is_some() { "https" } else { "http" },
             listener.local_addr()?
         );
         // Graceful shutdown: stop accepting HTTP, let open streams finish, then drain the worker.
-        rwkv_router::serve_http(router, listener, server::shutdown_signal()).await?;
+        server::serve_api(router, listener, tls).await?;
         service.start_drain();
         registration.deregister().await;
         let _ = stop_worker.send(());

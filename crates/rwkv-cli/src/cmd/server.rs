@@ -258,3 +258,33 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutdown requested");
 }
+
+/// `--tls-cert` and `--tls-key`: both (TLS) or neither (plaintext).
+pub fn tls_pair(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some((cert.clone(), key.clone()))),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    }
+}
+
+/// Serves the router's HTTP and gRPC APIs until Ctrl-C or SIGTERM, over TLS when a
+/// certificate and key are given; open streams finish first.
+pub async fn serve_api(
+    router: rwkv_router::Router,
+    listener: tokio::net::TcpListener,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<()> {
+    match tls {
+        Some((cert, key)) => {
+            let config =
+                rwkv_router::tls::server_config(&cert, &key).map_err(anyhow::Error::msg)?;
+            rwkv_router::serve_https(router, listener, config, shutdown_signal()).await?
+        }
+        None => rwkv_router::serve_http(router, listener, shutdown_signal()).await?,
+    }
+    Ok(())
+}

@@ -47,6 +47,13 @@ pub struct WorkerArgs {
     /// Seconds to let work in flight finish on shutdown [default: 60].
     #[arg(long, env = "RWKV_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<u64>,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key. Routers then
+    /// need --worker-ca, and the advertised address is https://.
+    #[arg(long, env = "RWKV_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "RWKV_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -57,6 +64,8 @@ impl WorkerArgs {
             worker_id: self.worker_id.or(file.worker_id),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
         }
     }
 }
@@ -97,9 +106,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let listen = worker_args
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 50051)));
+    let tls = server::tls_pair(&worker_args.tls_cert, &worker_args.tls_key)?;
+    let tls_pem = match &tls {
+        Some((cert, key)) => Some((
+            std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
+            std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+        )),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = match &worker_args.advertise {
         Some(url) => url.clone(),
-        None if !listen.ip().is_unspecified() => format!("http://{listen}"),
+        None if !listen.ip().is_unspecified() => format!("{scheme}://{listen}"),
         None => anyhow::bail!(
             "--advertise is required when listening on {listen}: routers need an address they can reach"
         ),
@@ -135,9 +153,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {listen}"))?;
         let service = WorkerService::new(engine.handle(), identity.clone());
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(rwkv_worker::serve(service.clone(), listener, async {
+        let stopped = async {
             let _ = server_stopped.await;
-        }));
+        };
+        let server = match tls_pem {
+            Some((cert, key)) => tokio::spawn(rwkv_worker::serve_tls(
+                service.clone(),
+                listener,
+                cert,
+                key,
+                stopped,
+            )),
+            None => tokio::spawn(rwkv_worker::serve(service.clone(), listener, stopped)),
+        };
         let registry = etcd_args.connect().await?;
         let registration = registry
             .register(WorkerRecord {
