@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Cursor;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -29,16 +30,15 @@ impl Checkpoint {
         // access goes through bounds-checked slices.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
         let map = Arc::new(map);
-        let tensors = if map.starts_with(b"PK\x03\x04") {
-            read_pth(&path, &map)?
-        } else if map.len() >= 8 {
-            read_safetensors(&path, &map)?
-        } else {
-            return Err(ModelError::format(
-                &path,
-                "file is too short to be a checkpoint",
-            ));
-        };
+        let tensors = read_tensors(&path, Backing::Mapped(&map))?;
+        Ok(Self { path, tensors })
+    }
+
+    /// Parses a `.pth` or `.safetensors` file held in memory, copying each tensor's bytes.
+    /// `path` only names the source in errors. This is the entry point of the fuzz targets.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: &[u8]) -> Result<Self> {
+        let path = path.into();
+        let tensors = read_tensors(&path, Backing::Bytes(bytes))?;
         Ok(Self { path, tensors })
     }
 
@@ -112,8 +112,58 @@ impl Checkpoint {
     }
 }
 
-fn read_safetensors(path: &Path, map: &Arc<Mmap>) -> Result<BTreeMap<String, Tensor>> {
-    let (header_len, meta) = safetensors::SafeTensors::read_metadata(map).map_err(|e| {
+/// The bytes a checkpoint is parsed from, and how its tensors keep them.
+#[derive(Clone, Copy)]
+enum Backing<'a> {
+    /// A mapped file: tensors are views into the map.
+    Mapped(&'a Arc<Mmap>),
+    /// A buffer: tensors copy their bytes out of it.
+    Bytes(&'a [u8]),
+}
+
+impl Backing<'_> {
+    fn data(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(map) => map,
+            Backing::Bytes(bytes) => bytes,
+        }
+    }
+
+    /// A tensor over `range`, which the caller has checked lies inside the data and holds
+    /// exactly the bytes of `shape`.
+    fn tensor(&self, dtype: DType, shape: Vec<usize>, range: Range<usize>) -> Tensor {
+        match self {
+            Backing::Mapped(map) => Tensor::mapped(dtype, shape, Arc::clone(map), range),
+            Backing::Bytes(bytes) => Tensor::from_bytes(dtype, shape, bytes[range].to_vec()),
+        }
+    }
+}
+
+/// Tells the format by the first bytes and reads every tensor.
+fn read_tensors(path: &Path, src: Backing<'_>) -> Result<BTreeMap<String, Tensor>> {
+    let data = src.data();
+    if data.starts_with(b"PK\x03\x04") {
+        read_pth(path, src)
+    } else if data.len() >= 8 {
+        read_safetensors(path, src)
+    } else {
+        Err(ModelError::format(
+            path,
+            "file is too short to be a checkpoint",
+        ))
+    }
+}
+
+/// Bytes of a tensor of `shape` and `dtype`, or `None` when that overflows.
+fn byte_len(shape: &[usize], dtype: DType) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+}
+
+fn read_safetensors(path: &Path, src: Backing<'_>) -> Result<BTreeMap<String, Tensor>> {
+    let data = src.data();
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(data).map_err(|e| {
         ModelError::format(
             path,
             format!("neither a zip (.pth) nor a valid safetensors file: {e}"),
@@ -135,20 +185,38 @@ fn read_safetensors(path: &Path, map: &Arc<Mmap>) -> Result<BTreeMap<String, Ten
             }
         };
         let (start, end) = info.data_offsets;
-        // read_metadata has validated the offsets against the buffer and the shapes.
-        let range = base + start..base + end;
-        out.insert(
-            name,
-            Tensor::mapped(dtype, info.shape.clone(), map.clone(), range),
-        );
+        // read_metadata validates the offsets against the buffer and the shapes; check again
+        // with checked arithmetic so that a gap in its validation cannot become a panic.
+        let range = base.checked_add(start).zip(base.checked_add(end));
+        let range = match range {
+            Some((s, e)) if s <= e && e <= data.len() => s..e,
+            _ => {
+                return Err(ModelError::format(
+                    path,
+                    format!("tensor `{name}` lies outside the file"),
+                ))
+            }
+        };
+        if byte_len(&info.shape, dtype) != Some(range.len()) {
+            return Err(ModelError::format(
+                path,
+                format!(
+                    "tensor `{name}`: shape {:?} does not match its {} bytes",
+                    info.shape,
+                    range.len()
+                ),
+            ));
+        }
+        out.insert(name, src.tensor(dtype, info.shape.clone(), range));
     }
     Ok(out)
 }
 
-fn read_pth(path: &Path, map: &Arc<Mmap>) -> Result<BTreeMap<String, Tensor>> {
+fn read_pth(path: &Path, src: Backing<'_>) -> Result<BTreeMap<String, Tensor>> {
     let zip_err =
         |e: zip::result::ZipError| ModelError::format(path, format!("bad zip archive: {e}"));
-    let mut archive = zip::ZipArchive::new(Cursor::new(&map[..])).map_err(zip_err)?;
+    let data = src.data();
+    let mut archive = zip::ZipArchive::new(Cursor::new(data)).map_err(zip_err)?;
     let pkl_name = archive
         .file_names()
         .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
@@ -167,7 +235,7 @@ fn read_pth(path: &Path, map: &Arc<Mmap>) -> Result<BTreeMap<String, Tensor>> {
     })?;
     let mut out = BTreeMap::new();
     for (name, tref) in dict {
-        let tensor = load_storage_view(path, map, &mut archive, &prefix, &name, &tref)?;
+        let tensor = load_storage_view(path, src, &mut archive, &prefix, &name, &tref)?;
         out.insert(name, tensor);
     }
     Ok(out)
@@ -179,7 +247,11 @@ fn read_entry(
 ) -> zip::result::ZipResult<Vec<u8>> {
     use std::io::Read;
     let mut entry = archive.by_name(name)?;
-    let mut buf = Vec::with_capacity(entry.size().min(1 << 30) as usize);
+    // The declared size is only a hint that a hostile header can set to anything: the buffer
+    // starts no larger than the compressed bytes actually present (at least a few KiB, so small
+    // entries read in one go) and grows with what is really decompressed.
+    let hint = entry.size().min(entry.compressed_size().max(1 << 16));
+    let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
     entry.read_to_end(&mut buf)?;
     Ok(buf)
 }
@@ -188,7 +260,7 @@ fn read_entry(
 /// which is what `torch.save` writes, or an owned copy for compressed ones.
 fn load_storage_view(
     path: &Path,
-    map: &Arc<Mmap>,
+    src: Backing<'_>,
     archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
     prefix: &str,
     name: &str,
@@ -200,20 +272,34 @@ fn load_storage_view(
         StorageKind::F32 => DType::F32,
     };
     check_contiguous(path, name, tref)?;
-    let numel: usize = tref.shape.iter().product();
     let elem = dtype.size() as u64;
-    let start = tref.offset * elem;
-    let len = numel as u64 * elem;
     let entry_name = format!("{prefix}data/{}", tref.key);
-    let bounds_err = |file_len| ModelError::OutOfBounds {
+    let bounds_err = |offset: u64, len: u64, file_len: u64| ModelError::OutOfBounds {
         path: path.to_owned(),
         name: name.to_owned(),
-        offset: start,
+        offset,
         len,
         file_len,
     };
-    if tref.offset + numel as u64 > tref.storage_numel {
-        return Err(bounds_err(tref.storage_numel * elem));
+    // Every size below comes from the file, so all arithmetic is checked: an overflow is a
+    // tensor that cannot fit, not a panic or a wrapped bound.
+    let len = byte_len(&tref.shape, dtype)
+        .ok_or_else(|| bounds_err(tref.offset, u64::MAX, tref.storage_numel))? as u64;
+    let numel = len / elem;
+    let start = tref
+        .offset
+        .checked_mul(elem)
+        .ok_or_else(|| bounds_err(u64::MAX, len, tref.storage_numel))?;
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| bounds_err(start, len, tref.storage_numel))?;
+    let storage_bytes = tref.storage_numel.saturating_mul(elem);
+    if tref
+        .offset
+        .checked_add(numel)
+        .is_none_or(|e| e > tref.storage_numel)
+    {
+        return Err(bounds_err(start, len, storage_bytes));
     }
     let (compressed, data_start, size) = {
         let entry = archive
@@ -225,30 +311,28 @@ fn load_storage_view(
         let stored = entry.compression() != zip::CompressionMethod::Stored;
         (stored, entry.data_start(), entry.size())
     };
-    if start + len > size {
-        return Err(bounds_err(size));
+    if end > size {
+        return Err(bounds_err(start, len, size));
     }
     if compressed {
         let bytes = read_entry(archive, &entry_name)
             .map_err(|e| ModelError::format(path, e.to_string()))?;
-        let range = start as usize..(start + len) as usize;
-        return Ok(Tensor::from_bytes(
-            dtype,
-            tref.shape.clone(),
-            bytes[range].to_vec(),
-        ));
+        // The entry may decompress to fewer bytes than its header declares.
+        let range = (usize::try_from(start).ok(), usize::try_from(end).ok());
+        let view = match range {
+            (Some(s), Some(e)) => bytes.get(s..e),
+            _ => None,
+        };
+        let view = view.ok_or_else(|| bounds_err(start, len, bytes.len() as u64))?;
+        return Ok(Tensor::from_bytes(dtype, tref.shape.clone(), view.to_vec()));
     }
-    let abs = data_start + start;
-    if abs + len > map.len() as u64 {
-        return Err(bounds_err(map.len() as u64));
-    }
+    let file_len = src.data().len() as u64;
+    let abs = data_start
+        .checked_add(start)
+        .filter(|a| a.checked_add(len).is_some_and(|e| e <= file_len))
+        .ok_or_else(|| bounds_err(start, len, file_len))?;
     let range = abs as usize..(abs + len) as usize;
-    Ok(Tensor::mapped(
-        dtype,
-        tref.shape.clone(),
-        map.clone(),
-        range,
-    ))
+    Ok(src.tensor(dtype, tref.shape.clone(), range))
 }
 
 fn check_contiguous(path: &Path, name: &str, tref: &TensorRef) -> Result<()> {
@@ -268,5 +352,123 @@ fn check_contiguous(path: &Path, name: &str, tref: &TensorRef) -> Result<()> {
                 tref.shape, tref.stride
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(name)
+    }
+
+    /// LONG1 with 8 bytes: any non-negative i64.
+    fn long(v: u64) -> Vec<u8> {
+        let mut out = vec![0x8a, 8];
+        out.extend_from_slice(&v.to_le_bytes());
+        out
+    }
+
+    fn ints(values: &[u64]) -> Vec<u8> {
+        let mut out = vec![b'('];
+        for &v in values {
+            out.extend(long(v));
+        }
+        out.push(b't');
+        out
+    }
+
+    /// `{'w': _rebuild_tensor_v2(<bf16 storage "0", numel>, offset, shape, stride, False,
+    /// OrderedDict())}` with every number chosen by the caller.
+    fn pickle(numel: u64, offset: u64, shape: &[u64], stride: &[u64]) -> Vec<u8> {
+        let mut p = vec![0x80, 2, b'}', b'(', b'X', 1, 0, 0, 0, b'w'];
+        p.extend_from_slice(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nBFloat16Storage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpu");
+        p.extend(long(numel));
+        p.extend_from_slice(b"tQ");
+        p.extend(long(offset));
+        p.extend(ints(shape));
+        p.extend(ints(stride));
+        p.extend_from_slice(b"\x89ccollections\nOrderedDict\n)RtRu.");
+        p
+    }
+
+    fn pth(pkl: &[u8], storage: &[u8], method: zip::CompressionMethod) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default();
+        w.start_file(
+            "archive/data.pkl",
+            opts.compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
+        w.write_all(pkl).unwrap();
+        w.start_file("archive/data/0", opts.compression_method(method))
+            .unwrap();
+        w.write_all(storage).unwrap();
+        w.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn from_bytes_reads_what_open_reads() {
+        for name in ["rwkv6-tiny-c128-l2.pth", "rwkv6-tiny-c128-l2.safetensors"] {
+            let path = fixture(name);
+            let opened = Checkpoint::open(&path).unwrap();
+            let parsed = Checkpoint::from_bytes(name, &std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(opened.fingerprint(), parsed.fingerprint(), "{name}");
+        }
+    }
+
+    #[test]
+    fn small_pth_loads_stored_and_deflated() {
+        for method in [
+            zip::CompressionMethod::Stored,
+            zip::CompressionMethod::Deflated,
+        ] {
+            let bytes = pth(&pickle(6, 0, &[2, 3], &[3, 1]), &[1; 12], method);
+            let ckpt = Checkpoint::from_bytes("t.pth", &bytes).unwrap();
+            assert_eq!(ckpt.require("w").unwrap().shape(), [2, 3]);
+            assert_eq!(ckpt.require("w").unwrap().bytes(), [1; 12]);
+        }
+    }
+
+    /// Regression (found writing the `pth` fuzz target): shape products and offsets overflowed
+    /// `usize`/`u64` arithmetic (a panic with overflow checks, a wrapped bound without).
+    #[test]
+    fn overflowing_shapes_and_offsets_are_errors_not_panics() {
+        let cases: [(u64, &[u64], &[u64]); 4] = [
+            (0, &[1 << 32, 1 << 32, 2], &[1 << 33, 2, 1]),
+            (0, &[1 << 62, 4], &[4, 1]),
+            (1 << 62, &[2, 3], &[3, 1]),
+            (u64::MAX >> 1, &[1], &[1]),
+        ];
+        for method in [
+            zip::CompressionMethod::Stored,
+            zip::CompressionMethod::Deflated,
+        ] {
+            for (offset, shape, stride) in cases {
+                let bytes = pth(&pickle(6, offset, shape, stride), &[1; 12], method);
+                let err = Checkpoint::from_bytes("t.pth", &bytes).unwrap_err();
+                assert!(
+                    matches!(err, ModelError::OutOfBounds { .. }),
+                    "{offset} {shape:?}: {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn storage_larger_than_its_entry_is_out_of_bounds() {
+        for method in [
+            zip::CompressionMethod::Stored,
+            zip::CompressionMethod::Deflated,
+        ] {
+            let bytes = pth(&pickle(600, 0, &[20, 30], &[30, 1]), &[1; 12], method);
+            let err = Checkpoint::from_bytes("t.pth", &bytes).unwrap_err();
+            assert!(matches!(err, ModelError::OutOfBounds { .. }), "{err}");
+        }
     }
 }

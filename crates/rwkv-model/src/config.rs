@@ -58,8 +58,9 @@ impl ModelConfig {
                     .ok()
             })
             .max()
-            .map(|m| m + 1)
-            .ok_or_else(|| not_v6("no `blocks.N.` tensors"))?;
+            .ok_or_else(|| not_v6("no `blocks.N.` tensors"))?
+            .checked_add(1)
+            .ok_or_else(|| not_v6("block index is too large"))?;
         let dims = |name: &str, rank: usize| -> Result<Vec<usize>> {
             let t = ckpt.require(name)?;
             if t.shape().len() != rank || t.shape().contains(&0) {
@@ -126,5 +127,24 @@ impl ModelConfig {
     /// Bytes of one sequence's state (all f32): 264·L·C for head size 64.
     pub fn state_bytes(&self) -> usize {
         self.state_len() * 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+    use std::collections::BTreeMap;
+
+    /// Regression (found writing the `weights` fuzz target): `blocks.<usize::MAX>.` made
+    /// `n_layer = max + 1` overflow.
+    #[test]
+    fn huge_block_index_is_an_error_not_an_overflow() {
+        let mut tensors = BTreeMap::new();
+        let t = Tensor::from_f32(DType::F32, vec![1], &[0.0]);
+        tensors.insert(format!("blocks.{}.att.time_maa_x", usize::MAX), t);
+        let ckpt = Checkpoint::from_tensors("t", tensors);
+        let err = ModelConfig::infer(&ckpt).unwrap_err().to_string();
+        assert!(err.contains("too large"), "{err}");
     }
 }

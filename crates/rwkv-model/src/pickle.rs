@@ -10,6 +10,14 @@ use std::collections::HashMap;
 /// Upper bounds that keep a hostile file from making us allocate without limit.
 const MAX_STACK: usize = 1 << 20;
 const MAX_MEMO: usize = 1 << 22;
+/// Deepest nesting of containers. A state dict nests about four levels; the limit keeps the
+/// recursive `Clone`/`Drop` of a hostile, deeply nested value from overflowing the stack.
+const MAX_DEPTH: u32 = 64;
+/// Memo PUT and GET copy values, so a few bytes can double a value's size again and again. The
+/// total size copied (see [`Slot::weight`]) may be this much plus [`CLONE_BUDGET_PER_BYTE`] per
+/// input byte, which is far more than `torch.save` output needs.
+const CLONE_BUDGET_BASE: usize = 1 << 20;
+const CLONE_BUDGET_PER_BYTE: usize = 8;
 
 /// The element type named by a storage class (`torch.BFloat16Storage` and friends).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +77,9 @@ pub fn read_state_dict(data: &[u8]) -> Result<Vec<(String, TensorRef)>, String> 
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        clone_budget: CLONE_BUDGET_PER_BYTE
+            .saturating_mul(data.len())
+            .saturating_add(CLONE_BUDGET_BASE),
     };
     let root = vm.run()?;
     let Value::Dict(items) = root else {
@@ -106,11 +117,68 @@ impl Value {
     }
 }
 
+/// A value on the stack or in the memo, with the bookkeeping that bounds copies of it.
+#[derive(Clone, Debug)]
+struct Slot {
+    value: Value,
+    /// Nesting depth: 0 for a scalar, 1 + the deepest element for a container.
+    depth: u32,
+    /// Size in units of a node or a string byte: what a copy of the value costs.
+    weight: usize,
+}
+
+impl Slot {
+    /// A value that holds no other values.
+    fn leaf(value: Value) -> Self {
+        let weight = 1 + match &value {
+            Value::Str(s) => s.len(),
+            Value::Storage { key, .. } => key.len(),
+            Value::Tensor(t) => t.key.len() + t.shape.len() + t.stride.len(),
+            _ => 0,
+        };
+        Self {
+            value,
+            depth: 0,
+            weight,
+        }
+    }
+
+    /// A tuple of `items`.
+    fn tuple(items: Vec<Slot>) -> Result<Self, String> {
+        let mut depth = 0;
+        let mut weight = 1usize;
+        let values = items
+            .into_iter()
+            .map(|s| {
+                depth = depth.max(s.depth + 1);
+                weight = weight.saturating_add(s.weight);
+                s.value
+            })
+            .collect();
+        let slot = Self {
+            value: Value::Tuple(values),
+            depth,
+            weight,
+        };
+        slot.check_depth()?;
+        Ok(slot)
+    }
+
+    fn check_depth(&self) -> Result<(), String> {
+        if self.depth > MAX_DEPTH {
+            return Err(format!("values nest deeper than {MAX_DEPTH} levels"));
+        }
+        Ok(())
+    }
+}
+
 struct Machine<'a> {
     data: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
-    memo: HashMap<u32, Value>,
+    stack: Vec<Slot>,
+    memo: HashMap<u32, Slot>,
+    /// Weight that memo PUT/GET may still copy before the pickle is refused.
+    clone_budget: usize,
 }
 
 impl Machine<'_> {
@@ -137,29 +205,29 @@ impl Machine<'_> {
             0x95 => {
                 self.take(8)?; // FRAME: a length hint only.
             }
-            b'}' => self.stack.push(Value::Dict(Vec::new())),
-            b']' => self.stack.push(Value::List(Vec::new())),
-            b')' => self.stack.push(Value::Tuple(Vec::new())),
-            b'(' => self.stack.push(Value::Mark),
-            b'N' => self.stack.push(Value::None),
-            0x88 => self.stack.push(Value::Bool(true)),
-            0x89 => self.stack.push(Value::Bool(false)),
+            b'}' => self.push(Value::Dict(Vec::new())),
+            b']' => self.push(Value::List(Vec::new())),
+            b')' => self.push(Value::Tuple(Vec::new())),
+            b'(' => self.push(Value::Mark),
+            b'N' => self.push(Value::None),
+            0x88 => self.push(Value::Bool(true)),
+            0x89 => self.push(Value::Bool(false)),
             b'J' => {
                 let v = i32::from_le_bytes(self.array()?);
-                self.stack.push(Value::Int(v.into()));
+                self.push(Value::Int(v.into()));
             }
             b'K' => {
                 let v = self.byte()?;
-                self.stack.push(Value::Int(v.into()));
+                self.push(Value::Int(v.into()));
             }
             b'M' => {
                 let v = u16::from_le_bytes(self.array()?);
-                self.stack.push(Value::Int(v.into()));
+                self.push(Value::Int(v.into()));
             }
             0x8a => self.long1()?,
             b'G' => {
                 let v = f64::from_be_bytes(self.array()?);
-                self.stack.push(Value::Float(v));
+                self.push(Value::Float(v));
             }
             b'X' => {
                 let len = u32::from_le_bytes(self.array()?) as usize;
@@ -177,22 +245,21 @@ impl Machine<'_> {
             b'c' => {
                 let module = self.line()?;
                 let name = self.line()?;
-                self.stack
-                    .push(Value::Global(resolve_global(&module, &name)?));
+                self.push(Value::Global(resolve_global(&module, &name)?));
             }
             0x93 => {
                 let name = self.pop_str()?;
                 let module = self.pop_str()?;
-                self.stack
-                    .push(Value::Global(resolve_global(&module, &name)?));
+                self.push(Value::Global(resolve_global(&module, &name)?));
             }
             b'Q' => {
                 let pid = self.pop()?;
-                self.stack.push(persistent_load(pid)?);
+                self.push(persistent_load(pid)?);
             }
             b't' => {
                 let items = self.pop_mark()?;
-                self.stack.push(Value::Tuple(items));
+                let tuple = Slot::tuple(items)?;
+                self.stack.push(tuple);
             }
             0x85..=0x87 => {
                 let n = usize::from(op - 0x84);
@@ -200,47 +267,64 @@ impl Machine<'_> {
                     return Err("stack underflow".into());
                 }
                 let items = self.stack.split_off(self.stack.len() - n);
-                self.stack.push(Value::Tuple(items));
+                if items.iter().any(|s| matches!(s.value, Value::Mark)) {
+                    return Err("unexpected MARK".into());
+                }
+                let tuple = Slot::tuple(items)?;
+                self.stack.push(tuple);
             }
             b'R' => {
                 let args = self.pop()?;
                 let callable = self.pop()?;
                 let out = call(callable, args)?;
-                self.stack.push(out);
+                self.push(out);
             }
             b'b' => {
                 // BUILD: the only object built here is an OrderedDict whose state holds torch's
                 // `_metadata`; it carries no tensors, so the state is dropped.
                 self.pop()?;
-                match self.stack.last() {
+                match self.stack.last().map(|s| &s.value) {
                     Some(Value::Dict(_)) => {}
                     Some(other) => return Err(format!("BUILD on a {}", other.kind())),
                     None => return Err("stack underflow".into()),
                 }
             }
             b's' => {
-                let value = self.pop()?;
-                let key = self.pop()?;
-                self.dict_top()?.push((key, value));
+                let value = self.pop_slot()?;
+                let key = self.pop_slot()?;
+                let (depth, weight) = (
+                    key.depth.max(value.depth),
+                    key.weight.saturating_add(value.weight),
+                );
+                let (slot, dict) = self.dict_top()?;
+                dict.push((key.value, value.value));
+                slot_absorb(slot, depth, weight)?;
             }
             b'u' => {
                 let items = self.pop_mark()?;
                 if items.len() % 2 != 0 {
                     return Err("SETITEMS with an odd number of items".into());
                 }
-                let mut iter = items.into_iter();
-                let dict = self.dict_top()?;
+                let (depth, weight) = summarize(&items);
+                let mut iter = items.into_iter().map(|s| s.value);
+                let (slot, dict) = self.dict_top()?;
                 while let (Some(k), Some(v)) = (iter.next(), iter.next()) {
                     dict.push((k, v));
                 }
+                slot_absorb(slot, depth, weight)?;
             }
             b'a' => {
-                let value = self.pop()?;
-                self.list_top()?.push(value);
+                let value = self.pop_slot()?;
+                let (slot, list) = self.list_top()?;
+                list.push(value.value);
+                slot_absorb(slot, value.depth, value.weight)?;
             }
             b'e' => {
                 let items = self.pop_mark()?;
-                self.list_top()?.extend(items);
+                let (depth, weight) = summarize(&items);
+                let (slot, list) = self.list_top()?;
+                list.extend(items.into_iter().map(|s| s.value));
+                slot_absorb(slot, depth, weight)?;
             }
             b'q' => {
                 let idx = self.byte()?.into();
@@ -304,7 +388,7 @@ impl Machine<'_> {
         let s = std::str::from_utf8(bytes)
             .map_err(|_| "string is not UTF-8")?
             .to_owned();
-        self.stack.push(Value::Str(s));
+        self.push(Value::Str(s));
         Ok(())
     }
 
@@ -319,14 +403,24 @@ impl Machine<'_> {
         if len > 0 && bytes[len - 1] & 0x80 != 0 {
             buf[len..].fill(0xff); // Sign-extend negative numbers.
         }
-        self.stack.push(Value::Int(i64::from_le_bytes(buf)));
+        self.push(Value::Int(i64::from_le_bytes(buf)));
         Ok(())
     }
 
+    fn push(&mut self, value: Value) {
+        self.stack.push(Slot::leaf(value));
+    }
+
     fn pop(&mut self) -> Result<Value, String> {
+        self.pop_slot().map(|s| s.value)
+    }
+
+    fn pop_slot(&mut self) -> Result<Slot, String> {
         match self.stack.pop() {
-            Some(Value::Mark) => Err("unexpected MARK".into()),
-            Some(v) => Ok(v),
+            Some(Slot {
+                value: Value::Mark, ..
+            }) => Err("unexpected MARK".into()),
+            Some(s) => Ok(s),
             None => Err("stack underflow".into()),
         }
     }
@@ -338,38 +432,65 @@ impl Machine<'_> {
         }
     }
 
-    fn pop_mark(&mut self) -> Result<Vec<Value>, String> {
+    fn pop_mark(&mut self) -> Result<Vec<Slot>, String> {
         let mark = self
             .stack
             .iter()
-            .rposition(|v| *v == Value::Mark)
+            .rposition(|s| matches!(s.value, Value::Mark))
             .ok_or("no MARK on the stack")?;
         let items = self.stack.split_off(mark + 1);
         self.stack.pop();
         Ok(items)
     }
 
-    fn dict_top(&mut self) -> Result<&mut Vec<(Value, Value)>, String> {
+    /// The dict on top of the stack, with its depth/weight bookkeeping.
+    fn dict_top(&mut self) -> Result<(SlotMeta<'_>, &mut DictItems), String> {
         match self.stack.last_mut() {
-            Some(Value::Dict(items)) => Ok(items),
+            Some(Slot {
+                value: Value::Dict(items),
+                depth,
+                weight,
+            }) => Ok(((depth, weight), items)),
             _ => Err("SETITEM target is not a dict".into()),
         }
     }
 
-    fn list_top(&mut self) -> Result<&mut Vec<Value>, String> {
+    /// The list on top of the stack, with its depth/weight bookkeeping.
+    fn list_top(&mut self) -> Result<(SlotMeta<'_>, &mut Vec<Value>), String> {
         match self.stack.last_mut() {
-            Some(Value::List(items)) => Ok(items),
+            Some(Slot {
+                value: Value::List(items),
+                depth,
+                weight,
+            }) => Ok(((depth, weight), items)),
             _ => Err("APPEND target is not a list".into()),
         }
     }
 
+    /// Takes `weight` from the copy budget, or refuses the pickle when it is spent.
+    fn charge_copy(&mut self, weight: usize) -> Result<(), String> {
+        self.clone_budget = self
+            .clone_budget
+            .checked_sub(weight)
+            .ok_or("memo copies exceed the size limit (a pickle bomb?)")?;
+        Ok(())
+    }
+
     fn put(&mut self, idx: u32) -> Result<(), String> {
+        let weight = self.stack.last().ok_or("memoize on an empty stack")?.weight;
+        self.charge_copy(weight)?;
         let top = self.stack.last().ok_or("memoize on an empty stack")?;
         self.memo.insert(idx, top.clone());
         Ok(())
     }
 
     fn get(&mut self, idx: u32) -> Result<(), String> {
+        let weight = self
+            .memo
+            .get(&idx)
+            .ok_or_else(|| format!("memo index {idx} is unset"))?
+            .weight;
+        self.charge_copy(weight)?;
         let v = self
             .memo
             .get(&idx)
@@ -377,6 +498,30 @@ impl Machine<'_> {
         self.stack.push(v.clone());
         Ok(())
     }
+}
+
+/// The (key, value) pairs of a dict, in insertion order.
+type DictItems = Vec<(Value, Value)>;
+
+/// Mutable views of a stack slot's depth and weight, next to a borrow of its contents.
+type SlotMeta<'a> = (&'a mut u32, &'a mut usize);
+
+/// Records that values of (deepest) `depth` and (total) `weight` went into a container.
+fn slot_absorb(meta: SlotMeta<'_>, depth: u32, weight: usize) -> Result<(), String> {
+    let (d, w) = meta;
+    *d = (*d).max(depth + 1);
+    *w = (*w).saturating_add(weight);
+    if *d > MAX_DEPTH {
+        return Err(format!("values nest deeper than {MAX_DEPTH} levels"));
+    }
+    Ok(())
+}
+
+/// The deepest depth and the total weight of some slots.
+fn summarize(items: &[Slot]) -> (u32, usize) {
+    items.iter().fold((0, 0usize), |(d, w), s| {
+        (d.max(s.depth), w.saturating_add(s.weight))
+    })
 }
 
 fn resolve_global(module: &str, name: &str) -> Result<Global, String> {
@@ -512,6 +657,37 @@ mod tests {
         for cut in 0..full.len() {
             assert!(read_state_dict(&full[..cut]).is_err(), "cut at {cut}");
         }
+    }
+
+    /// Regression (pickle bomb): PUT/GET copied memoised values without limit, so each 7 bytes
+    /// of `GET 0, GET 0, TUPLE2, PUT 0` doubled the value: 64 rounds asked for 2^64 nodes.
+    #[test]
+    fn memo_copies_cannot_double_a_value_without_limit() {
+        let mut p = vec![0x80, 2, b']', b'q', 0];
+        for _ in 0..64 {
+            p.extend_from_slice(&[b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        p.push(b'.');
+        let err = read_state_dict(&p).unwrap_err();
+        assert!(err.contains("size limit"), "{err}");
+    }
+
+    /// Regression: nesting had no limit, so a long run of TUPLE1 built a value whose recursive
+    /// drop overflowed the thread's stack (a crash, not an error).
+    #[test]
+    fn deep_nesting_is_refused() {
+        let mut p = vec![0x80, 2, b'N'];
+        p.extend(std::iter::repeat_n(0x85, 1_000_000));
+        p.push(b'.');
+        let err = read_state_dict(&p).unwrap_err();
+        assert!(err.contains("nest deeper"), "{err}");
+        // Lists and dicts count too.
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', 100));
+        p.extend(std::iter::repeat_n(b'a', 99));
+        p.push(b'.');
+        let err = read_state_dict(&p).unwrap_err();
+        assert!(err.contains("nest deeper"), "{err}");
     }
 
     #[test]

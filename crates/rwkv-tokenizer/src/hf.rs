@@ -55,8 +55,18 @@ impl HfTokenizer {
             source_name: source_name.to_string(),
             message,
         };
-        let inner =
-            tokenizers::Tokenizer::from_bytes(json).map_err(|e| load_error(e.to_string()))?;
+        // `tokenizers` 0.22 panics instead of returning an error on some malformed files (its
+        // `DecoderWrapper` deserializer calls `.expect("Helper")`, e.g. on a decoder object
+        // with a misspelt or non-UTF-8 key); found by the `tokenizer` fuzz target.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(json));
+        let inner = match parsed {
+            Ok(result) => result.map_err(|e| load_error(e.to_string()))?,
+            Err(_) => {
+                return Err(load_error(
+                    "malformed tokenizer.json (the tokenizers crate panicked parsing it)".into(),
+                ))
+            }
+        };
         let max_id = inner.get_vocab(true).into_values().max().unwrap_or(0);
         if max_id > MAX_ID {
             return Err(load_error(format!("token id {max_id} is too large")));
@@ -314,5 +324,18 @@ mod tests {
         assert_eq!(seen, (0..=255u8).collect::<Vec<_>>());
         assert_eq!(table['Ġ' as usize], Some(b' '));
         assert_eq!(table['Ċ' as usize], Some(b'\n'));
+    }
+
+    /// Regression (fuzz target `tokenizer`): a `decoder` object with a corrupted `type` key made
+    /// `tokenizers` panic inside `from_bytes`; loading must report an error instead.
+    #[test]
+    fn corrupted_decoder_object_is_an_error_not_a_panic() {
+        let json =
+            b"{\"version\":\"1.0\",\"truncation\":null,\"padding\":null,\"added_tokens\":[],\
+            \"normalizer\":null,\"pre_tokenizer\":null,\"post_processor\":null,\
+            \"decoder\":{\"t\xebpe\":\"ByteLevel\"},\
+            \"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]}}";
+        let err = HfTokenizer::from_json_bytes(json, "bad.json").unwrap_err();
+        assert!(err.to_string().contains("bad.json"), "{err}");
     }
 }
