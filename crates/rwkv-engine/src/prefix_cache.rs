@@ -25,16 +25,20 @@ pub struct PrefixKey {
     pub hash: u64,
 }
 
-/// A cached state and the exact tokens that produced it (checked on every hit).
+/// A cached state and the exact tokens that produced it (checked on every hit), with the
+/// logits after the last token when they were at hand (prompt ends): with them, a request for
+/// exactly these tokens samples its first token without running the model.
 #[derive(Clone, Debug)]
 pub struct CachedPrefix {
     pub tokens: Vec<u32>,
     pub state: State,
+    pub logits: Option<Vec<f32>>,
 }
 
 impl Weigh for CachedPrefix {
     fn bytes(&self) -> usize {
-        self.state.bytes() + std::mem::size_of_val(self.tokens.as_slice())
+        let logits = self.logits.as_deref().map_or(0, std::mem::size_of_val);
+        self.state.bytes() + std::mem::size_of_val(self.tokens.as_slice()) + logits
     }
 }
 
@@ -89,6 +93,17 @@ impl PrefixCache {
 
     /// Saves `state` as the state after exactly `tokens` for `tenant`.
     pub fn insert(&mut self, tenant: &str, tokens: &[u32], state: State) {
+        self.insert_with_logits(tenant, tokens, state, None);
+    }
+
+    /// [`Self::insert`], with the logits the model gave after the last token.
+    pub fn insert_with_logits(
+        &mut self,
+        tenant: &str,
+        tokens: &[u32],
+        state: State,
+        logits: Option<Vec<f32>>,
+    ) {
         if tokens.is_empty() {
             return;
         }
@@ -97,6 +112,7 @@ impl PrefixCache {
         let entry = CachedPrefix {
             tokens: tokens.to_vec(),
             state,
+            logits,
         };
         let evicted = self.store.insert(key.clone(), entry);
         if is_new {
@@ -151,6 +167,26 @@ impl PrefixCache {
                 None
             }
         }
+    }
+
+    /// The state after exactly `tokens` and the logits that follow it, if both are cached:
+    /// the whole prompt is a hit, and nothing needs to run before sampling.
+    pub fn lookup_exact(&mut self, tenant: &str, tokens: &[u32]) -> Option<(&State, &[f32])> {
+        if tokens.is_empty() {
+            return None;
+        }
+        let key = self.key(tenant, tokens.len(), prefix_hash(tokens));
+        let hit = self
+            .store
+            .get(&key)
+            .is_some_and(|e| e.tokens == tokens && e.logits.is_some());
+        if !hit {
+            return None;
+        }
+        self.stats.hits += 1;
+        self.stats.tokens_saved += tokens.len() as u64;
+        let entry = self.store.get(&key)?;
+        Some((&entry.state, entry.logits.as_deref()?))
     }
 
     /// Hit and miss counts so far.
@@ -270,10 +306,12 @@ mod tests {
         let bogus = CachedPrefix {
             tokens: vec![7, 7, 7],
             state: state(7.0),
+            logits: Some(vec![0.0; 4]),
         };
         cache.store.insert(key, bogus);
         cache.lengths.entry("t".into()).or_default().insert(3, 1);
         assert_eq!(hit(&mut cache, "t", &[1, 2, 3, 4]), None);
+        assert!(cache.lookup_exact("t", &[1, 2, 3]).is_none());
     }
 
     #[test]

@@ -223,9 +223,23 @@ fn prefix_cache_hits_skip_prefill_and_give_identical_continuations() {
     assert_eq!(cached(&cold.1), 0);
     assert_eq!(
         cached(&warm.1),
-        32,
-        "the last aligned checkpoint before the end"
+        p.len(),
+        "an exact repeat: the prompt's state and logits are cached, nothing is fed"
     );
+    let hits = engine.stats().unwrap().cache.hits;
+    // A prompt that leaves the cached one after 35 tokens resumes at the aligned checkpoint.
+    let branch = [&p[..35], &[999, 998]].concat();
+    let (tokens, end) = engine.generate(request(&branch, 3)).unwrap().collect();
+    assert_eq!(
+        cached(&end),
+        32,
+        "the last aligned checkpoint before the branch"
+    );
+    assert_eq!(tokens, alone(&weights, &branch, greedy(3)));
+    assert_eq!(engine.stats().unwrap().cache.hits, hits + 1);
+    // An exact repeat whose first token ends it (max_tokens 1) finishes at admission.
+    let (one, end) = engine.generate(request(&p, 1)).unwrap().collect();
+    assert_eq!((one, cached(&end)), (cold.0[..1].to_vec(), p.len()));
     // The end-of-generation state (prompt + 4 fed tokens) serves the next turn.
     let next = [&p[..], &cold.0, &[7, 8]].concat();
     let (tokens, end) = engine.generate(request(&next, 4)).unwrap().collect();

@@ -1,13 +1,15 @@
-//! The front door of the cluster: an OpenAI-compatible HTTP API over a pool of workers.
+//! The front door of the cluster: an OpenAI-compatible HTTP API and a gRPC API
+//! (`rwkv.api.v1`) on one port, over a pool of workers.
 //!
-//! This crate owns request validation and tokenization ([`api`], [`chat`]), worker selection with
-//! a bounded queue, cache-aware placement and circuit breaking ([`pool`], [`affinity`]), the
-//! streaming of one generation with stop strings and failover ([`generation`]), scoring
-//! ([`scoring`]), stateful sessions and their quota ([`sessions`]), the HTTP routes
-//! ([`http`]) and the router's metrics ([`telemetry`]). It talks to workers only through the
-//! worker gRPC service of `rwkv-proto`, and learns about them through a `rwkv_cluster::Registry`.
-//! It never depends on the model, the engine or a backend: the same router fronts CPU and GPU
-//! workers, in one process (`rwkv serve`) or across machines.
+//! This crate owns request validation and tokenization ([`api`], [`chat`], [`checks`]), worker
+//! selection with a bounded queue, cache-aware placement and circuit breaking ([`pool`],
+//! [`affinity`], [`fair`]), the streaming of one generation with stop strings and failover
+//! ([`generation`]), scoring ([`scoring`]), stateful sessions and their quota ([`sessions`]),
+//! tenants and their limits ([`tenants`]), the HTTP routes ([`http`]) and the gRPC services
+//! ([`grpc`]), TLS ([`tls`]) and the router's metrics ([`telemetry`]). It talks to workers only
+//! through the worker gRPC service of `rwkv-proto`, and learns about them through a
+//! `rwkv_cluster::Registry`. It never depends on the model, the engine or a backend: the same
+//! router fronts CPU and GPU workers, in one process (`rwkv serve`) or across machines.
 
 pub mod affinity;
 pub mod api;

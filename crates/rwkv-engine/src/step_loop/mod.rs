@@ -133,6 +133,8 @@ impl<B: Backend> Core<B> {
     pub(crate) fn run(mut self) {
         let mut idle = true;
         while self.admit(idle) {
+            // A generation answered from the cache may have ended at admission.
+            self.retire_finished();
             let plan = self.sched.plan();
             idle = plan.is_empty();
             if idle {
@@ -234,8 +236,23 @@ impl<B: Backend> Core<B> {
         let input = std::mem::take(&mut seq.input);
         let session = seq.session.clone();
         let tenant = seq.tenant.clone();
+        let generation = matches!(seq.role, Role::Generate(_));
+        let mut ready_logits = None;
         let (slot, pos, all) = match &session {
             Some(key) => self.place_session(key, &input)?,
+            None if generation => {
+                let slot = self.acquire_slot()?;
+                match self.restore_generation(slot, &tenant, &input) {
+                    Ok((pos, logits)) => {
+                        ready_logits = logits;
+                        (slot, pos, input)
+                    }
+                    Err(e) => {
+                        self.slots.release(slot);
+                        return Err(e);
+                    }
+                }
+            }
             None => {
                 let slot = self.acquire_slot()?;
                 match self.restore_prefix(slot, &tenant, &input) {
@@ -266,7 +283,31 @@ impl<B: Backend> Core<B> {
             }
         }
         self.sched.start(id, pos, all.len() - pos);
+        if let Some(mut logits) = ready_logits {
+            // The whole prompt was cached with the logits after it: sample the first token now;
+            // the sequence then decodes like any other (or ends, and retires this step).
+            let emitted = self.sample_generations(vec![(id, &mut logits[..])], Instant::now());
+            self.metrics.generated(emitted);
+        }
         Ok(())
+    }
+
+    /// Places a generation's state: the exact prompt with its logits when cached (nothing to
+    /// feed), else the longest cached prefix leaving one token to feed.
+    fn restore_generation(
+        &mut self,
+        slot: usize,
+        tenant: &str,
+        tokens: &[u32],
+    ) -> Result<(usize, Option<Vec<f32>>), EngineError> {
+        if let Some((state, logits)) = self.cache.lookup_exact(tenant, tokens) {
+            let logits = logits.to_vec();
+            self.backend.load_state(slot, state)?;
+            self.metrics.cache_lookup(Some(tokens.len()));
+            return Ok((tokens.len(), Some(logits)));
+        }
+        self.restore_prefix(slot, tenant, tokens)
+            .map(|pos| (pos, None))
     }
 
     /// Resets `slot` or loads the longest cached prefix of `tokens` (always leaving at least one
@@ -391,7 +432,10 @@ impl<B: Backend> Core<B> {
             // state is also saved when it ends (see `retire`), a continuation's never.
             let caches = lane.is_none_or(|l| l.branch.is_none());
             if !item.decode && caches {
-                self.checkpoint(item.id, input_done);
+                // A generation's prompt end keeps its logits: an exact repeat then needs no
+                // forward step at all.
+                let logits = (input_done && lane.is_none() && n_rows == 1).then_some(&*rows);
+                self.checkpoint(item.id, input_done, logits);
             }
             match lane {
                 None if input_done => to_sample.push((item.id, rows)),
@@ -409,16 +453,16 @@ impl<B: Backend> Core<B> {
 
     /// Saves the prefix-cache states a prefill chunk just reached: aligned positions inside a
     /// long prompt, and the end of the prompt.
-    fn checkpoint(&mut self, id: SeqId, prompt_done: bool) {
+    fn checkpoint(&mut self, id: SeqId, prompt_done: bool, logits: Option<&[f32]>) {
         let seq = &self.seqs[&id];
         let every = self.cfg.scheduler.checkpoint_every;
         let aligned = every > 0 && seq.fed.len() % every == 0 && !prompt_done;
         if aligned || prompt_done && self.cfg.cache_prompt_end {
-            self.save_to_cache(id);
+            self.save_to_cache(id, if prompt_done { logits } else { None });
         }
     }
 
-    fn save_to_cache(&mut self, id: SeqId) {
+    fn save_to_cache(&mut self, id: SeqId, logits: Option<&[f32]>) {
         if self.cfg.prefix_cache_bytes == 0 {
             return;
         }
@@ -426,7 +470,9 @@ impl<B: Backend> Core<B> {
         let Some(slot) = seq.slot else { return };
         // A failed copy only costs a future cache miss, so it is not an error for the request.
         if let Ok(state) = self.backend.save_state(slot) {
-            self.cache.insert(&seq.tenant, &seq.fed, state);
+            let logits = logits.map(<[f32]>::to_vec);
+            self.cache
+                .insert_with_logits(&seq.tenant, &seq.fed, state, logits);
         }
     }
 
@@ -452,7 +498,7 @@ impl<B: Backend> Core<B> {
         };
         let generation = matches!(seq.role, Role::Generate(_));
         if generation && reason != FinishReason::Cancelled && self.cfg.cache_generation_end {
-            self.save_to_cache(id);
+            self.save_to_cache(id, None);
         }
         self.sched.remove(id);
         let Some(seq) = self.seqs.remove(&id) else {
