@@ -9,6 +9,9 @@
 //!    least recently served first, so several long prompts are chunked and interleaved.
 //! 3. A prefill chunk never crosses a multiple of `checkpoint_every`, so the engine can save the
 //!    state of long prompts at aligned positions for the prefix cache.
+//! 4. Sequences that need the logits of every token they feed (scoring continuations) share at
+//!    most `max_output_rows` tokens per step: each row is a vocabulary of f32 on the host, so
+//!    this bounds a step's memory however many continuations a request brings.
 //!
 //! Admission is separate ([`Scheduler::admit`]): the engine says how many slots it can provide,
 //! and the oldest waiting sequences become running. No runtime, no clock: plain unit tests.
@@ -34,6 +37,9 @@ pub struct SchedulerConfig {
     pub checkpoint_every: usize,
     /// Sequences allowed to wait for a slot; beyond that, requests are refused (back-pressure).
     pub max_waiting: usize,
+    /// Tokens per step, over all sequences that need every token's logits (each costs a
+    /// vocabulary-sized row: 256 KiB at 65,536 tokens).
+    pub max_output_rows: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +50,7 @@ impl Default for SchedulerConfig {
             prefill_chunk: 512,
             checkpoint_every: 0,
             max_waiting: 4096,
+            max_output_rows: 256,
         }
     }
 }
@@ -55,6 +62,7 @@ impl SchedulerConfig {
             ("max_batch_tokens", self.max_batch_tokens),
             ("max_batch_size", self.max_batch_size),
             ("prefill_chunk", self.prefill_chunk),
+            ("max_output_rows", self.max_output_rows),
         ] {
             if value == 0 {
                 return Err(EngineError::Config(format!("`{field}` must be at least 1")));
@@ -88,6 +96,8 @@ struct Running {
     last_served: u64,
     /// Admission order; breaks ties so older sequences go first.
     admitted: u64,
+    /// Every token it feeds needs its logits row (counts against `max_output_rows`).
+    all_rows: bool,
 }
 
 /// Waiting and running sequences, and the per-step planning.
@@ -144,6 +154,7 @@ impl Scheduler {
                 decoding: false,
                 last_served: 0,
                 admitted: self.admissions,
+                all_rows: false,
             });
         }
         ids
@@ -171,6 +182,7 @@ impl Scheduler {
             decoding: false,
             last_served: 0,
             admitted: self.admissions,
+            all_rows: false,
         });
     }
 
@@ -179,6 +191,14 @@ impl Scheduler {
         if let Some(r) = self.running_mut(id) {
             r.pending += 1;
             r.decoding = true;
+        }
+    }
+
+    /// From now on every token `id` feeds needs its logits row: its chunks share the step's
+    /// `max_output_rows`.
+    pub fn needs_all_rows(&mut self, id: SeqId) {
+        if let Some(r) = self.running_mut(id) {
+            r.all_rows = true;
         }
     }
 
@@ -202,6 +222,7 @@ impl Scheduler {
     pub fn plan(&mut self) -> Vec<BatchItem> {
         let mut batch = Vec::new();
         let mut budget = self.cfg.max_batch_tokens;
+        let mut rows_left = self.cfg.max_output_rows;
         for decode in [true, false] {
             let mut order: Vec<usize> = (0..self.running.len())
                 .filter(|&i| {
@@ -214,7 +235,14 @@ impl Scheduler {
                 if budget == 0 || batch.len() >= self.cfg.max_batch_size {
                     return batch;
                 }
-                let n = self.chunk_len(&self.running[i], budget);
+                let mut n = self.chunk_len(&self.running[i], budget);
+                if self.running[i].all_rows {
+                    n = n.min(rows_left);
+                    if n == 0 {
+                        continue;
+                    }
+                    rows_left -= n;
+                }
                 let r = &mut self.running[i];
                 r.pending -= n;
                 r.pos += n;
@@ -260,6 +288,7 @@ mod tests {
             prefill_chunk: chunk,
             checkpoint_every: 0,
             max_waiting: 100,
+            max_output_rows: 256,
         })
         .unwrap()
     }
@@ -408,5 +437,31 @@ mod tests {
         s.remove(2);
         assert_eq!((s.waiting_len(), s.running_len()), (0, 1));
         assert!(s.admit(5).is_empty());
+    }
+
+    #[test]
+    fn sequences_needing_every_row_share_the_step_row_budget() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_batch_tokens: 1024,
+            max_output_rows: 100,
+            ..SchedulerConfig::default()
+        })
+        .unwrap();
+        for id in 1..=3 {
+            add(&mut s, id, 80);
+        }
+        s.needs_all_rows(1);
+        s.needs_all_rows(2);
+        // Lane 1 takes 80 rows, lane 2 the 20 left; the plain prefill is not limited.
+        assert_eq!(
+            s.plan(),
+            vec![item(1, 80, false), item(2, 20, false), item(3, 80, false)]
+        );
+        assert_eq!(s.plan(), vec![item(2, 60, false)]);
+        let zero = SchedulerConfig {
+            max_output_rows: 0,
+            ..SchedulerConfig::default()
+        };
+        assert!(Scheduler::new(zero).is_err());
     }
 }

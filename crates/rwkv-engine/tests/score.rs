@@ -174,6 +174,20 @@ fn scores_are_the_log_softmax_of_a_direct_forward_pass() {
 }
 
 #[test]
+fn a_small_row_budget_splits_continuations_without_changing_scores() {
+    let weights = weights();
+    let context: Vec<u32> = (1..=23).map(|i| (i * 37) % 1000).collect();
+    let conts = continuations(&weights, &context);
+    let mut cfg = config(64, 64, 0);
+    // Three rows per step over all continuation lanes: the 40-token one takes 14 steps.
+    cfg.scheduler.max_output_rows = 3;
+    let engine = start(&weights, 8, cfg);
+    let req = score_request(&context, &conts, Some(2));
+    let result = engine.score(req.clone()).unwrap();
+    assert_matches_direct(&weights, &req, &result);
+}
+
+#[test]
 fn a_one_token_context_and_one_token_continuations_need_only_the_context_pass() {
     let weights = weights();
     let engine = start(&weights, 1, config(64, 16, 0));

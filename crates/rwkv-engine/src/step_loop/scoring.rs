@@ -249,6 +249,7 @@ impl<B: Backend> Core<B> {
             }
             let (pos, pending) = self.next_branch(lane_id, job_id);
             self.sched.fork(lane_id, pos, pending);
+            self.sched.needs_all_rows(lane_id);
         }
         if self.jobs[&job_id].pending.len() > 1 {
             let saved = self.backend.save_state(source)?;
@@ -258,6 +259,8 @@ impl<B: Backend> Core<B> {
         }
         let (pos, pending) = self.next_branch(id, job_id);
         self.sched.start(id, pos, pending);
+        // Continuations need every token's logits: they share the step's row budget.
+        self.sched.needs_all_rows(id);
         Ok(())
     }
 
@@ -328,6 +331,8 @@ impl<B: Backend> Core<B> {
         self.backend.load_state(slot, saved)?;
         let (pos, pending) = self.next_branch(id, job_id);
         self.sched.start(id, pos, pending);
+        // Continuations need every token's logits: they share the step's row budget.
+        self.sched.needs_all_rows(id);
         Ok(())
     }
 
