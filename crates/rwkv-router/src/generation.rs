@@ -121,6 +121,31 @@ pub fn start(
     rx
 }
 
+/// Forwards a generation's events into `into`, tagged with its choice index, until either side
+/// ends (when `into` closes, `events` is dropped, which cancels the generation).
+pub fn forward_tagged(
+    mut events: mpsc::Receiver<GenerationEvent>,
+    index: usize,
+    into: mpsc::Sender<(usize, GenerationEvent)>,
+) {
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            if into.send((index, event)).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// One generation's events as choice 0 of a response.
+pub fn single_choice(
+    events: mpsc::Receiver<GenerationEvent>,
+) -> mpsc::Receiver<(usize, GenerationEvent)> {
+    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+    forward_tagged(events, 0, tx);
+    rx
+}
+
 /// Text-side state of a generation, kept across failovers.
 struct Progress {
     generated: Vec<u32>,

@@ -356,20 +356,12 @@ impl Sessions for PublicApi {
         };
         let turn = ops::send(&self.state, &tenant, &req.id, http::new_id("chatcmpl"), msg)
             .map_err(|e| status_of(&e))?;
-        let mut events = turn.events;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(async move {
-            while let Some(event) = events.recv().await {
-                if tx.send((0, event)).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let events = crate::generation::single_choice(turn.events);
         Ok(Response::new(self.stream(
             turn.request_id,
             admission,
             Dialect::Chat,
-            rx,
+            events,
         )))
     }
 

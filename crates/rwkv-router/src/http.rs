@@ -271,15 +271,8 @@ pub(crate) fn start_choices(
                 session: None,
                 trace: current_trace(),
             };
-            let mut events = generation::start(state.pool.clone(), state.tokenizer.clone(), spec);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while let Some(event) = events.recv().await {
-                    if tx.send((index, event)).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let events = generation::start(state.pool.clone(), state.tokenizer.clone(), spec);
+            generation::forward_tagged(events, index, tx.clone());
         }
     }
     rx

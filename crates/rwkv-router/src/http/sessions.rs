@@ -210,15 +210,7 @@ async fn message(
     };
     let logprobs = msg.top_logprobs.is_some();
     let turn = ops::send(&state, &tenant, &id, new_id("chatcmpl"), msg)?;
-    let mut events = turn.events;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            if tx.send((0, event)).await.is_err() {
-                return;
-            }
-        }
-    });
+    let rx = crate::generation::single_choice(turn.events);
     let v = turn.validated;
     let plan = ResponsePlan {
         dialect: Dialect::Chat,
