@@ -56,6 +56,22 @@ async fn place_new(
     Ok(worker)
 }
 
+/// Session `id` on `worker`.
+fn on(worker: &WorkerEntry, id: u64) -> SessionAddr {
+    SessionAddr {
+        worker: worker.record.id.clone(),
+        id,
+    }
+}
+
+/// A worker's refusal of a request as a fault of its field `param` (the worker cannot name it).
+fn blame(mut e: ApiError, param: &str) -> ApiError {
+    if e.status == axum::http::StatusCode::BAD_REQUEST {
+        e.param = Some(param.into());
+    }
+    e
+}
+
 fn session_ref(tenant: &Tenant, addr: &SessionAddr) -> wv1::SessionRef {
     wv1::SessionRef {
         tenant: tenant.name().to_owned(),
@@ -119,11 +135,7 @@ pub async fn create(
         .map_err(|s| ApiError::from_status(&s))?
         .into_inner()
         .session;
-    let addr = SessionAddr {
-        worker: worker.record.id.clone(),
-        id: session,
-    };
-    view(&worker, tenant, addr).await
+    view(&worker, tenant, on(&worker, session)).await
 }
 
 /// A new session from an export (`export`'s bytes), on a worker of `model`.
@@ -149,20 +161,10 @@ pub async fn import(
             data,
         })
         .await
-        .map_err(|s| {
-            let mut e = ApiError::from_status(&s);
-            if e.status == axum::http::StatusCode::BAD_REQUEST {
-                e.param = Some("data".into());
-            }
-            e
-        })?
+        .map_err(|s| blame(ApiError::from_status(&s), "data"))?
         .into_inner()
         .session;
-    let addr = SessionAddr {
-        worker: worker.record.id.clone(),
-        id: session,
-    };
-    view(&worker, tenant, addr).await
+    view(&worker, tenant, on(&worker, session)).await
 }
 
 /// The tenant's sessions on every worker that answers.
@@ -183,10 +185,7 @@ pub async fn list(state: &Router, tenant: &Tenant) -> Vec<SessionView> {
                         .sessions
                         .into_iter()
                         .map(|info| SessionView {
-                            addr: SessionAddr {
-                                worker: worker.record.id.clone(),
-                                id: info.session,
-                            },
+                            addr: on(&worker, info.session),
                             model: worker.record.model.clone(),
                             info,
                         }),
@@ -231,11 +230,7 @@ pub async fn fork(state: &Router, tenant: &Tenant, id: &str) -> Result<SessionVi
         .map_err(|s| session_error(&addr, &s))?
         .into_inner()
         .session;
-    let child = SessionAddr {
-        worker: addr.worker,
-        id: child,
-    };
-    view(&worker, tenant, child).await
+    view(&worker, tenant, on(&worker, child)).await
 }
 
 /// Back to the end of turn `turn` (0: as created).
@@ -257,13 +252,7 @@ pub async fn rewind(
             turn,
         })
         .await
-        .map_err(|s| {
-            let mut e = session_error(&addr, &s);
-            if e.status == axum::http::StatusCode::BAD_REQUEST {
-                e.param = Some("turn".into());
-            }
-            e
-        })?
+        .map_err(|s| blame(session_error(&addr, &s), "turn"))?
         .into_inner();
     Ok(SessionView {
         addr,
