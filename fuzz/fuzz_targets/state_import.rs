@@ -7,24 +7,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use rwkv_engine::export::{decode, encode};
-use rwkv_model::{DType, ModelConfig};
-
-pub const HASH: [u8; 32] = [7; 32];
-
-pub fn cfg() -> ModelConfig {
-    ModelConfig {
-        n_embd: 8,
-        n_layer: 2,
-        n_head: 1,
-        head_size: 8,
-        dim_ffn: 16,
-        vocab_size: 10,
-        maa_lora: 2,
-        decay_lora: 2,
-        weight_dtype: DType::F32,
-        has_time_state: false,
-    }
-}
+use rwkv_fuzz::{state_config, STATE_HASH};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flag, rest)) = data.split_first() else {
@@ -36,10 +19,10 @@ fuzz_target!(|data: &[u8]| {
         let crc = crc32(&bytes[..body]);
         bytes[body..].copy_from_slice(&crc.to_le_bytes());
     }
-    let cfg = cfg();
-    if let Ok(snap) = decode(&HASH, &cfg, &bytes) {
+    let cfg = state_config();
+    if let Ok(snap) = decode(&STATE_HASH, &cfg, &bytes) {
         assert_eq!(
-            encode(&HASH, &cfg, &snap),
+            encode(&STATE_HASH, &cfg, &snap),
             bytes,
             "decode/encode round trip"
         );

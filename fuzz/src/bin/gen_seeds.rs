@@ -9,8 +9,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use rwkv_engine::export::{encode, SessionSnapshot};
+use rwkv_fuzz::{state_config, STATE_HASH};
 use rwkv_model::synthetic::{random_checkpoint, SyntheticSpec};
-use rwkv_model::{Checkpoint, DType, ModelConfig, ModelWeights, State, Tensor};
+use rwkv_model::{Checkpoint, DType, ModelWeights, State, Tensor};
 use rwkv_tokenizer::Tokenizer;
 use zip::write::SimpleFileOptions;
 use zip::CompressionMethod;
@@ -214,19 +215,7 @@ fn tokenizer(corpus: &Path) {
 
 fn state_import(corpus: &Path) {
     let dir = target_dir(corpus, "state_import");
-    // Must match the configuration in fuzz_targets/state_import.rs.
-    let cfg = ModelConfig {
-        n_embd: 8,
-        n_layer: 2,
-        n_head: 1,
-        head_size: 8,
-        dim_ffn: 16,
-        vocab_size: 10,
-        maa_lora: 2,
-        decay_lora: 2,
-        weight_dtype: DType::F32,
-        has_time_state: false,
-    };
+    let cfg = state_config();
     let data = (0..cfg.state_len())
         .map(|i| i as f32 * 0.25 - 3.0)
         .collect();
@@ -235,7 +224,7 @@ fn state_import(corpus: &Path) {
         pending: vec![9],
         state: State::from_flat(&cfg, data).unwrap(),
     };
-    let bytes = encode(&[7; 32], &cfg, &snap);
+    let bytes = encode(&STATE_HASH, &cfg, &snap);
     write(&dir, "export", &[&[0u8][..], &bytes].concat());
     write(&dir, "export-fixcrc", &[&[1u8][..], &bytes].concat());
     let empty = SessionSnapshot {
@@ -243,6 +232,6 @@ fn state_import(corpus: &Path) {
         pending: vec![],
         state: State::zeros(&cfg),
     };
-    let bytes = encode(&[7; 32], &cfg, &empty);
+    let bytes = encode(&STATE_HASH, &cfg, &empty);
     write(&dir, "export-empty", &[&[1u8][..], &bytes].concat());
 }
