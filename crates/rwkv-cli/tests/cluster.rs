@@ -181,6 +181,32 @@ async fn stream_completion(
     }
 }
 
+/// A non-streaming greedy completion with `n` choices: their texts, or the error message.
+async fn choices_completion(
+    http: &reqwest::Client,
+    base: &str,
+    prompt: &str,
+    max_tokens: usize,
+    n: usize,
+) -> Result<Vec<String>, String> {
+    let response = http
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "n": n}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = response.status();
+    let body: Value = response.json().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("HTTP {status}: {}", body["error"]["message"]));
+    }
+    let choices = body["choices"].as_array().ok_or("no choices")?;
+    Ok(choices
+        .iter()
+        .map(|c| c["text"].as_str().unwrap_or_default().to_owned())
+        .collect())
+}
+
 fn generate_cli(model: &Path, prompt: &str, max_tokens: usize) -> String {
     let out = rwkv()
         .args([
@@ -281,8 +307,9 @@ async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
     }
     eprintln!("200 streams in {:?}", started.elapsed());
 
-    // Kill worker a in the middle of 60 longer streams. Each one completes on b (greedy replay
-    // gives the same text as an undisturbed run) or fails with a clear error; none hangs.
+    // Kill worker a in the middle of 60 longer streams and 10 requests of 3 choices. Each one
+    // completes on b (greedy replay gives the same text as an undisturbed run; each choice of
+    // a multi-choice call fails over on its own) or fails with a clear error; none hangs.
     let long = 48;
     let undisturbed = stream_completion(&http, &base, &prompts[3], long)
         .await
@@ -292,13 +319,29 @@ async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
         let (http, base, prompt) = (&http, &base, &prompts[3]);
         async move { stream_completion(http, base, prompt, long).await }
     }));
+    let run_choices = join_all((0..10).map(|_| {
+        let (http, base, prompt) = (&http, &base, &prompts[3]);
+        async move { choices_completion(http, base, prompt, long, 3).await }
+    }));
     let killer = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         worker_a.0.kill().unwrap();
     };
-    let (results, ()) = tokio::time::timeout(bound, async { tokio::join!(run, killer) })
-        .await
-        .expect("requests hung after a worker died");
+    let (results, choice_results, ()) =
+        tokio::time::timeout(bound, async { tokio::join!(run, run_choices, killer) })
+            .await
+            .expect("requests hung after a worker died");
+    let mut choices_completed = 0;
+    for result in choice_results {
+        match result {
+            Ok(texts) => {
+                assert_eq!(texts, vec![undisturbed.clone(); 3]);
+                choices_completed += 1;
+            }
+            Err(message) => assert!(!message.is_empty()),
+        }
+    }
+    eprintln!("{choices_completed}/10 three-choice requests completed across the worker's death");
     let mut completed = 0;
     for result in results {
         match result {

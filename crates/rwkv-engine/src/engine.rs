@@ -16,12 +16,15 @@ use rwkv_model::{Backend, ModelConfig};
 
 use crate::error::EngineError;
 use crate::prefix_cache::CacheStats;
-use crate::request::{Command, GenerateRequest, GenerateStream, SessionId};
+use crate::request::{Command, GenerateRequest, GenerateStream, SessionId, Sibling};
 use crate::sampler::Sampler;
 use crate::scheduler::SchedulerConfig;
 use crate::score::{PendingScore, ScoreRequest, ScoreResult};
 use crate::sessions::{SessionCommand, SessionInfo, SessionKey};
 use crate::step_loop::Core;
+
+/// Most choices one generation request may ask for ([`EngineHandle::generate_n`]).
+pub const MAX_CHOICES: usize = 256;
 
 /// Everything the engine needs besides the backend.
 #[derive(Clone, Debug)]
@@ -159,27 +162,78 @@ impl EngineHandle {
 
     /// Validates and submits a generation; events arrive on the returned stream.
     pub fn generate(&self, req: GenerateRequest) -> Result<GenerateStream, EngineError> {
+        let mut streams = self.generate_n(req, 1)?;
+        streams.pop().ok_or(EngineError::Stopped)
+    }
+
+    /// Validates and submits a generation of `n` choices, one stream each. The prompt is
+    /// prefilled once; when it is in, every other choice starts from a copy of that state and
+    /// of the logits after it, so choice `i` is exactly what a separate request with seed
+    /// `seed + i` would give (with no seed, each choice draws its own). Choices then run, end
+    /// and can be cancelled independently. A session's turn has one choice.
+    pub fn generate_n(
+        &self,
+        req: GenerateRequest,
+        n: usize,
+    ) -> Result<Vec<GenerateStream>, EngineError> {
         let vocab = self.config.vocab_size;
         check_vocab(&req.tokens, vocab)?;
         check_vocab(&req.separator, vocab)?;
         if req.session.is_none() && req.tokens.is_empty() {
             return Err(EngineError::EmptyInput);
         }
-        let sampler = Box::new(Sampler::new(req.params.clone(), vocab)?);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (events, rx) = mpsc::channel();
+        let reason = match n {
+            0 => Some("at least one choice is needed"),
+            n if n > MAX_CHOICES => Some("at most 256 choices per request"),
+            n if n > 1 && req.session.is_some() => Some("a session turn has exactly one choice"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            return Err(EngineError::Choices { n, reason });
+        }
+        let mut samplers = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut params = req.params.clone();
+            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+            samplers.push(Box::new(Sampler::new(params, vocab)?));
+        }
+        let first = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
+        let mut streams = Vec::with_capacity(n);
+        let mut senders = Vec::with_capacity(n);
+        for i in 0..n as u64 {
+            let (events, rx) = mpsc::channel();
+            senders.push(events);
+            streams.push(GenerateStream {
+                id: first + i,
+                events: rx,
+                commands: self.commands.clone(),
+            });
+        }
+        let mut samplers = samplers.into_iter();
+        let mut senders = senders.into_iter();
+        let (Some(sampler), Some(events)) = (samplers.next(), senders.next()) else {
+            return Err(EngineError::Choices {
+                n,
+                reason: "at least one choice is needed",
+            });
+        };
+        let siblings = (1..)
+            .zip(samplers.zip(senders))
+            .map(|(i, (sampler, events))| Sibling {
+                id: first + i,
+                sampler,
+                events,
+            })
+            .collect();
         self.send(Command::Generate {
-            id,
-            req,
+            id: first,
+            req: Box::new(req),
             sampler,
             events,
             submitted: Instant::now(),
+            siblings,
         })?;
-        Ok(GenerateStream {
-            id,
-            events: rx,
-            commands: self.commands.clone(),
-        })
+        Ok(streams)
     }
 
     /// Scores each continuation after the context and waits for the result: the log-softmax of

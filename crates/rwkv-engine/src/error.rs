@@ -5,7 +5,7 @@ use rwkv_model::BackendError;
 use crate::params::SamplerError;
 
 /// Why the engine refused or failed a request. Messages name the field, the id or the limit.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// An engine setting is unusable (zero budgets, a backend without slots).
     #[error("invalid engine configuration: {0}")]
@@ -22,6 +22,10 @@ pub enum EngineError {
     /// A scoring request has nothing to score; the message names the field (`continuations[2]`).
     #[error("nothing to score: {0}")]
     EmptyScore(String),
+    /// A generation asked for an unusable number of choices (0, too many, or several for a
+    /// session turn, whose conversation can only continue one way).
+    #[error("invalid number of choices {n}: {reason}")]
+    Choices { n: usize, reason: &'static str },
     /// Too many requests already wait for a slot (back-pressure).
     #[error("the engine is overloaded: {waiting} requests wait, the limit is {limit}")]
     Overloaded { waiting: usize, limit: usize },
@@ -62,6 +66,7 @@ impl EngineError {
             Self::EmptyInput => "empty_input",
             Self::TokenOutOfVocab { .. } => "token_out_of_vocab",
             Self::EmptyScore(_) => "empty_score",
+            Self::Choices { .. } => "invalid_choices",
             Self::Overloaded { .. } => "overloaded",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionBusy { .. } => "session_busy",

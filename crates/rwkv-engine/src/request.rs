@@ -69,16 +69,28 @@ pub enum GenerateEvent {
     Error(EngineError),
 }
 
+/// A choice of a multi-choice generation that has not started yet: it gets a copy of the first
+/// choice's state and logits when that choice's prompt is done, and then runs on its own.
+#[derive(Debug)]
+pub(crate) struct Sibling {
+    pub(crate) id: SeqId,
+    pub(crate) sampler: Box<crate::sampler::Sampler>,
+    pub(crate) events: Sender<GenerateEvent>,
+}
+
 /// Commands the engine thread receives.
 pub(crate) enum Command {
     Generate {
         id: SeqId,
-        req: GenerateRequest,
-        /// Boxed: the sampler is large and every other command is small.
+        /// Boxed, like the sampler: they are large and every other command is small.
+        req: Box<GenerateRequest>,
         sampler: Box<crate::sampler::Sampler>,
         events: Sender<GenerateEvent>,
         /// When the handle accepted the request (the start of the time to first token).
         submitted: Instant,
+        /// The request's other choices (`n > 1`): each is forked from this generation's state
+        /// once its prompt is in.
+        siblings: Vec<Sibling>,
     },
     Score {
         id: SeqId,

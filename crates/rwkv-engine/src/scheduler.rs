@@ -140,6 +140,22 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Queues a sequence ahead of every other, whatever the bound: the later part of work that
+    /// was already admitted (a forked choice waiting for a slot).
+    pub fn enqueue_front(&mut self, id: SeqId) {
+        self.waiting.push_front(id);
+    }
+
+    /// Gives sequence `old` (waiting or running) the id `new`, keeping its place and progress.
+    pub fn rename(&mut self, old: SeqId, new: SeqId) {
+        for w in self.waiting.iter_mut().filter(|w| **w == old) {
+            *w = new;
+        }
+        if let Some(r) = self.running_mut(old) {
+            r.id = new;
+        }
+    }
+
     /// Moves up to `capacity` of the oldest waiting sequences to running and returns them. They
     /// are not planned until [`Scheduler::start`] gives them tokens.
     pub fn admit(&mut self, capacity: usize) -> Vec<SeqId> {

@@ -58,7 +58,7 @@ impl Logits {
 }
 
 /// Why a backend refused or failed a call.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
     #[error("slot {slot} does not exist (the pool has {slots} slots)")]
     BadSlot { slot: usize, slots: usize },

@@ -62,14 +62,21 @@ impl wv1::GenerateEvent {
     pub fn token(token: wv1::Token) -> Self {
         Self {
             event: Some(wv1::generate_event::Event::Token(token)),
+            choice: 0,
         }
     }
 
-    /// The final event of a stream.
+    /// The final event of a choice (of the stream, when there is one choice).
     pub fn finished(finished: wv1::Finished) -> Self {
         Self {
             event: Some(wv1::generate_event::Event::Finished(finished)),
+            choice: 0,
         }
+    }
+
+    /// The same event, for choice `choice` of a multi-choice request.
+    pub fn for_choice(self, choice: u32) -> Self {
+        Self { choice, ..self }
     }
 }
 

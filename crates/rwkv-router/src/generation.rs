@@ -24,6 +24,10 @@ use crate::error::ApiError;
 use crate::pool::{Lease, WorkerPool};
 use crate::telemetry;
 
+mod choices;
+
+pub use choices::start_choices;
+
 /// What the API layer asks for, already validated and tokenized.
 #[derive(Clone, Debug)]
 pub struct GenerationSpec {
@@ -155,6 +159,38 @@ struct Progress {
     last_token_at: Option<Instant>,
 }
 
+impl Progress {
+    fn new(spec: &GenerationSpec) -> Self {
+        Self {
+            generated: Vec::new(),
+            decoder: StreamDecoder::new(),
+            stops: StopChecker::new(spec.stop.iter().cloned()),
+            first_token_at: None,
+            last_token_at: None,
+        }
+    }
+
+    /// Takes a generated token: its text, released up to any stop string. The flag says a
+    /// stop string ended the text.
+    fn take(&mut self, tokenizer: &Tokenizer, token: wv1::Token) -> (TokenOut, bool) {
+        let now = Instant::now();
+        self.first_token_at.get_or_insert(now);
+        self.last_token_at = Some(now);
+        self.generated.push(token.token);
+        let piece = self
+            .decoder
+            .push(tokenizer, token.token)
+            .unwrap_or_default();
+        let outcome = self.stops.push(&piece);
+        let out = TokenOut {
+            id: token.token,
+            text: outcome.emit,
+            logprobs: token.logprobs,
+        };
+        (out, outcome.stopped)
+    }
+}
+
 /// The generation ended: by a stop string (router side) or by the worker's own finish.
 enum Ended {
     StopString,
@@ -175,15 +211,33 @@ async fn run(
     tx: &mpsc::Sender<GenerationEvent>,
     started: Instant,
 ) -> Result<(), ApiError> {
-    let mut progress = Progress {
-        generated: Vec::new(),
-        decoder: StreamDecoder::new(),
-        stops: StopChecker::new(spec.stop.iter().cloned()),
-        first_token_at: None,
-        last_token_at: None,
-    };
-    let mut tried: Vec<String> = Vec::new();
-    let mut last_error = None;
+    let mut progress = Progress::new(spec);
+    resume(
+        pool,
+        tokenizer,
+        spec,
+        tx,
+        started,
+        &mut progress,
+        Vec::new(),
+        None,
+    )
+    .await
+}
+
+/// Runs the generation from `progress` on, trying workers not in `tried`; `last_error` is the
+/// failure that brought it here, if any (reported when no other worker is left).
+#[allow(clippy::too_many_arguments)]
+async fn resume(
+    pool: &WorkerPool,
+    tokenizer: &Tokenizer,
+    spec: &GenerationSpec,
+    tx: &mpsc::Sender<GenerationEvent>,
+    started: Instant,
+    progress: &mut Progress,
+    mut tried: Vec<String>,
+    mut last_error: Option<Status>,
+) -> Result<(), ApiError> {
     // A session's state is on its worker: there is nowhere else to try.
     let attempts = if spec.session.is_some() {
         1
@@ -191,12 +245,7 @@ async fn run(
         MAX_ATTEMPTS
     };
     while tried.len() < attempts {
-        let context: Vec<u32> = spec
-            .prompt
-            .iter()
-            .chain(&progress.generated)
-            .copied()
-            .collect();
+        let context = context_after(spec, progress);
         let who = crate::pool::Requester {
             tenant: &spec.tenant,
             weight: spec.weight,
@@ -221,66 +270,16 @@ async fn run(
             Err(e) => return Err(e.into()),
         };
         let worker_id = lease.worker.record.id.clone();
-        match attempt(tokenizer, spec, &lease, &context, &mut progress, tx).await {
+        match attempt(tokenizer, spec, &lease, &context, progress, tx).await {
             Ok(ended) => {
                 pool.record_success(&lease.worker);
-                let (worker_finish, cached) = match &ended {
-                    Ended::StopString => (Finish::Stop, 0),
-                    Ended::Worker(f) => (
-                        if f.reason == wv1::FinishReason::Stop as i32 {
-                            Finish::Stop
-                        } else {
-                            Finish::Length
-                        },
-                        f.usage.map_or(0, |u| u.cached_tokens),
-                    ),
-                };
-                // Flush the text held back (a partial character, a possible stop string start)
-                // unless a stop string already ended the text.
-                let mut tail = String::new();
-                if !progress.stops.is_stopped() {
-                    let rest = progress.decoder.finish();
-                    tail = progress.stops.push(&rest).emit;
-                    if !progress.stops.is_stopped() {
-                        tail.push_str(&progress.stops.finish());
-                    }
-                }
-                let finish = if progress.stops.is_stopped() {
-                    Finish::Stop
-                } else {
-                    worker_finish
-                };
-                let prompt_tokens = spec.prompt.len() as u32;
-                let usage = Usage {
-                    prompt_tokens,
-                    cached_tokens: cached.min(prompt_tokens),
-                    completion_tokens: progress.generated.len() as u32,
-                };
-                // The worker cached the state after the prompt and after the generation (a
-                // session's prompt is only its new turn: nothing to remember).
-                if spec.session.is_none() {
-                    pool.remember_prefix(&spec.prompt, &worker_id);
-                    pool.remember_prefix(&context_after(spec, &progress), &worker_id);
-                }
-                record_latency(started, &progress);
-                let _ = tx
-                    .send(GenerationEvent::Done {
-                        tail,
-                        finish,
-                        usage,
-                    })
-                    .await;
+                let done = conclude(pool, spec, progress, &ended, &worker_id, started);
+                let _ = tx.send(done).await;
                 return Ok(());
             }
             Err(AttemptError::Fatal(e)) => return Err(e),
             Err(AttemptError::Retry(status)) => {
-                tracing::warn!(
-                    request_id = spec.request_id,
-                    trace_id = spec.trace.map(|t| t.trace_id_hex()),
-                    worker = worker_id,
-                    generated = progress.generated.len(),
-                    "worker failed mid-request ({status}); failing over"
-                );
+                warn_failover(spec, &worker_id, progress.generated.len(), &status);
                 pool.record_failover(&lease.worker, &status);
                 tried.push(worker_id);
                 last_error = Some(status);
@@ -292,6 +291,72 @@ async fn run(
         tried.len(),
         last_error.map_or_else(|| "none".into(), |s| s.message().to_owned())
     )))
+}
+
+fn warn_failover(spec: &GenerationSpec, worker_id: &str, generated: usize, status: &Status) {
+    tracing::warn!(
+        request_id = spec.request_id,
+        trace_id = spec.trace.map(|t| t.trace_id_hex()),
+        worker = worker_id,
+        generated,
+        "worker failed mid-request ({status}); failing over"
+    );
+}
+
+/// The last event of a generation that ended on `worker_id`: the text still held back, why it
+/// ended, and the counts. Also remembers where its states are cached and records latencies.
+fn conclude(
+    pool: &WorkerPool,
+    spec: &GenerationSpec,
+    progress: &mut Progress,
+    ended: &Ended,
+    worker_id: &str,
+    started: Instant,
+) -> GenerationEvent {
+    let (worker_finish, cached) = match ended {
+        Ended::StopString => (Finish::Stop, 0),
+        Ended::Worker(f) => (
+            if f.reason == wv1::FinishReason::Stop as i32 {
+                Finish::Stop
+            } else {
+                Finish::Length
+            },
+            f.usage.map_or(0, |u| u.cached_tokens),
+        ),
+    };
+    // Flush the text held back (a partial character, a possible stop string start) unless a
+    // stop string already ended the text.
+    let mut tail = String::new();
+    if !progress.stops.is_stopped() {
+        let rest = progress.decoder.finish();
+        tail = progress.stops.push(&rest).emit;
+        if !progress.stops.is_stopped() {
+            tail.push_str(&progress.stops.finish());
+        }
+    }
+    let finish = if progress.stops.is_stopped() {
+        Finish::Stop
+    } else {
+        worker_finish
+    };
+    let prompt_tokens = spec.prompt.len() as u32;
+    let usage = Usage {
+        prompt_tokens,
+        cached_tokens: cached.min(prompt_tokens),
+        completion_tokens: progress.generated.len() as u32,
+    };
+    // The worker cached the state after the prompt and after the generation (a session's
+    // prompt is only its new turn: nothing to remember).
+    if spec.session.is_none() {
+        pool.remember_prefix(&spec.prompt, worker_id);
+        pool.remember_prefix(&context_after(spec, progress), worker_id);
+    }
+    record_latency(started, progress);
+    GenerationEvent::Done {
+        tail,
+        finish,
+        usage,
+    }
 }
 
 fn context_after(spec: &GenerationSpec, progress: &Progress) -> Vec<u32> {
@@ -340,6 +405,7 @@ async fn attempt(
         }),
         top_logprobs: spec.top_logprobs,
         request_id: spec.request_id.clone(),
+        n: 1,
     };
     let mut request = tonic::Request::new(request);
     if let Some(trace) = &spec.trace {
@@ -360,35 +426,24 @@ async fn attempt(
         match next {
             Ok(Some(wv1::GenerateEvent {
                 event: Some(wv1::generate_event::Event::Token(token)),
+                ..
             })) => {
-                let now = Instant::now();
-                progress.first_token_at.get_or_insert(now);
-                progress.last_token_at = Some(now);
-                progress.generated.push(token.token);
-                let piece = progress
-                    .decoder
-                    .push(tokenizer, token.token)
-                    .unwrap_or_default();
-                let outcome = progress.stops.push(&piece);
-                let out = TokenOut {
-                    id: token.token,
-                    text: outcome.emit,
-                    logprobs: token.logprobs,
-                };
+                let (out, stopped) = progress.take(tokenizer, token);
                 if tx.send(GenerationEvent::Token(out)).await.is_err() {
                     // The client left; dropping the stream cancels the sequence on the worker.
                     return Err(AttemptError::Fatal(ApiError::client_gone()));
                 }
                 // A session's turn runs until the worker ends it, so that the session holds
                 // exactly what was generated; the text after the stop is not sent.
-                if outcome.stopped && spec.session.is_none() {
+                if stopped && spec.session.is_none() {
                     return Ok(Ended::StopString);
                 }
             }
             Ok(Some(wv1::GenerateEvent {
                 event: Some(wv1::generate_event::Event::Finished(finished)),
+                ..
             })) => return Ok(Ended::Worker(finished)),
-            Ok(Some(wv1::GenerateEvent { event: None })) => {
+            Ok(Some(wv1::GenerateEvent { event: None, .. })) => {
                 return Err(AttemptError::Retry(Status::internal(
                     "empty event from worker",
                 )))

@@ -230,9 +230,10 @@ fn prepare_prompts(
     }
 }
 
-/// Starts one generation per (prompt, choice) and merges their events, tagged with the choice
-/// index, into one channel. When the receiver is dropped (the client left), every forwarding
-/// task ends and drops its generation, which cancels it on the worker.
+/// Starts the choices of every prompt and merges their events, tagged with the choice index,
+/// into one channel. A prompt's choices run in one worker call that prefills the prompt once
+/// and forks the state per choice. When the receiver is dropped (the client left), every
+/// forwarding task ends and drops its generation, which cancels it on the worker.
 pub(crate) fn start_choices(
     state: &Router,
     tenant: &Tenant,
@@ -245,34 +246,39 @@ pub(crate) fn start_choices(
     let (tx, rx) = mpsc::channel(64);
     let deadline = Instant::now() + state.cfg.request_timeout;
     for (p, prompt) in prompts.iter().enumerate() {
-        for i in 0..v.n {
-            let index = p * v.n + i;
-            let mut params = v.params.clone();
-            params.token_ban = state.unusable_tokens.to_vec();
-            match dialect {
-                // End-of-text ends a completion (as in `rwkv generate`)...
-                Dialect::Completion => params.stop_tokens = vec![0],
-                // ...but is banned in chat, so a turn ends on text (the reference chat demo).
-                Dialect::Chat => params.token_ban.push(0),
-            }
-            // Choices of one request must differ even with a fixed seed.
-            params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
-            let spec = GenerationSpec {
-                request_id: format!("{request_id}/{index}"),
-                tenant: tenant.name().to_owned(),
-                weight: tenant.weight(),
-                model: v.model.clone(),
-                prompt: prompt.clone(),
-                params,
-                max_tokens: v.max_tokens,
-                stop: v.stop.clone(),
-                top_logprobs,
-                deadline,
-                session: None,
-                trace: current_trace(),
-            };
-            let events = generation::start(state.pool.clone(), state.tokenizer.clone(), spec);
-            generation::forward_tagged(events, index, tx.clone());
+        let specs = (0..v.n)
+            .map(|i| {
+                let index = p * v.n + i;
+                let mut params = v.params.clone();
+                params.token_ban = state.unusable_tokens.to_vec();
+                match dialect {
+                    // End-of-text ends a completion (as in `rwkv generate`)...
+                    Dialect::Completion => params.stop_tokens = vec![0],
+                    // ...but is banned in chat, so a turn ends on text (the reference chat demo).
+                    Dialect::Chat => params.token_ban.push(0),
+                }
+                // Choices of one request must differ even with a fixed seed; the worker gives
+                // its forks the same seeds.
+                params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
+                GenerationSpec {
+                    request_id: format!("{request_id}/{index}"),
+                    tenant: tenant.name().to_owned(),
+                    weight: tenant.weight(),
+                    model: v.model.clone(),
+                    prompt: prompt.clone(),
+                    params,
+                    max_tokens: v.max_tokens,
+                    stop: v.stop.clone(),
+                    top_logprobs,
+                    deadline,
+                    session: None,
+                    trace: current_trace(),
+                }
+            })
+            .collect();
+        let choices = generation::start_choices(state.pool.clone(), state.tokenizer.clone(), specs);
+        for (i, events) in choices.into_iter().enumerate() {
+            generation::forward_tagged(events, p * v.n + i, tx.clone());
         }
     }
     rx

@@ -135,11 +135,13 @@ pub struct Requester<'a> {
 pub struct Lease {
     pool: WorkerPool,
     pub worker: Arc<WorkerEntry>,
+    /// Capacity it holds: one per sequence the request runs on the worker.
+    units: usize,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.worker.assigned.fetch_sub(1, Ordering::SeqCst);
+        self.worker.assigned.fetch_sub(self.units, Ordering::SeqCst);
         self.pool.inner.freed.notify_waiters();
     }
 }
@@ -303,8 +305,25 @@ impl WorkerPool {
         exclude: &[String],
         deadline: Instant,
     ) -> Result<Lease, PoolError> {
+        self.acquire_units(model, who, tokens, exclude, deadline, 1)
+            .await
+    }
+
+    /// Like [`WorkerPool::acquire`], for a request that runs `units` sequences on one worker
+    /// (the choices of `n > 1`): it waits until the worker has that much room (or is idle, if
+    /// `units` exceeds its whole capacity).
+    pub async fn acquire_units(
+        &self,
+        model: &str,
+        who: &Requester<'_>,
+        tokens: &[u32],
+        exclude: &[String],
+        deadline: Instant,
+        units: usize,
+    ) -> Result<Lease, PoolError> {
         let preferred = self.lock_affinity().longest(tokens);
-        self.acquire_where(model, who, preferred.as_deref(), deadline, &|w| {
+        let units = units.max(1);
+        self.acquire_where(model, who, preferred.as_deref(), deadline, units, &|w| {
             !exclude.contains(&w.record.id)
         })
         .await
@@ -320,7 +339,7 @@ impl WorkerPool {
         worker: &str,
         deadline: Instant,
     ) -> Result<Lease, PoolError> {
-        self.acquire_where(model, who, None, deadline, &|w| w.record.id == worker)
+        self.acquire_where(model, who, None, deadline, 1, &|w| w.record.id == worker)
             .await
     }
 
@@ -348,6 +367,7 @@ impl WorkerPool {
         who: &Requester<'_>,
         preferred: Option<&str>,
         deadline: Instant,
+        units: usize,
         eligible: &(dyn Fn(&WorkerEntry) -> bool + Sync),
     ) -> Result<Lease, PoolError> {
         let mut ticket: Option<QueueTicket<'_>> = None;
@@ -364,7 +384,7 @@ impl WorkerPool {
                 None => self.lock_fair().get(model).is_none_or(FairQueue::is_empty),
             };
             if my_turn {
-                match self.try_pick(model, preferred, eligible) {
+                match self.try_pick(model, preferred, units, eligible) {
                     Pick::Leased(lease) => {
                         if let Some(t) = ticket.as_mut() {
                             t.served = true;
@@ -407,6 +427,7 @@ impl WorkerPool {
         &self,
         model: &str,
         preferred: Option<&str>,
+        units: usize,
         eligible: &(dyn Fn(&WorkerEntry) -> bool + Sync),
     ) -> Pick {
         let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
@@ -423,8 +444,10 @@ impl WorkerPool {
                 .any(|w| w.record.model == model && eligible(w));
             return if any { Pick::Busy } else { Pick::NoWorker };
         }
-        let with_room: Vec<&Arc<WorkerEntry>> =
-            serving.filter(|w| w.assigned() < w.capacity()).collect();
+        // A request larger than a worker fits once that worker is idle.
+        let with_room: Vec<&Arc<WorkerEntry>> = serving
+            .filter(|w| w.assigned() + units.min(w.capacity()) <= w.capacity())
+            .collect();
         let chosen = preferred
             .and_then(|id| with_room.iter().find(|w| w.record.id == id))
             .or_else(|| {
@@ -435,10 +458,11 @@ impl WorkerPool {
             });
         match chosen {
             Some(w) => {
-                w.assigned.fetch_add(1, Ordering::SeqCst);
+                w.assigned.fetch_add(units, Ordering::SeqCst);
                 Pick::Leased(Lease {
                     pool: self.clone(),
                     worker: Arc::clone(w),
+                    units,
                 })
             }
             None => Pick::Busy,

@@ -206,6 +206,32 @@ async fn n_choices_stop_strings_and_the_small_routes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choices_share_one_prefill_and_equal_single_requests_with_their_seeds() {
+    let c = start(RouterConfig::default(), 4).await;
+    let prompt = "The quick brown fox jumps over the lazy dog, and then";
+    let sampled = |n: u32, seed: u64| {
+        json!({"prompt": prompt, "n": n, "seed": seed, "max_tokens": 6,
+               "temperature": 1.0, "top_p": 0.9})
+    };
+    let (status, body) = c.post("/v1/completions", sampled(3, 40)).await;
+    assert_eq!(status, 200, "{body}");
+    let choices = body["choices"].as_array().unwrap();
+    let prompt_tokens = c.tokenizer.encode(prompt).unwrap().len() as u64;
+    // The prompt counts once, however many choices share it.
+    assert_eq!(body["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(body["usage"]["completion_tokens"], 18);
+    let mut texts = Vec::new();
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        let (_, alone) = c.post("/v1/completions", sampled(1, 40 + i as u64)).await;
+        assert_eq!(choice["text"], alone["choices"][0]["text"], "choice {i}");
+        texts.push(choice["text"].as_str().unwrap().to_owned());
+    }
+    texts.dedup();
+    assert!(texts.len() > 1, "every choice is the same: {texts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_after_and_a_client_leaving_frees_the_slot() {
     let c = start_with_queue(RouterConfig::default(), 1, 0).await;
     let long = json!({"prompt": "a", "max_tokens": 8000, "stream": true});

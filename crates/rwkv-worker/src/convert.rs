@@ -168,6 +168,7 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::NoSuchTurn { .. }
         | EngineError::EmptyScore(_)
         | EngineError::TokenOutOfVocab { .. }
+        | EngineError::Choices { .. }
         | EngineError::Import(_) => Status::invalid_argument(message),
         EngineError::Overloaded { .. } => Status::resource_exhausted(message),
         EngineError::SessionNotFound { .. } => Status::not_found(message),

@@ -128,40 +128,70 @@ impl Drop for SetOnDrop {
 /// Moves one generation's events from the engine's blocking channel to the gRPC stream, on a
 /// blocking-pool thread. Returning drops `stream`, which cancels the sequence if it still runs:
 /// that is how a disconnected client frees its slot.
-fn bridge(stream: GenerateStream, out: mpsc::Sender<Result<wv1::GenerateEvent, Status>>) {
+/// Forwards one choice's engine events to the gRPC stream, tagged with the choice, until the
+/// choice ends or the client goes away (dropping `stream` then cancels the choice). Returns the
+/// status code the choice ended with.
+fn bridge(
+    stream: GenerateStream,
+    choice: u32,
+    out: mpsc::Sender<Result<wv1::GenerateEvent, Status>>,
+) -> tonic::Code {
     loop {
         match stream.recv_timeout(CLIENT_POLL) {
             Ok(event) => {
-                let item = convert::event(event);
+                let item = convert::event(event).map(|e| e.for_choice(choice));
                 let last = !matches!(&item, Ok(e) if matches!(e.event, Some(wv1::generate_event::Event::Token(_))));
                 let code = item.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
                 if let Err(status) = &item {
-                    tracing::warn!("generation failed: {status}");
+                    tracing::warn!(choice, "generation failed: {status}");
                 }
                 if out.blocking_send(item).is_err() {
-                    tracing::debug!("client went away; cancelled");
-                    telemetry::rpc_done("generate", tonic::Code::Cancelled);
-                    return;
+                    tracing::debug!(choice, "client went away; cancelled");
+                    return tonic::Code::Cancelled;
                 }
                 if last {
-                    tracing::debug!(?code, "finished");
-                    telemetry::rpc_done("generate", code);
-                    return;
+                    tracing::debug!(choice, ?code, "finished");
+                    return code;
                 }
             }
             Err(ended) => {
                 if ended {
                     let _ = out.blocking_send(Err(Status::unavailable("the engine stopped")));
-                    telemetry::rpc_done("generate", tonic::Code::Unavailable);
-                    return;
+                    return tonic::Code::Unavailable;
                 }
                 if out.is_closed() {
-                    telemetry::rpc_done("generate", tonic::Code::Cancelled);
-                    return;
+                    return tonic::Code::Cancelled;
                 }
             }
         }
     }
+}
+
+/// Bridges every choice of a generation on its own blocking thread (an engine stream is read
+/// by blocking), and records the call once all have ended: with the first failure, if any.
+fn bridge_choices(
+    streams: Vec<GenerateStream>,
+    out: mpsc::Sender<Result<wv1::GenerateEvent, Status>>,
+    span: tracing::Span,
+) {
+    let bridges: Vec<_> = (0..)
+        .zip(streams)
+        .map(|(choice, stream)| {
+            let (out, span) = (out.clone(), span.clone());
+            tokio::task::spawn_blocking(move || span.in_scope(|| bridge(stream, choice, out)))
+        })
+        .collect();
+    drop(out);
+    tokio::spawn(async move {
+        let mut code = tonic::Code::Ok;
+        for bridge in bridges {
+            let ended = bridge.await.unwrap_or(tonic::Code::Internal);
+            if code == tonic::Code::Ok {
+                code = ended;
+            }
+        }
+        telemetry::rpc_done("generate", code);
+    });
 }
 
 #[tonic::async_trait]
@@ -183,20 +213,25 @@ impl Worker for WorkerService {
             trace_id = trace.map(|t| t.trace_id_hex())
         );
         let _entered = span.enter();
+        let n = req.n.max(1) as usize;
         let req = convert::generate_request(req).inspect_err(|s| {
             tracing::debug!("refused: {s}");
             telemetry::rpc_done("generate", s.code());
         })?;
-        tracing::debug!(tokens = req.tokens.len(), session = req.session, "started");
+        tracing::debug!(
+            tokens = req.tokens.len(),
+            session = req.session,
+            n,
+            "started"
+        );
         // Submitting only queues a command; it does not wait for the engine.
-        let stream = self.engine.generate(req).map_err(|e| {
+        let streams = self.engine.generate_n(req, n).map_err(|e| {
             let status = status_of(&e);
             telemetry::rpc_done("generate", status.code());
             status
         })?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let stream_span = span.clone();
-        tokio::task::spawn_blocking(move || stream_span.in_scope(|| bridge(stream, tx)));
+        bridge_choices(streams, tx, span.clone());
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

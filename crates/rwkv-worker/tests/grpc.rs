@@ -119,6 +119,65 @@ async fn greedy_generation_over_grpc_equals_the_engine() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_choices_share_one_stream_and_equal_separate_requests() {
+    let mut fx = start().await;
+    let prompt = [1u32, 20, 300, 999, 7, 42, 5];
+    let sampled = |seed: u64| wv1::SamplingParams {
+        temperature: Some(1.0),
+        top_p: Some(0.9),
+        max_tokens: Some(8),
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let req = wv1::GenerateRequest {
+        n: 3,
+        ..generate_request(&prompt, sampled(11))
+    };
+    let mut stream = fx.client.generate(req).await.unwrap().into_inner();
+    let mut tokens = vec![Vec::new(); 3];
+    let mut usage = vec![None; 3];
+    while let Some(event) = stream.message().await.unwrap() {
+        let choice = event.choice as usize;
+        assert!(
+            usage[choice].is_none(),
+            "event after choice {choice} finished"
+        );
+        match event.event.unwrap() {
+            wv1::generate_event::Event::Token(t) => tokens[choice].push(t.token),
+            wv1::generate_event::Event::Finished(f) => usage[choice] = f.usage,
+        }
+    }
+    for (i, (got, usage)) in tokens.iter().zip(&usage).enumerate() {
+        let usage = usage.expect("every choice finishes");
+        assert_eq!(usage.generated_tokens, 8);
+        // The prompt was prefilled once: every other choice started from that state.
+        let cached = if i == 0 { 0 } else { prompt.len() as u32 };
+        assert_eq!(usage.cached_tokens, cached, "choice {i}");
+        let alone = generate_request(&prompt, sampled(11 + i as u64));
+        let (want, _) = collect(&mut fx.client, alone).await.unwrap();
+        assert_eq!(got, &want, "choice {i}");
+    }
+    let session = fx
+        .client
+        .create_session(wv1::CreateSessionRequest {
+            tenant: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session;
+    let turn = wv1::GenerateRequest {
+        n: 2,
+        session: Some(session),
+        ..generate_request(&prompt, sampled(1))
+    };
+    let status = collect(&mut fx.client, turn).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("choices"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_invalid_argument_naming_the_field() {
     let mut fx = start().await;
     let vocab = fx

@@ -10,7 +10,7 @@ use rwkv_model::Backend;
 
 use super::{Core, Role, Seq};
 use crate::error::EngineError;
-use crate::request::{FinishReason, GenerateEvent, GenerateRequest, Usage};
+use crate::request::{FinishReason, GenerateEvent, GenerateRequest, Sibling, Usage};
 use crate::sampler::Sampler;
 use crate::scheduler::SeqId;
 use crate::sessions::SessionKey;
@@ -27,19 +27,32 @@ pub(crate) struct Generation {
     pub(crate) submitted: Instant,
     /// When the previous token was emitted (inter-token latency).
     pub(crate) last_token: Option<Instant>,
+    /// The request's other choices, until this one's prompt is in and they are forked from it.
+    pub(crate) siblings: Vec<Sibling>,
 }
 
 impl Generation {
-    /// Sends the stream's last event; the client may be gone already.
+    /// Sends the stream's last event; the client may be gone already. Choices not forked yet
+    /// end the same way (they never started, so they have no tokens).
     pub(crate) fn finished(&self, reason: FinishReason) {
         let _ = self.events.send(GenerateEvent::Finished {
             reason,
             usage: self.usage,
         });
+        for sibling in &self.siblings {
+            let _ = sibling.events.send(GenerateEvent::Finished {
+                reason,
+                usage: Usage::default(),
+            });
+        }
     }
 
-    /// Ends the stream with an error; the client may be gone already.
+    /// Ends the stream with an error; the client may be gone already. Choices not forked yet
+    /// fail too.
     pub(crate) fn failed(&self, e: EngineError) {
+        for sibling in &self.siblings {
+            let _ = sibling.events.send(GenerateEvent::Error(e.clone()));
+        }
         let _ = self.events.send(GenerateEvent::Error(e));
     }
 }
@@ -48,13 +61,14 @@ impl<B: Backend> Core<B> {
     pub(super) fn enqueue_generation(
         &mut self,
         id: SeqId,
-        req: GenerateRequest,
+        req: Box<GenerateRequest>,
         sampler: Box<Sampler>,
         events: Sender<GenerateEvent>,
         submitted: Instant,
+        siblings: Vec<Sibling>,
     ) {
         let session = req.session.map(|sid| SessionKey::new(&req.tenant, sid));
-        let mut req = req;
+        let mut req = *req;
         if let Some(key) = &session {
             if self.needs_separator(key, &req.params.end_tokens) {
                 req.tokens.splice(0..0, req.separator.iter().copied());
@@ -71,6 +85,9 @@ impl<B: Backend> Core<B> {
                 self.release_session(key, id);
             }
             // The client may be gone already; then nobody needs the error.
+            for sibling in &siblings {
+                let _ = sibling.events.send(GenerateEvent::Error(e.clone()));
+            }
             let _ = events.send(GenerateEvent::Error(e));
             return;
         }
@@ -81,6 +98,7 @@ impl<B: Backend> Core<B> {
             events,
             submitted,
             last_token: None,
+            siblings,
         };
         let seq = Seq {
             tenant: req.tenant,
@@ -91,6 +109,7 @@ impl<B: Backend> Core<B> {
             unfed: Vec::new(),
             finish: None,
             role: Role::Generate(Box::new(generation)),
+            forked: None,
         };
         self.seqs.insert(id, seq);
     }
@@ -104,7 +123,14 @@ impl<B: Backend> Core<B> {
         rows: Vec<(SeqId, &mut [f32])>,
         now: Instant,
     ) -> usize {
+        // Choices forked now sample their first token from copies of the row, before the first
+        // choice's sampler touches it.
+        let mut forked_rows = Vec::new();
+        for (id, row) in &rows {
+            forked_rows.extend(self.fork_choices(*id, row));
+        }
         let mut rows: HashMap<SeqId, &mut [f32]> = rows.into_iter().collect();
+        rows.extend(forked_rows.iter_mut().map(|(id, row)| (*id, &mut row[..])));
         let mut work: Vec<Draw<'_>> = self
             .seqs
             .iter_mut()

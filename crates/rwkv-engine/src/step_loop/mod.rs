@@ -6,6 +6,7 @@
 //! last row) or for a scoring request ([`scoring`]: reads log-probabilities from the rows).
 //! Session operations are in [`crate::sessions`], which extends [`Core`].
 
+mod choices;
 mod generation;
 mod scoring;
 
@@ -46,6 +47,15 @@ pub(crate) struct Seq {
     /// Set when the sequence must leave at the end of this step.
     pub(crate) finish: Option<FinishReason>,
     pub(crate) role: Role,
+    /// A choice forked from another that found no free slot: it waits for one with a copy of
+    /// the state and logits it starts from (`input` is the prompt that state has consumed).
+    pub(crate) forked: Option<Arc<Forked>>,
+}
+
+/// The state and the logits row a forked choice starts from.
+pub(crate) struct Forked {
+    pub(crate) state: State,
+    pub(crate) logits: Vec<f32>,
 }
 
 /// What a sequence works for.
@@ -204,10 +214,11 @@ impl<B: Backend> Core<B> {
                 sampler,
                 events,
                 submitted,
-            } => self.enqueue_generation(id, req, sampler, events, submitted),
+                siblings,
+            } => self.enqueue_generation(id, req, sampler, events, submitted, siblings),
             Command::Score { id, req, reply } => self.enqueue_score(id, req, reply),
             Command::Cancel(id) => {
-                if !self.cancel_job(id) {
+                if !self.cancel_job(id) && !self.cancel_choice(id) {
                     if let Some(seq) = self.seqs.get_mut(&id) {
                         seq.finish.get_or_insert(FinishReason::Cancelled);
                     }
@@ -234,11 +245,23 @@ impl<B: Backend> Core<B> {
             return Ok(());
         };
         let input = std::mem::take(&mut seq.input);
+        let forked = seq.forked.take();
         let session = seq.session.clone();
         let tenant = seq.tenant.clone();
         let generation = matches!(seq.role, Role::Generate(_));
         let mut ready_logits = None;
         let (slot, pos, all) = match &session {
+            // A forked choice: the state after the whole prompt, and the logits to sample from.
+            _ if forked.is_some() => {
+                let forked = forked.as_deref().expect("checked above");
+                let slot = self.acquire_slot()?;
+                if let Err(e) = self.backend.load_state(slot, &forked.state) {
+                    self.slots.release(slot);
+                    return Err(e.into());
+                }
+                ready_logits = Some(forked.logits.clone());
+                (slot, input.len(), input)
+            }
             Some(key) => self.place_session(key, &input)?,
             None if generation => {
                 let slot = self.acquire_slot()?;

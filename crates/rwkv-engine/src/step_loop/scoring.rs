@@ -130,6 +130,7 @@ impl<B: Backend> Core<B> {
             unfed: Vec::new(),
             finish: None,
             role: Role::Score(lane),
+            forked: None,
         };
         self.seqs.insert(id, seq);
     }
@@ -238,6 +239,7 @@ impl<B: Backend> Core<B> {
                     fed: Vec::new(),
                     unfed: Vec::new(),
                     finish: None,
+                    forked: None,
                     role: Role::Score(Lane {
                         job: job_id,
                         branch: None,

@@ -1,0 +1,267 @@
+//! Multi-choice generations (`generate_n`): the prompt is prefilled once and every choice is
+//! exactly what a separate request with its own seed gives, whether its fork found a free slot
+//! or had to wait for one; choices are cancelled one by one.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rwkv_cpu::CpuBackend;
+use rwkv_engine::{
+    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest, Sampler,
+    SamplingParams, SchedulerConfig, Usage,
+};
+use rwkv_model::State;
+use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows, SeqStep};
+
+const TENANT: &str = "acme";
+
+fn weights() -> ModelWeights {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/rwkv6-tiny-c128-l2.safetensors");
+    ModelWeights::load(path).unwrap()
+}
+
+/// The CPU backend, counting the tokens it is fed.
+struct Counting {
+    inner: CpuBackend,
+    fed: Arc<AtomicUsize>,
+}
+
+impl Backend for Counting {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn num_slots(&self) -> usize {
+        self.inner.num_slots()
+    }
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        let tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
+        self.fed.fetch_add(tokens, Ordering::SeqCst);
+        self.inner.forward(steps)
+    }
+    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
+        self.inner.load_state(slot, state)
+    }
+    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
+        self.inner.save_state(slot)
+    }
+    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
+        self.inner.reset_state(slot)
+    }
+    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
+        self.inner.copy_state(src, dst)
+    }
+}
+
+/// An engine with `slots` slots, small prefill chunks (a prompt takes several steps) and no
+/// prefix cache (so nothing but the fork can skip a prefill); and its fed-token counter.
+fn start(weights: &ModelWeights, slots: usize) -> (Engine, Arc<AtomicUsize>) {
+    let fed = Arc::new(AtomicUsize::new(0));
+    let backend = Counting {
+        inner: CpuBackend::new(weights, slots),
+        fed: fed.clone(),
+    };
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 24,
+            prefill_chunk: 8,
+            ..SchedulerConfig::default()
+        },
+        prefix_cache_bytes: 0,
+        ..EngineConfig::default()
+    };
+    (Engine::start(backend, cfg).unwrap(), fed)
+}
+
+/// Sampled (not greedy), so that choices differ, with a fixed seed.
+fn sampled(max_tokens: usize, seed: u64) -> SamplingParams {
+    SamplingParams {
+        temperature: 1.0,
+        top_p: 0.9,
+        max_tokens,
+        seed: Some(seed),
+        ..SamplingParams::default()
+    }
+}
+
+fn request(prompt: &[u32], params: SamplingParams) -> GenerateRequest {
+    GenerateRequest {
+        tenant: TENANT.into(),
+        tokens: prompt.to_vec(),
+        params,
+        ..GenerateRequest::default()
+    }
+}
+
+fn prompt() -> Vec<u32> {
+    (0..40).map(|i| (i * 37 + 11) % 1000 + 1).collect()
+}
+
+/// The reference: one sequence alone, the whole prompt in one forward call, its own sampler.
+fn alone(weights: &ModelWeights, prompt: &[u32], params: SamplingParams) -> Vec<u32> {
+    let mut backend = CpuBackend::new(weights, 1);
+    let vocab = backend.config().vocab_size;
+    let mut sampler = Sampler::new(params.clone(), vocab).unwrap();
+    let mut feed = prompt.to_vec();
+    let mut out = Vec::new();
+    while out.len() < params.max_tokens {
+        let step = SeqStep {
+            slot: 0,
+            tokens: &feed,
+            output: OutputRows::Last,
+        };
+        let mut logits = backend.forward(&[step]).unwrap().data;
+        let token = sampler.sample(&mut logits);
+        sampler.record(token, false);
+        out.push(token);
+        feed = vec![token];
+    }
+    out
+}
+
+fn finished(end: &GenerateEvent) -> (FinishReason, Usage) {
+    match end {
+        GenerateEvent::Finished { reason, usage } => (*reason, *usage),
+        other => panic!("expected the end of the stream, got {other:?}"),
+    }
+}
+
+/// Runs `n` choices on an engine with `slots` slots and checks each against a separate request
+/// with seed `7 + i`, and that the prompt was fed once.
+fn choices_match_separate_requests(slots: usize, n: usize) {
+    let weights = weights();
+    let (engine, fed) = start(&weights, slots);
+    let prompt = prompt();
+    let max_tokens = 6;
+    let streams = engine
+        .generate_n(request(&prompt, sampled(max_tokens, 7)), n)
+        .unwrap();
+    assert_eq!(streams.len(), n);
+    let mut outputs = Vec::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (tokens, end) = stream.collect();
+        let (reason, usage) = finished(&end);
+        assert_eq!(reason, FinishReason::Length, "choice {i}");
+        assert_eq!(usage.prompt_tokens, prompt.len(), "choice {i}");
+        // The first choice prefilled the prompt; every other one started from its state.
+        let cached = if i == 0 { 0 } else { prompt.len() };
+        assert_eq!(usage.cached_tokens, cached, "choice {i}");
+        assert_eq!(usage.generated_tokens, max_tokens, "choice {i}");
+        let want = alone(&weights, &prompt, sampled(max_tokens, 7 + i as u64));
+        assert_eq!(tokens, want, "choice {i} differs from a separate request");
+        outputs.push(tokens);
+    }
+    // The choices are really sampled independently (a model this small still spreads its
+    // probability over many tokens).
+    outputs.sort();
+    outputs.dedup();
+    assert!(outputs.len() > 1, "all {n} choices are identical");
+    // The prompt once, then every sampled token but the last of each choice.
+    assert_eq!(
+        fed.load(Ordering::SeqCst),
+        prompt.len() + n * (max_tokens - 1)
+    );
+    let stats = engine.stats().unwrap();
+    assert_eq!(
+        (stats.running, stats.waiting, stats.slots_free),
+        (0, 0, slots)
+    );
+}
+
+#[test]
+fn choices_with_free_slots_fork_on_the_device_and_match_separate_requests() {
+    choices_match_separate_requests(8, 4);
+}
+
+#[test]
+fn choices_without_free_slots_wait_with_a_host_copy_and_match_separate_requests() {
+    // Two slots for five choices: three forks wait and start from the saved state and logits.
+    choices_match_separate_requests(2, 5);
+}
+
+#[test]
+fn cancelling_the_first_choice_before_the_fork_hands_the_prefill_to_the_next() {
+    let weights = weights();
+    let (engine, fed) = start(&weights, 4);
+    let prompt = prompt();
+    let mut streams = engine
+        .generate_n(request(&prompt, sampled(5, 7)), 3)
+        .unwrap();
+    // The cancel is queued right behind the request, so it is handled before any step.
+    streams[0].cancel();
+    let (tokens, end) = streams.remove(0).collect();
+    assert!(tokens.is_empty());
+    assert_eq!(finished(&end).0, FinishReason::Cancelled);
+    for (i, stream) in (1..).zip(streams) {
+        let (tokens, end) = stream.collect();
+        assert_eq!(finished(&end).0, FinishReason::Length);
+        assert_eq!(
+            tokens,
+            alone(&weights, &prompt, sampled(5, 7 + i)),
+            "choice {i}"
+        );
+    }
+    assert_eq!(fed.load(Ordering::SeqCst), prompt.len() + 2 * 4);
+}
+
+#[test]
+fn cancelling_a_choice_before_the_fork_leaves_the_others() {
+    let weights = weights();
+    let (engine, fed) = start(&weights, 4);
+    let prompt = prompt();
+    let mut streams = engine
+        .generate_n(request(&prompt, sampled(5, 7)), 3)
+        .unwrap();
+    // Dropping a stream cancels its choice.
+    drop(streams.remove(1));
+    for (i, stream) in [0u64, 2].into_iter().zip(streams) {
+        let (tokens, end) = stream.collect();
+        assert_eq!(finished(&end).0, FinishReason::Length);
+        assert_eq!(
+            tokens,
+            alone(&weights, &prompt, sampled(5, 7 + i)),
+            "choice {i}"
+        );
+    }
+    assert_eq!(fed.load(Ordering::SeqCst), prompt.len() + 2 * 4);
+    let stats = engine.stats().unwrap();
+    assert_eq!((stats.running, stats.waiting, stats.slots_free), (0, 0, 4));
+}
+
+#[test]
+fn zero_max_tokens_feeds_the_prompt_once_and_ends_every_choice() {
+    let weights = weights();
+    let (engine, fed) = start(&weights, 2);
+    let prompt = prompt();
+    let streams = engine
+        .generate_n(request(&prompt, sampled(0, 7)), 3)
+        .unwrap();
+    for stream in streams {
+        let (tokens, end) = stream.collect();
+        assert!(tokens.is_empty());
+        assert_eq!(finished(&end).0, FinishReason::Length);
+    }
+    assert_eq!(fed.load(Ordering::SeqCst), prompt.len());
+}
+
+#[test]
+fn unusable_choice_counts_are_refused() {
+    let weights = weights();
+    let (engine, _) = start(&weights, 2);
+    let req = request(&prompt(), sampled(2, 7));
+    for n in [0, rwkv_engine::MAX_CHOICES + 1] {
+        let e = engine.generate_n(req.clone(), n).unwrap_err();
+        assert!(matches!(e, EngineError::Choices { .. }), "{e}");
+    }
+    let session = engine.create_session(TENANT).unwrap();
+    let turn = GenerateRequest {
+        session: Some(session),
+        ..req
+    };
+    let e = engine.generate_n(turn, 2).unwrap_err();
+    assert!(e.to_string().contains("session"), "{e}");
+}

@@ -1,0 +1,225 @@
+//! Several choices of one prompt (`n > 1`) in one worker call.
+//!
+//! The worker prefills the prompt once and forks its state per choice; its stream carries every
+//! choice's events, tagged with the choice. Here each choice keeps its own text-side progress
+//! and its own event channel, so to the API layer the choices look like separate generations.
+//!
+//! A choice that a stop string ends stops being forwarded at once, but the worker keeps
+//! generating it until it ends there (an end token or `max_tokens`) or until every choice has
+//! ended here, when dropping the call cancels what is left. If the worker fails, each unfinished
+//! choice fails over on its own, like a single generation, from the tokens it already has.
+
+use std::sync::Arc;
+
+use rwkv_proto::wv1;
+use rwkv_tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::{
+    classify, conclude, resume, warn_failover, AttemptError, Ended, GenerationEvent,
+    GenerationSpec, Progress, EVENT_BUFFER,
+};
+use crate::error::ApiError;
+use crate::pool::{Lease, Requester, WorkerPool};
+
+/// One choice: its spec (its own seed and request id), progress and channel.
+struct Choice {
+    spec: GenerationSpec,
+    progress: Progress,
+    tx: mpsc::Sender<GenerationEvent>,
+    /// Still forwarding events (not ended, client still there).
+    open: bool,
+}
+
+/// Starts the choices of one prompt: `specs[i]` is choice `i`, all with the same prompt and
+/// settings except the seed, which must be choice 0's plus `i` (what the worker gives each
+/// fork). Each choice's events arrive on its own receiver; dropping them all cancels the call.
+pub fn start_choices(
+    pool: WorkerPool,
+    tokenizer: Arc<Tokenizer>,
+    specs: Vec<GenerationSpec>,
+) -> Vec<mpsc::Receiver<GenerationEvent>> {
+    if specs.len() == 1 {
+        return specs
+            .into_iter()
+            .map(|spec| super::start(pool.clone(), tokenizer.clone(), spec))
+            .collect();
+    }
+    let mut receivers = Vec::with_capacity(specs.len());
+    let choices = specs
+        .into_iter()
+        .map(|spec| {
+            let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+            receivers.push(rx);
+            Choice {
+                progress: Progress::new(&spec),
+                spec,
+                tx,
+                open: true,
+            }
+        })
+        .collect();
+    tokio::spawn(run(pool, tokenizer, choices));
+    receivers
+}
+
+async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choice>) {
+    let started = Instant::now();
+    let first = choices[0].spec.clone();
+    let who = Requester {
+        tenant: &first.tenant,
+        weight: first.weight,
+    };
+    let leased = pool
+        .acquire_units(
+            &first.model,
+            &who,
+            &first.prompt,
+            &[],
+            first.deadline,
+            choices.len(),
+        )
+        .await;
+    let lease = match leased {
+        Ok(lease) => lease,
+        Err(e) => return fail_open(&choices, ApiError::from(e)).await,
+    };
+    let worker_id = lease.worker.record.id.clone();
+    match attempt(&pool, &tokenizer, &lease, &mut choices, started).await {
+        Ok(()) => pool.record_success(&lease.worker),
+        Err(AttemptError::Fatal(e)) => fail_open(&choices, e).await,
+        Err(AttemptError::Retry(status)) => {
+            pool.record_failover(&lease.worker, &status);
+            drop(lease);
+            for choice in choices.into_iter().filter(|c| c.open) {
+                let Choice {
+                    spec,
+                    mut progress,
+                    tx,
+                    ..
+                } = choice;
+                warn_failover(&spec, &worker_id, progress.generated.len(), &status);
+                let (pool, tokenizer) = (pool.clone(), tokenizer.clone());
+                let (tried, status) = (vec![worker_id.clone()], status.clone());
+                // Each choice goes on alone, like a single generation, from its own tokens.
+                tokio::spawn(async move {
+                    let outcome = resume(
+                        &pool,
+                        &tokenizer,
+                        &spec,
+                        &tx,
+                        started,
+                        &mut progress,
+                        tried,
+                        Some(status),
+                    )
+                    .await;
+                    if let Err(e) = outcome {
+                        let _ = tx.send(GenerationEvent::Failed(e)).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn fail_open(choices: &[Choice], e: ApiError) {
+    for choice in choices.iter().filter(|c| c.open) {
+        let _ = choice.tx.send(GenerationEvent::Failed(e.clone())).await;
+    }
+}
+
+/// The one worker call for every choice. Returns when every choice has ended (or lost its
+/// client); an error leaves the choices still open for the caller to fail over or fail.
+async fn attempt(
+    pool: &WorkerPool,
+    tokenizer: &Tokenizer,
+    lease: &Lease,
+    choices: &mut [Choice],
+    started: Instant,
+) -> Result<(), AttemptError> {
+    let spec = choices[0].spec.clone();
+    let worker_id = lease.worker.record.id.clone();
+    let request = wv1::GenerateRequest {
+        tenant: spec.tenant.clone(),
+        session: None,
+        tokens: spec.prompt.clone(),
+        separator: Vec::new(),
+        params: Some(wv1::SamplingParams {
+            max_tokens: Some(spec.max_tokens),
+            ..spec.params.clone()
+        }),
+        top_logprobs: spec.top_logprobs,
+        request_id: spec.request_id.clone(),
+        n: choices.len() as u32,
+    };
+    let mut request = tonic::Request::new(request);
+    if let Some(trace) = &spec.trace {
+        trace.child().inject(&mut request);
+    }
+    let mut client = lease.worker.client.clone();
+    let call = tokio::time::timeout_at(spec.deadline, client.generate(request));
+    let mut stream = match call.await {
+        Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
+        Ok(Err(status)) => return Err(classify(&spec, status)),
+        Ok(Ok(response)) => response.into_inner(),
+    };
+    // Dropping the stream when every choice has ended cancels what the worker still runs.
+    while choices.iter().any(|c| c.open) {
+        let next = match tokio::time::timeout_at(spec.deadline, stream.message()).await {
+            Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
+            Ok(next) => next,
+        };
+        let event = match next {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(AttemptError::Retry(Status::unavailable(
+                    "the worker closed the stream before finishing",
+                )))
+            }
+            Err(status) => return Err(classify(&spec, status)),
+        };
+        let Some(choice) = choices.get_mut(event.choice as usize) else {
+            return Err(AttemptError::Retry(Status::internal(format!(
+                "the worker sent choice {} of {}",
+                event.choice,
+                choices.len()
+            ))));
+        };
+        if !choice.open {
+            continue;
+        }
+        let ended = match event.event {
+            Some(wv1::generate_event::Event::Token(token)) => {
+                let (out, stopped) = choice.progress.take(tokenizer, token);
+                if choice.tx.send(GenerationEvent::Token(out)).await.is_err() {
+                    choice.open = false;
+                    continue;
+                }
+                if !stopped {
+                    continue;
+                }
+                Ended::StopString
+            }
+            Some(wv1::generate_event::Event::Finished(finished)) => Ended::Worker(finished),
+            None => {
+                return Err(AttemptError::Retry(Status::internal(
+                    "empty event from worker",
+                )))
+            }
+        };
+        let done = conclude(
+            pool,
+            &choice.spec,
+            &mut choice.progress,
+            &ended,
+            &worker_id,
+            started,
+        );
+        let _ = choice.tx.send(done).await;
+        choice.open = false;
+    }
+    Ok(())
+}
