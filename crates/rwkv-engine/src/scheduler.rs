@@ -434,6 +434,28 @@ mod tests {
     }
 
     #[test]
+    fn forked_choices_queue_first_past_the_bound_and_renames_keep_progress() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_waiting: 1,
+            prefill_chunk: 4,
+            ..SchedulerConfig::default()
+        })
+        .unwrap();
+        s.enqueue(1).unwrap();
+        // Work already admitted as part of a request does not count against the bound.
+        s.enqueue_front(9);
+        assert_eq!(s.waiting_len(), 2);
+        assert_eq!(s.admit(1), vec![9]);
+        s.start(9, 0, 10);
+        assert_eq!(s.plan(), vec![item(9, 4, false)]);
+        // A renamed sequence keeps its progress (and a waiting one its place).
+        s.rename(9, 10);
+        s.rename(1, 2);
+        assert_eq!(s.plan(), vec![item(10, 4, false)]);
+        assert_eq!(s.admit(1), vec![2]);
+    }
+
+    #[test]
     fn admission_is_fifo_bounded_by_capacity_and_the_queue_is_bounded() {
         let mut s = Scheduler::new(SchedulerConfig {
             max_waiting: 3,
