@@ -6,19 +6,20 @@
 use std::sync::Arc;
 
 use rwkv_proto::av1::inference_server::{Inference, InferenceServer};
-use rwkv_proto::av1::sessions_server::{Sessions, SessionsServer};
+use rwkv_proto::av1::sessions_server::SessionsServer;
 use rwkv_proto::{av1, wv1};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::api::{self, Content, Sampling, Stop};
+use crate::api::{self, Sampling, Stop};
 use crate::chat::{self, ChatMessage};
-use crate::checks::{check_prompt, encode, resolve_model};
+use crate::checks::{check_prompt, check_vocab, encode, resolve_model};
 use crate::error::ApiError;
 use crate::generation::{GenerationEvent, TokenOut, Usage};
 use crate::http::{self, Dialect};
-use crate::sessions::{ops, SessionView};
+use crate::scoring::{self, ScoreInput};
+use crate::sessions::SessionView;
 use crate::tenants::{Admission, Tenant};
 use crate::Router;
 
@@ -71,6 +72,8 @@ pub fn status_of(e: &ApiError) -> Status {
     }
 }
 
+mod sessions;
+
 type EventStream = ReceiverStream<Result<av1::GenerateEvent, Status>>;
 
 impl PublicApi {
@@ -86,28 +89,48 @@ impl PublicApi {
             .map_err(|e| status_of(&e))
     }
 
-    /// Streams a generation's events to the client, holding the tenant's admission until the
-    /// end. Dropping the stream (the client left) drops `events`, which cancels the work.
+    /// Streams the events of a request's `choices` to the client, holding the tenant's
+    /// admission until every choice is done; each choice starts with `echo` when given.
+    /// Dropping the stream (the client left) drops `events`, which cancels the work.
     fn stream(
         &self,
         id: String,
         admission: Admission,
         dialect: Dialect,
+        choices: usize,
+        echo: Option<av1::Echo>,
         mut events: mpsc::Receiver<(usize, GenerationEvent)>,
     ) -> EventStream {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();
         tokio::spawn(async move {
-            let mut started = false;
-            while let Some((_, event)) = events.recv().await {
+            if let Some(echo) = echo {
+                for choice in 0..choices {
+                    let event = av1::generate_event::Event::Echo(echo.clone());
+                    if tx
+                        .send(Ok(generate_event(&id, choice, event)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            // Per choice: whether its reply has started (chat trims the reply's first space).
+            let mut started = vec![false; choices];
+            let mut open = choices;
+            while let Some((choice, event)) = events.recv().await {
+                let Some(started) = started.get_mut(choice) else {
+                    continue;
+                };
                 let (item, last) = match event {
                     GenerationEvent::Token(t) => {
                         let mut token = token_of(&state, t);
                         if dialect == Dialect::Chat {
-                            token.text = http::trim_reply_start(&mut started, token.text);
+                            token.text = http::trim_reply_start(started, token.text);
                         }
                         let event = av1::generate_event::Event::Token(token);
-                        (Ok(generate_event(&id, event)), false)
+                        (Ok(generate_event(&id, choice, event)), false)
                     }
                     GenerationEvent::Done {
                         tail,
@@ -116,18 +139,20 @@ impl PublicApi {
                     } => {
                         let mut tail = tail;
                         if dialect == Dialect::Chat {
-                            tail = http::trim_reply_start(&mut started, tail);
+                            tail = http::trim_reply_start(started, tail);
                             tail.truncate(tail.trim_end().len());
                         }
                         http::count_tokens(&usage);
-                        http::record_usage(&admission, &usage, true);
+                        // The choices share the prompt: it is charged once.
+                        http::record_usage(&admission, &usage, choice == 0);
                         let done = av1::Done {
                             finish_reason: finish.as_str().to_owned(),
                             usage: Some(usage_of(&usage)),
                             tail,
                         };
                         let event = av1::generate_event::Event::Done(done);
-                        (Ok(generate_event(&id, event)), true)
+                        open -= 1;
+                        (Ok(generate_event(&id, choice, event)), open == 0)
                     }
                     GenerationEvent::Failed(e) => (Err(status_of(&e)), true),
                 };
@@ -140,10 +165,15 @@ impl PublicApi {
     }
 }
 
-fn generate_event(id: &str, event: av1::generate_event::Event) -> av1::GenerateEvent {
+fn generate_event(
+    id: &str,
+    choice: usize,
+    event: av1::generate_event::Event,
+) -> av1::GenerateEvent {
     av1::GenerateEvent {
         id: id.to_owned(),
         event: Some(event),
+        choice: rwkv_proto::count_u32(choice),
     }
 }
 
@@ -151,13 +181,7 @@ fn token_of(state: &Router, t: TokenOut) -> av1::Token {
     let (logprob, top) = match t.logprobs {
         Some(wv1::TokenLogprobs { logprob, top }) => (
             Some(logprob),
-            top.into_iter()
-                .map(|a| av1::TopLogprob {
-                    token: a.token,
-                    text: http::token_text(state, a.token),
-                    logprob: a.logprob,
-                })
-                .collect(),
+            top.into_iter().map(|a| top_logprob(state, a)).collect(),
         ),
         None => (None, Vec::new()),
     };
@@ -192,6 +216,7 @@ fn sampling_of(s: Option<av1::Sampling>) -> (Sampling, Option<i64>, Option<i64>)
         stop: (!s.stop.is_empty()).then_some(Stop::Many(s.stop)),
         // The HTTP API takes i64 seeds and reinterprets the bits; do the same.
         seed: s.seed.map(|v| v as i64),
+        n: s.n.map(i64::from),
         ..Sampling::default()
     };
     (
@@ -229,22 +254,43 @@ impl Inference for PublicApi {
             let mut v = sampling.validate(&state.cfg, max_tokens, 16)?;
             resolve_model(state, &mut v.model)?;
             let top = api::top_logprobs("top_logprobs", top, &state.cfg)?;
-            let tokens = match req.prompt {
-                Some(av1::complete_request::Prompt::Text(text)) => encode(state, &text, "prompt")?,
-                Some(av1::complete_request::Prompt::Tokens(ids)) => ids.ids,
-                None => Vec::new(),
+            let (text, tokens) = match req.prompt {
+                Some(av1::complete_request::Prompt::Text(text)) => {
+                    let tokens = encode(state, &text, "prompt")?;
+                    (text, tokens)
+                }
+                Some(av1::complete_request::Prompt::Tokens(ids)) => {
+                    let bytes = state.tokenizer.decode_bytes_lossy(&ids.ids);
+                    (String::from_utf8_lossy(&bytes).into_owned(), ids.ids)
+                }
+                None => (String::new(), Vec::new()),
             };
             check_prompt(state, &tokens, "prompt")?;
-            Ok::<_, ApiError>((v, top, tokens))
+            Ok::<_, ApiError>((v, top, text, tokens))
         })();
-        let (v, top, tokens) = prepared.map_err(|e| status_of(&e))?;
+        let (v, top, text, tokens) = prepared.map_err(|e| status_of(&e))?;
         let id = http::new_id("cmpl");
-        let events =
-            http::start_choices(state, &tenant, &id, &[tokens], &v, Dialect::Completion, top);
+        let echo = if req.echo {
+            Some(
+                self.echo(&tenant, &id, &v.model, text, &tokens, top)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        let prompts = [tokens];
+        let events = if v.max_tokens == 0 {
+            // Nothing to generate (echo only): no worker needs to run the prompt.
+            http::already_finished(&prompts, v.n)
+        } else {
+            http::start_choices(state, &tenant, &id, &prompts, &v, Dialect::Completion, top)
+        };
         Ok(Response::new(self.stream(
             id,
             admission,
             Dialect::Completion,
+            v.n,
+            echo,
             events,
         )))
     }
@@ -283,6 +329,8 @@ impl Inference for PublicApi {
             id,
             admission,
             Dialect::Chat,
+            v.n,
+            None,
             events,
         )))
     }
@@ -296,133 +344,130 @@ impl Inference for PublicApi {
             models: self.state.pool.models(),
         }))
     }
+
+    async fn score(
+        &self,
+        request: Request<av1::ScoreRequest>,
+    ) -> Result<Response<av1::ScoreResponse>, Status> {
+        let tenant = self.tenant(&request)?;
+        let admission = tenant.admit().map_err(|e| status_of(&e))?;
+        let req = request.into_inner();
+        let continuations = req
+            .continuations
+            .into_iter()
+            // An unset continuation is an empty one, which validation names.
+            .map(|c| score_input(Some(c)).unwrap_or(ScoreInput::Tokens(Vec::new())))
+            .collect();
+        let scored = scoring::score_inputs(
+            &self.state,
+            &admission,
+            Some(req.model).filter(|m| !m.is_empty()),
+            req.top_logprobs.map(i64::from),
+            score_input(req.context),
+            Some(continuations),
+        )
+        .await
+        .map_err(|e| status_of(&e))?;
+        let response = scored.response;
+        let scores = response
+            .scores
+            .into_iter()
+            .zip(scored.continuations)
+            .map(|(s, tokens)| av1::ContinuationScore {
+                tokens,
+                sum_logprob: s.logprobs.iter().map(|&l| f64::from(l)).sum(),
+                logprobs: s.logprobs,
+                greedy: s.greedy,
+                top: s
+                    .top
+                    .into_iter()
+                    .map(|t| av1::Alternatives {
+                        top: t
+                            .top
+                            .into_iter()
+                            .map(|a| top_logprob(&self.state, a))
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(av1::ScoreResponse {
+            model: scored.model,
+            scores,
+            context_tokens: response.context_tokens,
+            cached_tokens: response.cached_tokens,
+        }))
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<av1::TokenizeRequest>,
+    ) -> Result<Response<av1::TokenIds>, Status> {
+        self.tenant(&request)?;
+        let ids =
+            encode(&self.state, &request.into_inner().text, "text").map_err(|e| status_of(&e))?;
+        Ok(Response::new(av1::TokenIds { ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<av1::TokenIds>,
+    ) -> Result<Response<av1::DetokenizeResponse>, Status> {
+        self.tenant(&request)?;
+        let ids = request.into_inner().ids;
+        check_vocab(&self.state, &ids, "ids").map_err(|e| status_of(&e))?;
+        let bytes = self.state.tokenizer.decode_bytes_lossy(&ids);
+        Ok(Response::new(av1::DetokenizeResponse {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }))
+    }
 }
 
-#[tonic::async_trait]
-impl Sessions for PublicApi {
-    type SendStream = EventStream;
-
-    async fn create(
+impl PublicApi {
+    /// The echo of a completion's prompt: its text, and with `top` its tokens' own
+    /// log-probabilities (scored on a worker).
+    async fn echo(
         &self,
-        request: Request<av1::CreateSessionRequest>,
-    ) -> Result<Response<av1::Session>, Status> {
-        let tenant = self.tenant(&request)?;
-        let req = request.into_inner();
-        let model = Some(req.model).filter(|m| !m.is_empty());
-        let view = ops::create(&self.state, &tenant, model, req.system.as_deref())
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(session_of(&view)))
-    }
-
-    async fn get(
-        &self,
-        request: Request<av1::SessionRef>,
-    ) -> Result<Response<av1::Session>, Status> {
-        let tenant = self.tenant(&request)?;
-        let view = ops::get(&self.state, &tenant, &request.into_inner().id)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(session_of(&view)))
-    }
-
-    async fn list(
-        &self,
-        request: Request<av1::ListSessionsRequest>,
-    ) -> Result<Response<av1::SessionList>, Status> {
-        let tenant = self.tenant(&request)?;
-        let sessions = ops::list(&self.state, &tenant).await;
-        Ok(Response::new(av1::SessionList {
-            sessions: sessions.iter().map(session_of).collect(),
-        }))
-    }
-
-    async fn send(
-        &self,
-        request: Request<av1::SendRequest>,
-    ) -> Result<Response<EventStream>, Status> {
-        let tenant = self.tenant(&request)?;
-        let req = request.into_inner();
-        crate::sessions::SessionAddr::parse(&req.id).map_err(|e| status_of(&e))?;
-        let admission = tenant.admit().map_err(|e| status_of(&e))?;
-        let (sampling, max_tokens, top) = sampling_of(req.sampling);
-        let top =
-            api::top_logprobs("top_logprobs", top, &self.state.cfg).map_err(|e| status_of(&e))?;
-        let msg = ops::Message {
-            content: Some(Content::Text(req.content)),
-            sampling,
-            max_tokens,
-            top_logprobs: top,
+        tenant: &Tenant,
+        id: &str,
+        model: &str,
+        text: String,
+        tokens: &[u32],
+        top: Option<u32>,
+    ) -> Result<av1::Echo, Status> {
+        let mut echo = av1::Echo {
+            text,
+            tokens: Vec::new(),
         };
-        let turn = ops::send(&self.state, &tenant, &req.id, http::new_id("chatcmpl"), msg)
-            .map_err(|e| status_of(&e))?;
-        let events = crate::generation::single_choice(turn.events);
-        Ok(Response::new(self.stream(
-            turn.request_id,
-            admission,
-            Dialect::Chat,
-            events,
-        )))
+        if top.is_some() {
+            let request_id = format!("{id}/p0");
+            let outs = http::prompt_scores(&self.state, tenant, &request_id, model, tokens, top)
+                .await
+                .map_err(|e| status_of(&e))?;
+            echo.tokens = outs
+                .into_iter()
+                .map(|t| {
+                    let mut token = token_of(&self.state, t);
+                    token.text = http::token_text(&self.state, token.id);
+                    token
+                })
+                .collect();
+        }
+        Ok(echo)
     }
+}
 
-    async fn fork(
-        &self,
-        request: Request<av1::SessionRef>,
-    ) -> Result<Response<av1::Session>, Status> {
-        let tenant = self.tenant(&request)?;
-        let view = ops::fork(&self.state, &tenant, &request.into_inner().id)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(session_of(&view)))
-    }
+fn score_input(t: Option<av1::TextOrTokens>) -> Option<ScoreInput> {
+    Some(match t?.value? {
+        av1::text_or_tokens::Value::Text(text) => ScoreInput::Text(text),
+        av1::text_or_tokens::Value::Tokens(ids) => ScoreInput::Tokens(ids.ids),
+    })
+}
 
-    async fn rewind(
-        &self,
-        request: Request<av1::RewindRequest>,
-    ) -> Result<Response<av1::Session>, Status> {
-        let tenant = self.tenant(&request)?;
-        let req = request.into_inner();
-        let view = ops::rewind(&self.state, &tenant, &req.id, i64::from(req.turn))
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(session_of(&view)))
-    }
-
-    async fn export(
-        &self,
-        request: Request<av1::SessionRef>,
-    ) -> Result<Response<av1::SessionState>, Status> {
-        let tenant = self.tenant(&request)?;
-        let (addr, data) = ops::export(&self.state, &tenant, &request.into_inner().id)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(av1::SessionState {
-            id: addr.public_id(),
-            data,
-        }))
-    }
-
-    async fn import(
-        &self,
-        request: Request<av1::ImportRequest>,
-    ) -> Result<Response<av1::Session>, Status> {
-        let tenant = self.tenant(&request)?;
-        let req = request.into_inner();
-        let model = Some(req.model).filter(|m| !m.is_empty());
-        let view = ops::import(&self.state, &tenant, model, req.data)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(session_of(&view)))
-    }
-
-    async fn delete(
-        &self,
-        request: Request<av1::SessionRef>,
-    ) -> Result<Response<av1::DeleteSessionResponse>, Status> {
-        let tenant = self.tenant(&request)?;
-        ops::delete(&self.state, &tenant, &request.into_inner().id)
-            .await
-            .map_err(|e| status_of(&e))?;
-        Ok(Response::new(av1::DeleteSessionResponse {}))
+fn top_logprob(state: &Router, a: wv1::TopLogprob) -> av1::TopLogprob {
+    av1::TopLogprob {
+        token: a.token,
+        text: http::token_text(state, a.token),
+        logprob: a.logprob,
     }
 }

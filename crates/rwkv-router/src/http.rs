@@ -27,7 +27,7 @@ use crate::chat;
 use crate::checks::{check_prompt, check_vocab, encode, resolve_model};
 use crate::error::ApiError;
 use crate::generation::{self, Finish, GenerationEvent, GenerationSpec, TokenOut, Usage};
-use crate::scoring::{self, ScoreSpec};
+use crate::scoring::{self, ScoreInput, ScoreSpec};
 use crate::telemetry;
 use crate::tenants::{Admission, Tenant};
 use crate::Router;
@@ -753,7 +753,10 @@ async fn chat_completions(
 }
 
 /// Every choice of every prompt, finished without generating (`max_tokens: 0`).
-fn already_finished(prompts: &[Vec<u32>], n: usize) -> mpsc::Receiver<(usize, GenerationEvent)> {
+pub(crate) fn already_finished(
+    prompts: &[Vec<u32>],
+    n: usize,
+) -> mpsc::Receiver<(usize, GenerationEvent)> {
     let (tx, rx) = mpsc::channel(prompts.len() * n);
     for (p, prompt) in prompts.iter().enumerate() {
         for i in 0..n {
@@ -782,12 +785,31 @@ async fn prompt_logprobs(
     tokens: &[u32],
     top: Option<u32>,
 ) -> Result<Value, ApiError> {
-    let first = TokenOut {
-        id: tokens[0],
+    let outs = prompt_scores(state, tenant, request_id, model, tokens, top).await?;
+    let mut v = completion_logprobs(state, &outs, 0);
+    // OpenAI reports `null` (not `{}`) for the first prompt token's alternatives.
+    v["top_logprobs"][0] = Value::Null;
+    Ok(v)
+}
+
+/// A prompt's own tokens with their log-probabilities given the tokens before them, scored on
+/// a worker; the first token has none (nothing precedes it). Texts are left empty.
+pub(crate) async fn prompt_scores(
+    state: &Router,
+    tenant: &Tenant,
+    request_id: &str,
+    model: &str,
+    tokens: &[u32],
+    top: Option<u32>,
+) -> Result<Vec<TokenOut>, ApiError> {
+    let Some(&first) = tokens.first() else {
+        return Ok(Vec::new());
+    };
+    let mut outs = vec![TokenOut {
+        id: first,
         text: String::new(),
         logprobs: None,
-    };
-    let mut outs = vec![first];
+    }];
     if tokens.len() > 1 {
         let spec = ScoreSpec {
             request_id: request_id.to_owned(),
@@ -815,10 +837,7 @@ async fn prompt_logprobs(
             });
         }
     }
-    let mut v = completion_logprobs(state, &outs, 0);
-    // OpenAI reports `null` (not `{}`) for the first prompt token's alternatives.
-    v["top_logprobs"][0] = Value::Null;
-    Ok(v)
+    Ok(outs)
 }
 
 /// Prompt logprobs followed by generated ones, as one completion-style object.
@@ -832,19 +851,11 @@ fn concat_logprobs(prompt: &Value, generated: &Value) -> Value {
     out
 }
 
-/// One context or continuation of `/v1/score`: text or token ids.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum TextOrTokens {
-    Text(String),
-    Tokens(Vec<u32>),
-}
-
 #[derive(serde::Deserialize)]
 struct ScoreRequest {
     model: Option<String>,
-    context: Option<TextOrTokens>,
-    continuations: Option<Vec<TextOrTokens>>,
+    context: Option<ScoreInput>,
+    continuations: Option<Vec<ScoreInput>>,
     top_logprobs: Option<i64>,
 }
 
@@ -859,65 +870,27 @@ async fn score(
     let admission = tenant.admit()?;
     let body = read_body(&state, body).await?;
     let req: ScoreRequest = api::parse(&body)?;
-    let mut v = api::Sampling {
-        model: req.model,
-        ..api::Sampling::default()
-    }
-    .validate(&state.cfg, Some(0), 0)?;
-    resolve_model(&state, &mut v.model)?;
-    let top = api::top_logprobs("top_logprobs", req.top_logprobs, &state.cfg)?;
-    let to_tokens = |t: TextOrTokens, field: &str| match t {
-        TextOrTokens::Text(text) => encode(&state, &text, field),
-        TextOrTokens::Tokens(ids) => Ok(ids),
-    };
-    let context = to_tokens(
-        req.context
-            .ok_or_else(|| ApiError::invalid("context", "`context` is required"))?,
-        "context",
-    )?;
-    check_prompt(&state, &context, "context")?;
-    let continuations = req.continuations.filter(|c| !c.is_empty()).ok_or_else(|| {
-        ApiError::invalid("continuations", "`continuations` must be a non-empty list")
-    })?;
-    if continuations.len() > 1024 {
-        return Err(ApiError::invalid(
-            "continuations",
-            "at most 1024 continuations per request",
-        ));
-    }
-    let mut lists = Vec::with_capacity(continuations.len());
-    for (i, c) in continuations.into_iter().enumerate() {
-        let field = format!("continuations[{i}]");
-        let tokens = to_tokens(c, &field)?;
-        check_prompt(&state, &tokens, &field)?;
-        lists.push(tokens);
-    }
-    let spec = ScoreSpec {
-        request_id: new_id("score"),
-        tenant: tenant.name().to_owned(),
-        weight: tenant.weight(),
-        model: v.model.clone(),
-        context,
-        continuations: lists.clone(),
-        top_logprobs: top,
-        deadline: Instant::now() + state.cfg.request_timeout,
-        trace: current_trace(),
-    };
-    let response = scoring::score(&state.pool, &spec).await?;
-    admission.tenant().record_tokens(
-        u64::from(response.context_tokens) + lists.iter().map(|l| l.len() as u64).sum::<u64>(),
-    );
+    let scored = scoring::score_inputs(
+        &state,
+        &admission,
+        req.model,
+        req.top_logprobs,
+        req.context,
+        req.continuations,
+    )
+    .await?;
+    let response = &scored.response;
     let scores: Vec<Value> =
         response
             .scores
             .iter()
-            .zip(&lists)
+            .zip(&scored.continuations)
             .enumerate()
             .map(|(index, (s, tokens))| {
                 let sum: f64 = s.logprobs.iter().map(|&l| f64::from(l)).sum();
                 let mut entry = json!({"index": index, "tokens": tokens, "logprobs": s.logprobs,
                                    "sum_logprob": sum, "greedy": s.greedy});
-                if top.is_some() {
+                if scored.top.is_some() {
                     entry["top_logprobs"] =
                         s.top
                             .iter()
@@ -935,7 +908,7 @@ async fn score(
             .collect();
     Ok(Json(json!({
         "object": "score",
-        "model": v.model,
+        "model": scored.model,
         "scores": scores,
         "usage": {"context_tokens": response.context_tokens,
                   "cached_tokens": response.cached_tokens},

@@ -5,8 +5,99 @@
 use rwkv_proto::{wv1, TraceContext};
 use tokio::time::Instant;
 
+use crate::api;
+use crate::checks::{check_prompt, encode, resolve_model};
 use crate::error::ApiError;
+use crate::http::{current_trace, new_id};
 use crate::pool::{is_worker_fault, PoolError, WorkerPool};
+use crate::tenants::Admission;
+use crate::Router;
+
+/// Most continuations one scoring request may bring.
+pub const MAX_CONTINUATIONS: usize = 1024;
+
+/// A scoring context or continuation as the APIs take it: text (tokenized on its own) or ids.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ScoreInput {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A scoring request's answer, with what it was asked.
+pub struct Scored {
+    pub model: String,
+    /// The continuations as token ids, in request order.
+    pub continuations: Vec<Vec<u32>>,
+    /// Alternatives asked for per token.
+    pub top: Option<u32>,
+    pub response: wv1::ScoreResponse,
+}
+
+/// Validates a scoring request (model, `top_logprobs`, context and continuations, each field
+/// named in errors), runs it on a worker and charges the tenant its tokens. The HTTP and gRPC
+/// APIs both answer from this.
+pub async fn score_inputs(
+    state: &Router,
+    admission: &Admission,
+    model: Option<String>,
+    top_logprobs: Option<i64>,
+    context: Option<ScoreInput>,
+    continuations: Option<Vec<ScoreInput>>,
+) -> Result<Scored, ApiError> {
+    let mut v = api::Sampling {
+        model,
+        ..api::Sampling::default()
+    }
+    .validate(&state.cfg, Some(0), 0)?;
+    resolve_model(state, &mut v.model)?;
+    let top = api::top_logprobs("top_logprobs", top_logprobs, &state.cfg)?;
+    let to_tokens = |t: ScoreInput, field: &str| match t {
+        ScoreInput::Text(text) => encode(state, &text, field),
+        ScoreInput::Tokens(ids) => Ok(ids),
+    };
+    let context = context.ok_or_else(|| ApiError::invalid("context", "`context` is required"))?;
+    let context = to_tokens(context, "context")?;
+    check_prompt(state, &context, "context")?;
+    let continuations = continuations.filter(|c| !c.is_empty()).ok_or_else(|| {
+        ApiError::invalid("continuations", "`continuations` must be a non-empty list")
+    })?;
+    if continuations.len() > MAX_CONTINUATIONS {
+        return Err(ApiError::invalid(
+            "continuations",
+            format!("at most {MAX_CONTINUATIONS} continuations per request"),
+        ));
+    }
+    let mut lists = Vec::with_capacity(continuations.len());
+    for (i, c) in continuations.into_iter().enumerate() {
+        let field = format!("continuations[{i}]");
+        let tokens = to_tokens(c, &field)?;
+        check_prompt(state, &tokens, &field)?;
+        lists.push(tokens);
+    }
+    let tenant = admission.tenant();
+    let spec = ScoreSpec {
+        request_id: new_id("score"),
+        tenant: tenant.name().to_owned(),
+        weight: tenant.weight(),
+        model: v.model.clone(),
+        context,
+        continuations: lists.clone(),
+        top_logprobs: top,
+        deadline: Instant::now() + state.cfg.request_timeout,
+        trace: current_trace(),
+    };
+    let response = score(&state.pool, &spec).await?;
+    tenant.record_tokens(
+        u64::from(response.context_tokens) + lists.iter().map(|l| l.len() as u64).sum::<u64>(),
+    );
+    Ok(Scored {
+        model: v.model,
+        continuations: lists,
+        top,
+        response,
+    })
+}
 
 /// A scoring request, validated and tokenized.
 #[derive(Clone, Debug)]

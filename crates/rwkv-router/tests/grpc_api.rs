@@ -50,9 +50,11 @@ async fn collect(
             Some(Event::Done(d)) => {
                 text.push_str(&d.tail);
                 assert_eq!(ids.len(), 1, "one id per stream");
+                assert_eq!(event.choice, 0);
                 let usage = d.usage.unwrap();
                 return Ok((text, d.finish_reason, usage.completion_tokens));
             }
+            Some(Event::Echo(_)) => panic!("an echo nobody asked for"),
             None => panic!("empty event"),
         }
     }
@@ -68,6 +70,7 @@ async fn completions_and_chat_match_the_http_api() {
         .complete(av1::CompleteRequest {
             prompt: Some(av1::complete_request::Prompt::Text(prompt.into())),
             sampling: greedy(12),
+            echo: false,
         })
         .await
         .unwrap()
@@ -111,6 +114,7 @@ async fn completions_and_chat_match_the_http_api() {
         .complete(av1::CompleteRequest {
             prompt: Some(av1::complete_request::Prompt::Text("x".into())),
             sampling: Some(bad),
+            echo: false,
         })
         .await
         .unwrap_err();
@@ -124,6 +128,7 @@ async fn completions_and_chat_match_the_http_api() {
                 ids: vec![1, 2],
             })),
             sampling: Some(other_model),
+            echo: false,
         })
         .await
         .unwrap_err();
@@ -134,6 +139,7 @@ async fn completions_and_chat_match_the_http_api() {
                 ids: vec![1 << 30],
             })),
             sampling: greedy(1),
+            echo: false,
         })
         .await
         .unwrap_err();
@@ -302,4 +308,187 @@ async fn sessions_over_grpc_continue_exactly_and_stay_with_their_tenant() {
         .delete(with_key(av1::SessionRef { id: fork.id }, key))
         .await
         .unwrap();
+}
+
+/// Reads a multi-choice stream: per choice, its echo (if any) and its text.
+async fn collect_choices(
+    mut stream: tonic::Streaming<av1::GenerateEvent>,
+    n: usize,
+) -> Vec<(Option<av1::Echo>, String)> {
+    let mut choices = vec![(None, String::new()); n];
+    let mut done = vec![false; n];
+    while let Some(event) = stream.message().await.unwrap() {
+        let i = event.choice as usize;
+        assert!(!done[i], "an event after choice {i} was done");
+        match event.event.unwrap() {
+            Event::Echo(e) => {
+                assert!(choices[i].1.is_empty(), "the echo comes first");
+                choices[i].0 = Some(e);
+            }
+            Event::Token(t) => choices[i].1.push_str(&t.text),
+            Event::Done(d) => {
+                choices[i].1.push_str(&d.tail);
+                done[i] = true;
+            }
+        }
+    }
+    assert!(done.iter().all(|&d| d), "every choice ends with done");
+    choices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoring_tokenize_choices_and_echo_match_the_http_api() {
+    let c = start(RouterConfig::default(), 4).await;
+    let mut inference = InferenceClient::new(channel(&c).await);
+
+    // Scoring: the same numbers as `/v1/score`.
+    let context = "Question: is water wet?\nAnswer:";
+    let conts = [" yes", " no", " it depends"];
+    let (status, http) = c
+        .post(
+            "/v1/score",
+            json!({"context": context, "continuations": conts, "top_logprobs": 2}),
+        )
+        .await;
+    assert_eq!(status, 200, "{http}");
+    let text = |t: &str| av1::TextOrTokens {
+        value: Some(av1::text_or_tokens::Value::Text(t.into())),
+    };
+    let scored = inference
+        .score(av1::ScoreRequest {
+            model: String::new(),
+            context: Some(text(context)),
+            continuations: conts.iter().map(|t| text(t)).collect(),
+            top_logprobs: Some(2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scored.model, MODEL);
+    assert_eq!(scored.scores.len(), 3);
+    for (i, s) in scored.scores.iter().enumerate() {
+        let want = &http["scores"][i];
+        assert_eq!(json!(s.tokens), want["tokens"], "continuation {i}");
+        let want_lps: Vec<f32> = want["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(s.logprobs, want_lps, "continuation {i}");
+        assert_eq!(json!(s.greedy), want["greedy"], "continuation {i}");
+        assert!((s.sum_logprob - want["sum_logprob"].as_f64().unwrap()).abs() < 1e-6);
+        assert_eq!(s.top.len(), s.tokens.len());
+        for (j, alternatives) in s.top.iter().enumerate() {
+            let ids: Vec<u32> = alternatives.top.iter().map(|a| a.token).collect();
+            let want: Vec<u32> = want["top_logprobs"][j]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["token"].as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(ids, want, "continuation {i}, token {j}");
+        }
+    }
+    let status = inference
+        .score(av1::ScoreRequest {
+            model: String::new(),
+            context: Some(text(context)),
+            continuations: vec![text(" fine"), av1::TextOrTokens { value: None }],
+            top_logprobs: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("continuations[1]"), "{status}");
+
+    // Tokenize and detokenize, as `/tokenize` and `/detokenize`.
+    let ids = inference
+        .tokenize(av1::TokenizeRequest {
+            text: "User: hi".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    assert_eq!(ids, vec![24281, 59, 4571]);
+    let back = inference
+        .detokenize(av1::TokenIds { ids })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.text, "User: hi");
+    let status = inference
+        .detokenize(av1::TokenIds { ids: vec![1 << 30] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().starts_with("ids"), "{status}");
+
+    // Three seeded choices: the same texts as HTTP's `n: 3`, each choice tagged.
+    let prompt = "Once upon a time";
+    let (_, http) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "n": 3, "seed": 9, "max_tokens": 6, "temperature": 1.0}),
+        )
+        .await;
+    let sampling = av1::Sampling {
+        max_tokens: Some(6),
+        temperature: Some(1.0),
+        seed: Some(9),
+        n: Some(3),
+        ..av1::Sampling::default()
+    };
+    let stream = inference
+        .complete(av1::CompleteRequest {
+            prompt: Some(av1::complete_request::Prompt::Text(prompt.into())),
+            sampling: Some(sampling),
+            echo: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let choices = collect_choices(stream, 3).await;
+    for (i, (echo, text)) in choices.iter().enumerate() {
+        assert!(echo.is_none());
+        assert_eq!(text, &http["choices"][i]["text"], "choice {i}");
+    }
+
+    // lm-eval style echo: the prompt's own log-probabilities, as HTTP reports them.
+    let (_, http) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 0, "echo": true, "logprobs": 1, "n": 2}),
+        )
+        .await;
+    let stream = inference
+        .complete(av1::CompleteRequest {
+            prompt: Some(av1::complete_request::Prompt::Text(prompt.into())),
+            sampling: Some(av1::Sampling {
+                max_tokens: Some(0),
+                top_logprobs: Some(1),
+                n: Some(2),
+                ..av1::Sampling::default()
+            }),
+            echo: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let choices = collect_choices(stream, 2).await;
+    let want = &http["choices"][0]["logprobs"];
+    for (echo, text) in choices {
+        let echo = echo.expect("each choice starts with the echo");
+        assert_eq!(echo.text, prompt);
+        assert!(text.is_empty(), "max_tokens 0 generates nothing");
+        let texts: Vec<&str> = echo.tokens.iter().map(|t| t.text.as_str()).collect();
+        assert_eq!(json!(texts), want["tokens"]);
+        assert_eq!(echo.tokens[0].logprob, None);
+        for (j, token) in echo.tokens.iter().enumerate().skip(1) {
+            let lp = want["token_logprobs"][j].as_f64().unwrap() as f32;
+            assert_eq!(token.logprob, Some(lp), "token {j}");
+            assert_eq!(token.top.len(), 1);
+        }
+    }
 }
