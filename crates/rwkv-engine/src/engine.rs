@@ -26,6 +26,10 @@ use crate::step_loop::Core;
 /// Most choices one generation request may ask for ([`EngineHandle::generate_n`]).
 pub const MAX_CHOICES: usize = 256;
 
+/// Default of [`EngineConfig::preempt_after_steps`]: long generations yield their slot to waiting
+/// requests after this many steps (a few seconds of decoding on a GPU).
+pub const DEFAULT_PREEMPT_AFTER_STEPS: u64 = 256;
+
 /// Everything the engine needs besides the backend.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -43,6 +47,12 @@ pub struct EngineConfig {
     pub cache_prompt_end: bool,
     /// Cache the state at the end of every generation.
     pub cache_generation_end: bool,
+    /// Preemption: when new requests wait and no slot is free, a generation that has held its
+    /// slot for this many forward steps is swapped out to host memory and queued again, and
+    /// its slot goes to the oldest waiting request (0: never preempt). A preempted generation
+    /// continues exactly where it stopped; at most as many are preempted at once as there are
+    /// slots, so their host memory is bounded by one copy of the state pool.
+    pub preempt_after_steps: u64,
     /// Token ids exempt from the frequency penalty (whitespace and digits in the reference); the
     /// engine has no tokenizer, so whoever has one computes this list once.
     pub frequency_exempt: Vec<u32>,
@@ -58,6 +68,7 @@ impl Default for EngineConfig {
             prefix_cache_bytes: 1 << 30,
             cache_prompt_end: true,
             cache_generation_end: true,
+            preempt_after_steps: DEFAULT_PREEMPT_AFTER_STEPS,
             frequency_exempt: Vec::new(),
         }
     }
@@ -72,6 +83,8 @@ pub struct EngineStats {
     pub slots_free: usize,
     /// Slots holding idle sessions (reclaimable by swapping them out).
     pub slots_parked: usize,
+    /// Generations preempted and waiting, with their state in host memory.
+    pub preempted: usize,
     pub sessions: usize,
     pub host_tier_bytes: usize,
     pub host_tier_entries: usize,
@@ -360,6 +373,7 @@ impl<B: Backend> Core<B> {
             slots_total: self.slots.total(),
             slots_free: self.slots.free_len(),
             slots_parked: self.slots.parked_len(),
+            preempted: self.preempted_len(),
             sessions: self.sessions.len(),
             host_tier_bytes: self.host.used_bytes(),
             host_tier_entries: self.host.len(),

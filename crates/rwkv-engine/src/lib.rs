@@ -46,7 +46,9 @@ pub mod telemetry;
 pub mod tiers;
 mod vecmath;
 
-pub use engine::{Engine, EngineConfig, EngineHandle, EngineStats, MAX_CHOICES};
+pub use engine::{
+    Engine, EngineConfig, EngineHandle, EngineStats, DEFAULT_PREEMPT_AFTER_STEPS, MAX_CHOICES,
+};
 pub use error::EngineError;
 pub use logprobs::{token_logprobs, LogSoftmax, Logprobs};
 pub use params::{SamplerError, SamplingParams};

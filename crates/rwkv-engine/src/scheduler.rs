@@ -146,6 +146,25 @@ impl Scheduler {
         self.waiting.push_front(id);
     }
 
+    /// Takes a running sequence off its slot and queues it again, last, whatever the bound (it
+    /// was admitted already). [`Scheduler::resume`] puts it back when it is admitted again.
+    pub fn preempt(&mut self, id: SeqId) {
+        if let Some(i) = self.running.iter().position(|r| r.id == id) {
+            self.running.remove(i);
+            self.waiting.push_back(id);
+        }
+    }
+
+    /// Gives a re-admitted (preempted) sequence its work back: `pending` tokens from position
+    /// `pos`, as a decode when it was decoding.
+    pub fn resume(&mut self, id: SeqId, pos: usize, pending: usize, decoding: bool) {
+        if let Some(r) = self.running_mut(id) {
+            r.pos = pos;
+            r.pending = pending;
+            r.decoding = decoding;
+        }
+    }
+
     /// Gives sequence `old` (waiting or running) the id `new`, keeping its place and progress.
     pub fn rename(&mut self, old: SeqId, new: SeqId) {
         for w in self.waiting.iter_mut().filter(|w| **w == old) {

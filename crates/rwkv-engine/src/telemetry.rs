@@ -39,6 +39,8 @@ pub const SWAPS: &str = "rwkv_engine_swaps_total";
 pub const SWAP_BYTES: &str = "rwkv_engine_swap_bytes_total";
 /// Histogram, seconds: time of one swap, by `direction`.
 pub const SWAP_SECONDS: &str = "rwkv_engine_swap_seconds";
+/// Counter: generations preempted (swapped out so that waiting requests get a slot).
+pub const PREEMPTIONS: &str = "rwkv_engine_preemptions_total";
 /// Counter: prefix-cache lookups that found a cached state.
 pub const PREFIX_CACHE_HITS: &str = "rwkv_engine_prefix_cache_hits_total";
 /// Counter: prefix-cache lookups that found nothing (the prefill starts from scratch).
@@ -77,6 +79,11 @@ pub fn describe() {
     describe_counter!(SWAPS, Count, "Session states swapped, by direction.");
     describe_counter!(SWAP_BYTES, Bytes, "State bytes swapped, by direction.");
     describe_histogram!(SWAP_SECONDS, Seconds, "Time of one swap, by direction.");
+    describe_counter!(
+        PREEMPTIONS,
+        Count,
+        "Generations preempted for waiting requests."
+    );
     describe_counter!(PREFIX_CACHE_HITS, Count, "Prefix-cache lookups that hit.");
     describe_counter!(
         PREFIX_CACHE_MISSES,
@@ -138,6 +145,7 @@ pub(crate) struct Metrics {
     cache_misses: Counter,
     cache_skipped: Counter,
     generated: Counter,
+    preemptions: Counter,
     /// Generations by reason: length, stop, cancelled, error.
     generations_ended: [Counter; 4],
     /// Scoring requests by reason: scored, cancelled, error.
@@ -172,6 +180,7 @@ impl Metrics {
             cache_misses: counter!(PREFIX_CACHE_MISSES),
             cache_skipped: counter!(PREFIX_CACHE_SKIPPED_TOKENS),
             generated: counter!(GENERATED_TOKENS),
+            preemptions: counter!(PREEMPTIONS),
             generations_ended: ["length", "stop", "cancelled", "error"].map(generation),
             scores_ended: ["scored", "cancelled", "error"].map(score),
             ttft: histogram!(TIME_TO_FIRST_TOKEN),
@@ -199,6 +208,11 @@ impl Metrics {
         count.increment(1);
         total_bytes.increment(bytes as u64);
         seconds.record(time);
+    }
+
+    /// A generation was preempted (its swap out is recorded by [`Metrics::swap`]).
+    pub(crate) fn preempted(&self) {
+        self.preemptions.increment(1);
     }
 
     /// A prefix-cache lookup: `Some(len)` on a hit that skipped `len` tokens.

@@ -48,6 +48,10 @@ pub struct EngineArgs {
     /// Host memory for cached prefix states, MiB; 0 disables the cache [default: 1024].
     #[arg(long, env = "RWKV_PREFIX_CACHE_MB")]
     pub prefix_cache_mb: Option<usize>,
+    /// Forward steps a generation may hold its slot while new requests wait for one; then it is
+    /// swapped out to host memory and resumes later, exactly. 0 never preempts [default: 256].
+    #[arg(long, env = "RWKV_PREEMPT_AFTER_STEPS")]
+    pub preempt_after_steps: Option<u64>,
     /// GPUs to run on, e.g. `0` [default: 0]. Sharding one model over several GPUs of a worker
     /// is not available yet: run one worker per GPU instead.
     #[arg(long, env = "RWKV_GPUS")]
@@ -68,6 +72,7 @@ impl EngineArgs {
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk),
             host_tier_mb: self.host_tier_mb.or(file.host_tier_mb),
             prefix_cache_mb: self.prefix_cache_mb.or(file.prefix_cache_mb),
+            preempt_after_steps: self.preempt_after_steps.or(file.preempt_after_steps),
             gpus: self.gpus.or(file.gpus),
         }
     }
@@ -170,6 +175,9 @@ pub fn start_engine(
         model_hash: model.hash,
         host_tier_bytes: args.host_tier_mb.unwrap_or(4096) << 20,
         prefix_cache_bytes: args.prefix_cache_mb.unwrap_or(1024) << 20,
+        preempt_after_steps: args
+            .preempt_after_steps
+            .unwrap_or(rwkv_engine::DEFAULT_PREEMPT_AFTER_STEPS),
         frequency_exempt,
         ..EngineConfig::default()
     };

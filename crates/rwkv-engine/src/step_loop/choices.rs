@@ -65,12 +65,15 @@ impl<B: Backend> Core<B> {
                 finish: None,
                 role: Role::Generate(Box::new(generation)),
                 forked: None,
+                preempted: None,
+                placed_step: 0,
             };
             let started = match (source, self.slots.take_free()) {
                 (None, _) => Err(EngineError::Config("a choice forked from no slot".into())),
                 (Some(src), Some(slot)) => match self.backend.copy_state(src, slot) {
                     Ok(()) => {
                         child.slot = Some(slot);
+                        child.placed_step = self.steps;
                         child.fed.clone_from(&fed);
                         self.sched.fork(sibling.id, fed.len(), 0);
                         ready.push((sibling.id, row.to_vec()));

@@ -110,6 +110,8 @@ impl<B: Backend> Core<B> {
             finish: None,
             role: Role::Generate(Box::new(generation)),
             forked: None,
+            preempted: None,
+            placed_step: 0,
         };
         self.seqs.insert(id, seq);
     }

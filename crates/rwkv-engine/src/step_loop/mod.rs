@@ -8,6 +8,7 @@
 
 mod choices;
 mod generation;
+mod preemption;
 mod scoring;
 
 use std::collections::HashMap;
@@ -50,6 +51,11 @@ pub(crate) struct Seq {
     /// A choice forked from another that found no free slot: it waits for one with a copy of
     /// the state and logits it starts from (`input` is the prompt that state has consumed).
     pub(crate) forked: Option<Arc<Forked>>,
+    /// A generation preempted to let waiting requests in: its state (after `fed`) while it
+    /// waits for a slot again.
+    pub(crate) preempted: Option<State>,
+    /// The engine step at which it last got its slot (preemption picks the longest holder).
+    pub(crate) placed_step: u64,
 }
 
 /// The state and the logits row a forked choice starts from.
@@ -86,6 +92,8 @@ pub(crate) struct Core<B: Backend> {
     exempt: Vec<bool>,
     /// Threads a large batch's sampling may use (the machine's parallelism).
     sampling_threads: usize,
+    /// Forward steps run so far (the clock of preemption).
+    steps: u64,
     /// The model's initial state, for exporting a session that has not run yet.
     pub(crate) initial: State,
     pub(crate) metrics: Metrics,
@@ -135,6 +143,7 @@ impl<B: Backend> Core<B> {
             next_session: 1 + u64::from(rand::random::<u32>()),
             exempt,
             sampling_threads: thread::available_parallelism().map_or(1, |n| n.get()),
+            steps: 0,
             commands,
         })
     }
@@ -195,6 +204,7 @@ impl<B: Backend> Core<B> {
             }
         }
         self.retire_finished();
+        self.preempt_for_waiting();
         for id in self.sched.admit(self.slots.available()) {
             if let Err(e) = self.place(id) {
                 self.fail(id, e);
@@ -244,6 +254,9 @@ impl<B: Backend> Core<B> {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return Ok(());
         };
+        if let Some(state) = seq.preempted.take() {
+            return self.resume(id, state);
+        }
         let input = std::mem::take(&mut seq.input);
         let forked = seq.forked.take();
         let session = seq.session.clone();
@@ -292,6 +305,7 @@ impl<B: Backend> Core<B> {
             return Ok(());
         };
         seq.slot = Some(slot);
+        seq.placed_step = self.steps;
         seq.fed = all[..pos].to_vec();
         seq.unfed = all[pos..].to_vec();
         match &mut seq.role {
@@ -407,6 +421,7 @@ impl<B: Backend> Core<B> {
         let tokens = plan.iter().map(|i| i.tokens).sum();
         let started = Instant::now();
         let logits = self.backend.forward(&steps)?;
+        self.steps += 1;
         self.metrics.step(plan.len(), tokens, started.elapsed());
         let rows: usize = plan
             .iter()
@@ -546,12 +561,26 @@ impl<B: Backend> Core<B> {
             }
             return;
         };
-        if let Some(slot) = seq.slot {
-            if state_intact {
+        let consumed = match (seq.slot, seq.preempted) {
+            (Some(slot), _) if state_intact => {
                 self.slots.park(key.clone(), slot);
-            } else {
-                self.slots.release(slot);
+                true
             }
+            (Some(slot), _) => {
+                self.slots.release(slot);
+                true
+            }
+            // Preempted: its state goes where an idle session's state goes.
+            (None, Some(state)) => {
+                if state_intact {
+                    drop(self.host.insert(key.clone(), state));
+                }
+                true
+            }
+            // A sequence that never got a slot consumed nothing; its input is dropped with it.
+            (None, None) => false,
+        };
+        if consumed {
             if let Some(session) = self.sessions.get_mut(&key) {
                 session.history = seq.fed;
                 session.pending = seq.unfed;
@@ -561,7 +590,6 @@ impl<B: Backend> Core<B> {
                     .push(session.history.len() + session.pending.len());
             }
         }
-        // A sequence that never got a slot consumed nothing; its input is dropped with it.
         self.release_session(&key, id);
     }
 

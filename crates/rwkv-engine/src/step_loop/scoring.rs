@@ -131,6 +131,8 @@ impl<B: Backend> Core<B> {
             finish: None,
             role: Role::Score(lane),
             forked: None,
+            preempted: None,
+            placed_step: 0,
         };
         self.seqs.insert(id, seq);
     }
@@ -240,6 +242,8 @@ impl<B: Backend> Core<B> {
                     unfed: Vec::new(),
                     finish: None,
                     forked: None,
+                    preempted: None,
+                    placed_step: 0,
                     role: Role::Score(Lane {
                         job: job_id,
                         branch: None,

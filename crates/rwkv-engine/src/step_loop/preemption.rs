@@ -1,0 +1,125 @@
+//! Preemption: long generations yield their slots to new requests.
+//!
+//! Slots are few (each is a whole recurrent state on the device), so without preemption a
+//! request that arrives when every slot runs a long generation waits until one finishes. Before
+//! each admission, if new requests wait and no slot is available, the generations that have held
+//! their slot for `preempt_after_steps` steps (longest holder first) are swapped out: the state
+//! goes to host memory with the sequence, the sequence goes to the back of the queue, and the
+//! slot to the oldest waiting request. A preempted generation is re-admitted like any waiting
+//! request and continues exactly (its state, tokens and sampler are untouched).
+//!
+//! Only new requests trigger preemption, never the preempted ones waiting to resume (that would
+//! swap two generations back and forth every step), and at most as many generations are
+//! preempted at once as there are slots, which bounds their host memory by one copy of the pool.
+
+use std::time::Instant;
+
+use rwkv_model::{Backend, State};
+
+use super::{Core, Role};
+use crate::error::EngineError;
+use crate::scheduler::SeqId;
+use crate::telemetry::Swap;
+use crate::tiers::Weigh;
+
+impl<B: Backend> Core<B> {
+    /// Preempts long-running generations while new requests wait for slots.
+    pub(super) fn preempt_for_waiting(&mut self) {
+        let quantum = self.cfg.preempt_after_steps;
+        if quantum == 0 || self.sched.waiting_len() == 0 {
+            return;
+        }
+        // New requests waiting: not preempted ones (those only take free slots).
+        let fresh = self
+            .seqs
+            .values()
+            .filter(|s| s.slot.is_none() && s.preempted.is_none())
+            .count();
+        let mut need = fresh.saturating_sub(self.slots.available());
+        let mut preempted = self.preempted_len();
+        while need > 0 && preempted < self.slots.total() {
+            let Some(id) = self.longest_holder(quantum) else {
+                return;
+            };
+            if self.preempt(id).is_err() {
+                // The state could not be saved: the generation keeps its slot and goes on (the
+                // next forward step will report a backend that is really broken).
+                return;
+            }
+            need -= 1;
+            preempted += 1;
+        }
+    }
+
+    /// The decoding generation that has held its slot longest, if for at least `quantum` steps.
+    fn longest_holder(&self, quantum: u64) -> Option<SeqId> {
+        self.seqs
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s.role, Role::Generate(_))
+                    && s.slot.is_some()
+                    && s.finish.is_none()
+                    // Decoding: one sampled token to feed (mid-prefill, a chunk is in flight).
+                    && s.unfed.len() == 1
+                    && self.steps.saturating_sub(s.placed_step) >= quantum
+            })
+            .min_by_key(|(&id, s)| (s.placed_step, id))
+            .map(|(&id, _)| id)
+    }
+
+    /// Swaps generation `id` out to host memory and queues it again.
+    fn preempt(&mut self, id: SeqId) -> Result<(), EngineError> {
+        let Some(slot) = self.seqs.get(&id).and_then(|s| s.slot) else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let state = self.backend.save_state(slot)?;
+        self.metrics
+            .swap(Swap::Out, state.bytes(), started.elapsed());
+        self.metrics.preempted();
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.slot = None;
+            seq.preempted = Some(state);
+        }
+        self.slots.release(slot);
+        self.sched.preempt(id);
+        Ok(())
+    }
+
+    /// Puts a re-admitted preempted generation back on a slot, where it stopped.
+    pub(super) fn resume(&mut self, id: SeqId, state: State) -> Result<(), EngineError> {
+        let slot = match self.acquire_slot() {
+            Ok(slot) => slot,
+            Err(e) => {
+                // Keep the state with the sequence: failing it hands a session's state on.
+                if let Some(seq) = self.seqs.get_mut(&id) {
+                    seq.preempted = Some(state);
+                }
+                return Err(e);
+            }
+        };
+        let started = Instant::now();
+        if let Err(e) = self.backend.load_state(slot, &state) {
+            self.slots.release(slot);
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.preempted = Some(state);
+            }
+            return Err(e.into());
+        }
+        self.metrics
+            .swap(Swap::In, state.bytes(), started.elapsed());
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            self.slots.release(slot);
+            return Ok(());
+        };
+        seq.slot = Some(slot);
+        seq.placed_step = self.steps;
+        self.sched.resume(id, seq.fed.len(), seq.unfed.len(), true);
+        Ok(())
+    }
+
+    /// Generations preempted and waiting to resume.
+    pub(crate) fn preempted_len(&self) -> usize {
+        self.seqs.values().filter(|s| s.preempted.is_some()).count()
+    }
+}
