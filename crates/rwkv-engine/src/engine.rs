@@ -41,6 +41,12 @@ pub struct EngineConfig {
     pub model_hash: [u8; 32],
     /// Bytes of host memory for swapped-out session states.
     pub host_tier_bytes: usize,
+    /// A directory for the disk tier: session states the host tier evicts are written there
+    /// and read back on the session's next turn (`None`: no disk tier, such a session replays
+    /// its history instead).
+    pub disk_tier_dir: Option<std::path::PathBuf>,
+    /// Bytes of disk the disk tier may use.
+    pub disk_tier_bytes: usize,
     /// Bytes of host memory for prefix-cache states (0 disables the cache).
     pub prefix_cache_bytes: usize,
     /// Cache the state at the end of every prompt.
@@ -65,6 +71,8 @@ impl Default for EngineConfig {
             model_id: "model".into(),
             model_hash: [0; 32],
             host_tier_bytes: 4 << 30,
+            disk_tier_dir: None,
+            disk_tier_bytes: 16 << 30,
             prefix_cache_bytes: 1 << 30,
             cache_prompt_end: true,
             cache_generation_end: true,
@@ -88,6 +96,8 @@ pub struct EngineStats {
     pub sessions: usize,
     pub host_tier_bytes: usize,
     pub host_tier_entries: usize,
+    pub disk_tier_bytes: usize,
+    pub disk_tier_entries: usize,
     pub cache: CacheStats,
     pub cache_entries: usize,
     pub cache_bytes: usize,
@@ -377,6 +387,8 @@ impl<B: Backend> Core<B> {
             sessions: self.sessions.len(),
             host_tier_bytes: self.host.used_bytes(),
             host_tier_entries: self.host.len(),
+            disk_tier_bytes: self.disk.as_ref().map_or(0, |d| d.used_bytes()),
+            disk_tier_entries: self.disk.as_ref().map_or(0, |d| d.len()),
             cache: self.cache.stats(),
             cache_entries: self.cache.len(),
             cache_bytes: self.cache.used_bytes(),

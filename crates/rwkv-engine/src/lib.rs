@@ -27,7 +27,8 @@
 //! - [`logprobs`]: log-probabilities of the chosen token and the top alternatives.
 //! - `vecmath` (private): branch-free, vectorisable passes over the vocabulary.
 
-pub mod engine;
+mod disk_tier;
+mod engine;
 pub mod error;
 pub mod export;
 pub mod logprobs;

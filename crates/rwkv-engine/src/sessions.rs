@@ -226,7 +226,7 @@ impl<B: Backend> Core<B> {
             return Ok((slot, pos, all));
         }
         // Taken out before acquiring a slot: that may swap others in and evict this entry.
-        let swapped = self.host.remove(key);
+        let swapped = self.take_stored(key);
         let slot = self.acquire_slot()?;
         let placed = match &swapped {
             Some(state) => {
@@ -273,7 +273,44 @@ impl<B: Backend> Core<B> {
         if let Some(slot) = self.slots.parked_slot(key) {
             return Ok(Some(self.backend.save_state(slot)?));
         }
-        Ok(self.host.get(key).cloned())
+        if let Some(state) = self.host.get(key) {
+            return Ok(Some(state.clone()));
+        }
+        Ok(self.disk.as_mut().and_then(|d| d.get(key)))
+    }
+
+    /// Stores an idle session's state in the host tier; what that evicts goes to the disk tier
+    /// if there is one (else only the state is lost: the session keeps its tokens and replays
+    /// them).
+    pub(crate) fn store_host(&mut self, key: SessionKey, state: State) {
+        for (evicted, state) in self.host.insert(key, state) {
+            if let Some(disk) = &mut self.disk {
+                let (started, bytes) = (Instant::now(), state.bytes());
+                if disk.put(evicted, state) {
+                    self.metrics.swap(Swap::DiskOut, bytes, started.elapsed());
+                }
+            }
+        }
+    }
+
+    /// Takes a session's stored state out of the host tier, or else of the disk tier.
+    fn take_stored(&mut self, key: &SessionKey) -> Option<State> {
+        if let Some(state) = self.host.remove(key) {
+            return Some(state);
+        }
+        let started = Instant::now();
+        let state = self.disk.as_mut()?.take(key)?;
+        self.metrics
+            .swap(Swap::DiskIn, state.bytes(), started.elapsed());
+        Some(state)
+    }
+
+    /// Forgets a session's stored state in every host-side tier.
+    fn drop_stored(&mut self, key: &SessionKey) {
+        self.host.remove(key);
+        if let Some(disk) = &mut self.disk {
+            disk.remove(key);
+        }
     }
 
     /// A new session with the same tokens and a copy of the state: a device-to-device copy when a
@@ -297,7 +334,7 @@ impl<B: Backend> Core<B> {
             }
         }
         match self.stored_state(key) {
-            Ok(Some(state)) => drop(self.host.insert(child, state)),
+            Ok(Some(state)) => self.store_host(child, state),
             // No stored state: the fork replays the tokens on its first turn, like the parent.
             Ok(None) => {}
             Err(e) => {
@@ -325,7 +362,7 @@ impl<B: Backend> Core<B> {
             if let Some(slot) = self.slots.unpark(key) {
                 self.slots.release(slot);
             }
-            self.host.remove(key);
+            self.drop_stored(key);
         }
         let session = self
             .sessions
@@ -349,7 +386,7 @@ impl<B: Backend> Core<B> {
         if let Some(slot) = self.slots.unpark(key) {
             self.slots.release(slot);
         }
-        self.host.remove(key);
+        self.drop_stored(key);
         Ok(())
     }
 
@@ -383,8 +420,8 @@ impl<B: Backend> Core<B> {
             busy: None,
         };
         let id = self.new_session(tenant, session);
-        // If the host tier cannot hold it, the session replays its history instead.
-        drop(self.host.insert(SessionKey::new(tenant, id), snap.state));
+        // If no tier can hold it, the session replays its history instead.
+        self.store_host(SessionKey::new(tenant, id), snap.state);
         Ok(id)
     }
 }

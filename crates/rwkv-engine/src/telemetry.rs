@@ -32,8 +32,9 @@ pub const WAITING: &str = "rwkv_engine_waiting_sequences";
 pub const SLOTS_IN_USE: &str = "rwkv_engine_slots_in_use";
 /// Gauge: device state slots of the backend.
 pub const SLOTS_TOTAL: &str = "rwkv_engine_slots_total";
-/// Counter: session states moved between a device slot and the host tier, by `direction`
-/// (`out`: swapped out to make room, `in`: restored for a session's next turn).
+/// Counter: states moved between tiers, by `direction` (`out`: from a device slot to the host
+/// tier, to make room or to preempt; `in`: from the host tier back to a slot; `disk_out`: from
+/// the full host tier to the disk tier; `disk_in`: from the disk tier back to a slot).
 pub const SWAPS: &str = "rwkv_engine_swaps_total";
 /// Counter, bytes: state bytes moved by swaps, by `direction`.
 pub const SWAP_BYTES: &str = "rwkv_engine_swap_bytes_total";
@@ -128,6 +129,10 @@ pub(crate) enum Ended {
 pub(crate) enum Swap {
     Out = 0,
     In = 1,
+    /// From the host tier to the disk tier.
+    DiskOut = 2,
+    /// From the disk tier back to a slot.
+    DiskIn = 3,
 }
 
 /// One handle per counter, label set and histogram the step loop records.
@@ -140,7 +145,7 @@ pub(crate) struct Metrics {
     waiting: Gauge,
     slots_in_use: Gauge,
     /// Per [`Swap`]: count, bytes, seconds.
-    swaps: [(Counter, Counter, Histogram); 2],
+    swaps: [(Counter, Counter, Histogram); 4],
     cache_hits: Counter,
     cache_misses: Counter,
     cache_skipped: Counter,
@@ -175,7 +180,7 @@ impl Metrics {
             running: gauge!(RUNNING),
             waiting: gauge!(WAITING),
             slots_in_use: gauge!(SLOTS_IN_USE),
-            swaps: [swap("out"), swap("in")],
+            swaps: [swap("out"), swap("in"), swap("disk_out"), swap("disk_in")],
             cache_hits: counter!(PREFIX_CACHE_HITS),
             cache_misses: counter!(PREFIX_CACHE_MISSES),
             cache_skipped: counter!(PREFIX_CACHE_SKIPPED_TOKENS),

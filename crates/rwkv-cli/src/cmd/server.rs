@@ -48,6 +48,13 @@ pub struct EngineArgs {
     /// Host memory for cached prefix states, MiB; 0 disables the cache [default: 1024].
     #[arg(long, env = "RWKV_PREFIX_CACHE_MB")]
     pub prefix_cache_mb: Option<usize>,
+    /// Directory for the disk tier: session states the host tier evicts are written there and
+    /// read back on the session's next turn [default: none, such sessions replay their history].
+    #[arg(long, env = "RWKV_DISK_TIER_DIR")]
+    pub disk_tier_dir: Option<PathBuf>,
+    /// Disk the disk tier may use, MiB [default: 16384].
+    #[arg(long, env = "RWKV_DISK_TIER_MB")]
+    pub disk_tier_mb: Option<usize>,
     /// Forward steps a generation may hold its slot while new requests wait for one; then it is
     /// swapped out to host memory and resumes later, exactly. 0 never preempts [default: 256].
     #[arg(long, env = "RWKV_PREEMPT_AFTER_STEPS")]
@@ -73,6 +80,8 @@ impl EngineArgs {
             host_tier_mb: self.host_tier_mb.or(file.host_tier_mb),
             prefix_cache_mb: self.prefix_cache_mb.or(file.prefix_cache_mb),
             preempt_after_steps: self.preempt_after_steps.or(file.preempt_after_steps),
+            disk_tier_dir: self.disk_tier_dir.or(file.disk_tier_dir),
+            disk_tier_mb: self.disk_tier_mb.or(file.disk_tier_mb),
             gpus: self.gpus.or(file.gpus),
         }
     }
@@ -175,6 +184,8 @@ pub fn start_engine(
         model_hash: model.hash,
         host_tier_bytes: args.host_tier_mb.unwrap_or(4096) << 20,
         prefix_cache_bytes: args.prefix_cache_mb.unwrap_or(1024) << 20,
+        disk_tier_dir: args.disk_tier_dir.clone(),
+        disk_tier_bytes: args.disk_tier_mb.unwrap_or(16384) << 20,
         preempt_after_steps: args
             .preempt_after_steps
             .unwrap_or(rwkv_engine::DEFAULT_PREEMPT_AFTER_STEPS),

@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use rwkv_model::{Backend, Logits, OutputRows, SeqStep, State};
 
+use crate::disk_tier::DiskTier;
 use crate::engine::EngineConfig;
 use crate::error::EngineError;
 use crate::prefix_cache::PrefixCache;
@@ -80,6 +81,8 @@ pub(crate) struct Core<B: Backend> {
     pub(crate) slots: SlotTable<SessionKey>,
     /// Swapped-out session states (the host tier).
     pub(crate) host: LruStore<SessionKey, State>,
+    /// Session states the host tier evicted (the optional disk tier).
+    pub(crate) disk: Option<DiskTier>,
     pub(crate) cache: PrefixCache,
     pub(crate) sessions: HashMap<SessionKey, Session>,
     pub(crate) seqs: HashMap<SeqId, Seq>,
@@ -125,10 +128,20 @@ impl<B: Backend> Core<B> {
         }
         backend.reset_state(0)?;
         let initial = backend.save_state(0)?;
+        let disk = match &cfg.disk_tier_dir {
+            Some(dir) => Some(DiskTier::open(
+                dir,
+                cfg.disk_tier_bytes,
+                cfg.model_hash,
+                backend.config().clone(),
+            )?),
+            None => None,
+        };
         Ok(Self {
             initial,
             slots: SlotTable::new(backend.num_slots()),
             host: LruStore::new(cfg.host_tier_bytes),
+            disk,
             cache: PrefixCache::new(cfg.model_id.clone(), cfg.prefix_cache_bytes),
             metrics: Metrics::new(backend.num_slots()),
             backend,
@@ -384,8 +397,7 @@ impl<B: Backend> Core<B> {
             Ok(state) => {
                 self.metrics
                     .swap(Swap::Out, state.bytes(), started.elapsed());
-                // Evicted host entries lose only their state; the sessions keep their tokens.
-                drop(self.host.insert(key, state));
+                self.store_host(key, state);
             }
             Err(e) => {
                 self.slots.release(slot);
@@ -573,7 +585,7 @@ impl<B: Backend> Core<B> {
             // Preempted: its state goes where an idle session's state goes.
             (None, Some(state)) => {
                 if state_intact {
-                    drop(self.host.insert(key.clone(), state));
+                    self.store_host(key.clone(), state);
                 }
                 true
             }
