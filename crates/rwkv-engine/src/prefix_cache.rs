@@ -109,6 +109,16 @@ impl PrefixCache {
         }
         let key = self.key(tenant, tokens.len(), prefix_hash(tokens));
         let is_new = !self.store.contains(&key);
+        // The same prefix saved again without logits (a generation that ended before feeding its
+        // last token is saved at its prompt's end): the state is the same, so keep the logits.
+        let logits = match logits {
+            Some(logits) => Some(logits),
+            None => self
+                .store
+                .remove(&key)
+                .filter(|old| old.tokens == tokens)
+                .and_then(|old| old.logits),
+        };
         let entry = CachedPrefix {
             tokens: tokens.to_vec(),
             state,
@@ -329,5 +339,18 @@ mod tests {
         let mut off = PrefixCache::new("m", 0);
         off.insert("t", &[1], state(1.0));
         assert!(off.is_empty());
+    }
+
+    #[test]
+    fn saving_the_same_prefix_again_without_logits_keeps_them() {
+        let mut cache = PrefixCache::new("m", 1 << 20);
+        cache.insert_with_logits("t", &[1, 2, 3], state(1.0), Some(vec![0.5; 10]));
+        // A generation that ended before feeding a token saves its prompt's end again.
+        cache.insert("t", &[1, 2, 3], state(1.0));
+        let (s, logits) = cache
+            .lookup_exact("t", &[1, 2, 3])
+            .expect("still an exact hit");
+        assert_eq!((s.as_flat()[0], logits), (1.0, &[0.5; 10][..]));
+        assert_eq!(cache.len(), 1);
     }
 }

@@ -265,3 +265,44 @@ fn unusable_choice_counts_are_refused() {
     let e = engine.generate_n(turn, 2).unwrap_err();
     assert!(e.to_string().contains("session"), "{e}");
 }
+
+#[test]
+fn choices_of_an_exact_cache_hit_leave_the_slots_promised_to_other_admissions() {
+    let weights = weights();
+    let cfg = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 24,
+            prefill_chunk: 8,
+            ..SchedulerConfig::default()
+        },
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(CpuBackend::new(&weights, 2), cfg).unwrap();
+    let prompt = prompt();
+    // Caches the prompt's end with its logits.
+    let (_, end) = engine
+        .generate(request(&prompt, sampled(1, 3)))
+        .unwrap()
+        .collect();
+    finished(&end);
+    // Both are admitted together onto the two free slots; the first samples at placement (an
+    // exact hit) and forks its choices, which must not take the slot the second was given.
+    let choices = engine
+        .generate_n(request(&prompt, sampled(4, 7)), 3)
+        .unwrap();
+    let other = engine.generate(request(&[5, 6, 7], sampled(4, 1))).unwrap();
+    let (tokens, end) = other.collect();
+    assert_eq!(finished(&end).0, FinishReason::Length, "{end:?}");
+    assert_eq!(tokens, alone(&weights, &[5, 6, 7], sampled(4, 1)));
+    for (i, stream) in (0..).zip(choices) {
+        let (tokens, end) = stream.collect();
+        let (reason, usage) = finished(&end);
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(usage.cached_tokens, prompt.len(), "choice {i}");
+        assert_eq!(
+            tokens,
+            alone(&weights, &prompt, sampled(4, 7 + i)),
+            "choice {i}"
+        );
+    }
+}

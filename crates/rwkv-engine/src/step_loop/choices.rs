@@ -68,7 +68,13 @@ impl<B: Backend> Core<B> {
                 preempted: None,
                 placed_step: 0,
             };
-            let started = match (source, self.slots.take_free()) {
+            // While admitted sequences are being placed, the free slots are theirs.
+            let free = if self.placing {
+                None
+            } else {
+                self.slots.take_free()
+            };
+            let started = match (source, free) {
                 (None, _) => Err(EngineError::Config("a choice forked from no slot".into())),
                 (Some(src), Some(slot)) => match self.backend.copy_state(src, slot) {
                     Ok(()) => {

@@ -97,6 +97,9 @@ pub(crate) struct Core<B: Backend> {
     sampling_threads: usize,
     /// Forward steps run so far (the clock of preemption).
     steps: u64,
+    /// Admitted sequences are being placed: free slots are promised to them, so choices forked
+    /// meanwhile (an exact cache hit samples at placement) must not take one.
+    placing: bool,
     /// The model's initial state, for exporting a session that has not run yet.
     pub(crate) initial: State,
     pub(crate) metrics: Metrics,
@@ -157,6 +160,7 @@ impl<B: Backend> Core<B> {
             exempt,
             sampling_threads: thread::available_parallelism().map_or(1, |n| n.get()),
             steps: 0,
+            placing: false,
             commands,
         })
     }
@@ -218,11 +222,13 @@ impl<B: Backend> Core<B> {
         }
         self.retire_finished();
         self.preempt_for_waiting();
+        self.placing = true;
         for id in self.sched.admit(self.slots.available()) {
             if let Err(e) = self.place(id) {
                 self.fail(id, e);
             }
         }
+        self.placing = false;
         self.retire_finished();
         self.record_load();
         true
