@@ -1,0 +1,188 @@
+//! Failover inside the router, with two in-process workers: worker `a` holds the request's
+//! prefix (so the router prefers it) and its backend breaks after a few steps; worker `b` is
+//! healthy. A multi-choice request that `a` was streaming continues on `b`, each choice from
+//! the tokens it already had, and ends exactly as an undisturbed greedy run.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use rwkv_model::{Backend, BackendError, Logits, ModelConfig, SeqStep, State};
+
+/// The CPU backend, failing every forward step once `steps_left` reaches zero (a GPU that
+/// fell off the bus, say).
+struct FailAfter {
+    inner: CpuBackend,
+    steps_left: Arc<AtomicUsize>,
+}
+
+impl Backend for FailAfter {
+    fn config(&self) -> &ModelConfig {
+        self.inner.config()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn num_slots(&self) -> usize {
+        self.inner.num_slots()
+    }
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        let left = self.steps_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(BackendError::Device("injected failure".into()));
+        }
+        self.steps_left.store(left - 1, Ordering::SeqCst);
+        self.inner.forward(steps)
+    }
+    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
+        self.inner.load_state(slot, state)
+    }
+    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
+        self.inner.save_state(slot)
+    }
+    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
+        self.inner.reset_state(slot)
+    }
+    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
+        self.inner.copy_state(src, dst)
+    }
+}
+
+const SLOTS: usize = 8;
+
+/// Serves `backend` as worker `id`; returns its registration record, its engine and the sender
+/// that stops it.
+async fn worker<B: Backend + 'static>(
+    id: &str,
+    backend: B,
+) -> (WorkerRecord, Engine, tokio::sync::oneshot::Sender<()>) {
+    let engine = Engine::start(
+        backend,
+        EngineConfig {
+            model_id: MODEL.into(),
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let service = WorkerService::new(
+        engine.handle(),
+        WorkerIdentity {
+            worker_id: id.into(),
+            model_id: MODEL.into(),
+            model_hash: [0; 32],
+            backend: "cpu".into(),
+            slots: SLOTS,
+            max_batch_size: 64,
+            max_waiting: 256,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rwkv_worker::serve(service, listener, async {
+        let _ = rx.await;
+    }));
+    let record = WorkerRecord {
+        id: id.into(),
+        address: format!("http://{addr}"),
+        model: MODEL.into(),
+        slots: SLOTS as u32,
+    };
+    (record, engine, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choices_streamed_by_a_failing_worker_continue_exactly_on_another() {
+    let weights = weights();
+    let steps_left = Arc::new(AtomicUsize::new(usize::MAX));
+    let failing = FailAfter {
+        inner: CpuBackend::new(&weights, SLOTS),
+        steps_left: steps_left.clone(),
+    };
+    let (record_a, _engine_a, _stop_a) = worker("a", failing).await;
+    let (record_b, engine_b, _stop_b) = worker("b", CpuBackend::new(&weights, SLOTS)).await;
+    let registry = MemoryRegistry::new();
+    let _reg_a = registry.register(record_a).await.unwrap();
+    let _reg_b = registry.register(record_b).await.unwrap();
+    let pool = WorkerPool::new(PoolConfig {
+        poll_interval: Duration::from_millis(50),
+        ..PoolConfig::default()
+    });
+    pool.follow(&registry).await.unwrap();
+    let tokenizer = Arc::new(Tokenizer::world());
+    let router = Router::new(
+        RouterConfig {
+            default_model: Some(MODEL.into()),
+            ..RouterConfig::default()
+        },
+        pool.clone(),
+        tokenizer.clone(),
+        None,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop_router, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rwkv_router::serve_http(router, listener, async {
+        let _ = rx.await;
+    }));
+    for _ in 0..200 {
+        if pool.workers().iter().filter(|w| w.is_available()).count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let prompt = "The failover test prompt:";
+    let tokens = tokenizer.encode(prompt).unwrap();
+    // The router prefers the worker holding the longest cached prefix: make that `a`, and let
+    // `a` run the prefill and a few decode steps before it breaks.
+    pool.remember_prefix(&tokens, "a");
+    steps_left.store(4, Ordering::SeqCst);
+    let max_tokens = 12;
+    let body = json!({"prompt": prompt, "n": 3, "max_tokens": max_tokens, "temperature": 0,
+                      "stream": true});
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut texts = vec![String::new(); 3];
+    let mut finished = vec![false; 3];
+    for data in sse_events(response).await {
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&data).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        for choice in v["choices"].as_array().unwrap() {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i].push_str(choice["text"].as_str().unwrap_or_default());
+            finished[i] |= choice["finish_reason"].is_string();
+        }
+    }
+    assert_eq!(steps_left.load(Ordering::SeqCst), 0, "worker a never broke");
+    assert_eq!(finished, vec![true; 3]);
+    // What `b` gives without interruption (the API's greedy settings).
+    let (direct, _) = engine_b
+        .generate(GenerateRequest {
+            tenant: "direct".into(),
+            tokens,
+            params: SamplingParams {
+                temperature: 0.0,
+                stop_tokens: vec![0],
+                token_ban: (65530..65536).collect(),
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                max_tokens,
+                ..SamplingParams::default()
+            },
+            ..GenerateRequest::default()
+        })
+        .unwrap()
+        .collect();
+    let direct = String::from_utf8_lossy(&tokenizer.decode_bytes_lossy(&direct)).into_owned();
+    assert_eq!(texts, vec![direct; 3]);
+}
