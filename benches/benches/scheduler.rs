@@ -156,7 +156,13 @@ impl Backend for NoModel {
             std::thread::sleep(Duration::from_millis(50));
         }
         let start = Instant::now();
-        let rows: usize = steps.iter().map(|s| s.output.rows(s.tokens.len())).sum();
+        // A real backend computes a greedy decode's candidates from its row, so this one
+        // builds the rows and picks the candidates on the host, as the CPU backend does.
+        let full_steps = rwkv_model::backend::tops_as_last(steps);
+        let rows: usize = full_steps
+            .iter()
+            .map(|s| s.output.rows(s.tokens.len()))
+            .sum();
         let mut data = Vec::with_capacity(rows * self.row.len());
         for _ in 0..rows {
             data.extend_from_slice(&self.row);
@@ -166,10 +172,12 @@ impl Backend for NoModel {
         if log.len() == self.done.0 {
             let _ = self.done.1.send(());
         }
-        Ok(Logits {
+        let full = Logits {
             vocab: self.config.vocab_size,
             data,
-        })
+            top: Vec::new(),
+        };
+        Ok(rwkv_model::backend::take_candidates(steps, full))
     }
 
     fn load_state(&mut self, _: usize, _: &State) -> Result<(), BackendError> {

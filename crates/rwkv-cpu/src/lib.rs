@@ -17,7 +17,7 @@ pub mod model;
 pub mod ops;
 pub mod tp;
 
-use rwkv_model::backend::{check_slot, check_state, validate_steps};
+use rwkv_model::backend::{check_slot, check_state, take_candidates, tops_as_last, validate_steps};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
 
 use crate::model::CpuModel;
@@ -123,11 +123,13 @@ impl Backend for CpuBackend {
                     .expect("slots were validated to be distinct")
             })
             .collect();
-        let data = forward::forward(&self.model, steps, &mut states);
-        Ok(Logits {
+        let data = forward::forward(&self.model, &tops_as_last(steps), &mut states);
+        let full = Logits {
             vocab: self.model.config.vocab_size,
             data,
-        })
+            top: Vec::new(),
+        };
+        Ok(take_candidates(steps, full))
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {

@@ -12,7 +12,7 @@
 //! reference) and the model for the CUDA/NCCL backend; it reuses the unsharded forward's
 //! pieces, so only the sharding differs.
 
-use rwkv_model::backend::{check_slot, check_state, validate_steps};
+use rwkv_model::backend::{check_slot, check_state, take_candidates, tops_as_last, validate_steps};
 use rwkv_model::{
     Backend, BackendError, Collective, CollectiveError, InProcessCollective, Logits, ModelConfig,
     ModelWeights, SeqStep, ShardError, ShardPlan, State,
@@ -358,11 +358,13 @@ impl Backend for TpCpuBackend {
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        let data = self.run(steps, HeadRows::Full)?;
-        Ok(Logits {
+        let data = self.run(&tops_as_last(steps), HeadRows::Full)?;
+        let full = Logits {
             vocab: self.config.vocab_size,
             data,
-        })
+            top: Vec::new(),
+        };
+        Ok(take_candidates(steps, full))
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {

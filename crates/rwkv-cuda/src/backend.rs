@@ -1,7 +1,7 @@
 //! [`CudaBackend`]: the `rwkv_model::Backend` implementation on one device.
 
 use cudarc::driver::CudaSlice;
-use rwkv_model::backend::{check_state, validate_steps};
+use rwkv_model::backend::{check_state, take_candidates, tops_as_last, validate_steps};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
 
 use crate::device::Device;
@@ -221,21 +221,9 @@ impl Drop for CudaBackend {
     }
 }
 
-impl Backend for CudaBackend {
-    fn config(&self) -> &ModelConfig {
-        &self.cfg
-    }
-
-    fn name(&self) -> String {
-        format!("cuda:{}", self.dev.ordinal)
-    }
-
-    fn num_slots(&self) -> usize {
-        self.pool.layout.slots
-    }
-
-    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        validate_steps(&self.cfg, self.pool.layout.slots, steps)?;
+impl CudaBackend {
+    /// One forward step whose outputs are logit rows only (validated steps, no `Top`).
+    fn forward_rows(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         self.dev.bind()?;
         let plan = BatchPlan::new(steps)?;
         let vocab = self.cfg.vocab_size;
@@ -243,7 +231,7 @@ impl Backend for CudaBackend {
         if plan.rows() == 0 {
             return Ok(Logits {
                 vocab,
-                data: Vec::new(),
+                ..Logits::default()
             });
         }
         let staging = pinned_at_least(&self.dev, &mut self.logits_host, len)?;
@@ -270,7 +258,32 @@ impl Backend for CudaBackend {
         self.pool.after_compute(&self.dev, plan.slots())?;
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);
-        Ok(Logits { vocab, data })
+        Ok(Logits {
+            vocab,
+            data,
+            top: Vec::new(),
+        })
+    }
+}
+
+impl Backend for CudaBackend {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn name(&self) -> String {
+        format!("cuda:{}", self.dev.ordinal)
+    }
+
+    fn num_slots(&self) -> usize {
+        self.pool.layout.slots
+    }
+
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        validate_steps(&self.cfg, self.pool.layout.slots, steps)?;
+        // Candidates are picked on the host from downloaded rows (not on the device yet).
+        let full = self.forward_rows(&tops_as_last(steps))?;
+        Ok(take_candidates(steps, full))
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {

@@ -10,6 +10,7 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
+use rwkv_model::Candidate;
 
 use crate::logprobs::{token_logprobs, Logprobs};
 use crate::params::{SamplerError, SamplingParams};
@@ -79,6 +80,31 @@ impl Sampler {
         token_logprobs(logits, token, top_n)
     }
 
+    /// How many of a row's best tokens ([`rwkv_model::OutputRows::Top`]) decide this sampler's
+    /// next token exactly, or `None` if it needs the whole row. Greedy sampling without
+    /// penalties picks the best token that is not banned, so the best `1 + bans` suffice.
+    pub fn candidates_needed(&self) -> Option<usize> {
+        let p = &self.params;
+        let greedy = p.temperature == 0.0 || p.top_p <= 0.0;
+        let no_penalties = p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
+        (greedy && no_penalties && p.token_ban.len() < MAX_BANS_FOR_CANDIDATES)
+            .then(|| (1 + p.token_ban.len()).min(self.vocab_size))
+    }
+
+    /// The token [`Self::sample`] would pick from the whole row, given the row's best tokens
+    /// (best first; at least [`Self::candidates_needed`] of them): the first that is not banned,
+    /// or token 0 if nothing can be chosen (every allowed logit is -inf or NaN), as greedy
+    /// sampling of the row answers.
+    pub fn pick_from_candidates(&self, candidates: &[Candidate]) -> u32 {
+        let allowed = candidates
+            .iter()
+            .find(|c| !self.params.token_ban.contains(&c.token));
+        match allowed {
+            Some(c) if !c.logit.is_nan() && c.logit != f32::NEG_INFINITY => c.token,
+            _ => 0,
+        }
+    }
+
     /// Records a sampled, non-stop token for the repetition penalties (decay, then add 0 or 1).
     pub fn record(&mut self, token: u32, excluded_from_frequency: bool) {
         self.penalties.record(token, excluded_from_frequency);
@@ -118,6 +144,10 @@ impl Sampler {
         self.penalties.apply(logits);
     }
 }
+
+/// Above this many banned tokens, greedy sampling reads the whole row rather than asking for
+/// that many candidates.
+const MAX_BANS_FOR_CANDIDATES: usize = 63;
 
 #[cfg(test)]
 mod tests {
@@ -251,5 +281,66 @@ mod tests {
             ..params(1)
         };
         assert_eq!(Sampler::new(p, 10).unwrap_err().field(), "token_ban");
+    }
+
+    #[test]
+    fn candidates_pick_exactly_what_greedy_sampling_of_the_row_picks() {
+        let greedy = |ban: Vec<u32>| {
+            Sampler::new(
+                SamplingParams {
+                    temperature: 0.0,
+                    token_ban: ban,
+                    presence_penalty: 0.0,
+                    frequency_penalty: 0.0,
+                    ..params(1)
+                },
+                8,
+            )
+            .unwrap()
+        };
+        let inf = f32::INFINITY;
+        let rows: [[f32; 8]; 6] = [
+            [0.5, 2.0, -1.0, 2.0, 0.0, 1.0, 3.0, 3.0],
+            [f32::NAN, 1.0, 1.0, -inf, 0.0, 7.0, 7.0, 6.0],
+            [-inf, -inf, f32::NAN, -inf, -inf, -inf, -inf, -inf],
+            [inf, 0.0, inf, 9.0, 1.0, 1.0, 0.0, 0.0],
+            [f32::NAN; 8],
+            [0.0, -inf, -inf, -inf, -inf, -inf, -inf, 5.0],
+        ];
+        for ban in [
+            vec![],
+            vec![6],
+            vec![6, 7, 5],
+            vec![0, 3],
+            vec![7, 0, 1, 2, 3, 4, 5, 6],
+        ] {
+            for row in &rows {
+                let mut sampler = greedy(ban.clone());
+                let k = sampler
+                    .candidates_needed()
+                    .expect("greedy without penalties");
+                let candidates = rwkv_model::backend::top_candidates(row, k);
+                let want = sampler.sample(&mut row.to_vec());
+                assert_eq!(
+                    sampler.pick_from_candidates(&candidates),
+                    want,
+                    "{row:?} banning {ban:?}"
+                );
+            }
+        }
+        // Sampling, penalties or logprobs need the whole row.
+        let sampled = Sampler::new(params(1), 8).unwrap();
+        assert_eq!(sampled.candidates_needed(), None);
+        let penalised = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                presence_penalty: 0.5,
+                frequency_penalty: 0.0,
+                ..params(1)
+            },
+            8,
+        )
+        .unwrap();
+        assert_eq!(penalised.candidates_needed(), None);
     }
 }

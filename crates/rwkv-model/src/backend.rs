@@ -17,17 +17,36 @@ pub enum OutputRows {
     Last,
     /// Every new token (scoring, conformance tests).
     All,
+    /// Only the `k` best tokens of the last new token's logits, as [`Candidate`]s in
+    /// [`Logits::top`] (greedy decoding needs no more, and a GPU then moves a few bytes per
+    /// sequence instead of a vocabulary of floats).
+    Top(usize),
 }
 
 impl OutputRows {
     /// Number of logit rows this choice produces for `n_tokens` new tokens.
     pub fn rows(self, n_tokens: usize) -> usize {
         match self {
-            OutputRows::None => 0,
+            OutputRows::None | OutputRows::Top(_) => 0,
             OutputRows::Last => usize::from(n_tokens > 0),
             OutputRows::All => n_tokens,
         }
     }
+
+    /// Number of candidates this choice produces for `n_tokens` new tokens.
+    pub fn candidates(self, n_tokens: usize) -> usize {
+        match self {
+            OutputRows::Top(k) if n_tokens > 0 => k,
+            _ => 0,
+        }
+    }
+}
+
+/// One of the best tokens of a logits row ([`OutputRows::Top`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Candidate {
+    pub token: u32,
+    pub logit: f32,
 }
 
 /// One sequence's part of a forward step.
@@ -40,11 +59,13 @@ pub struct SeqStep<'a> {
     pub output: OutputRows,
 }
 
-/// Logit rows of a step: for each sequence in order, its requested rows, each `vocab` wide.
+/// Logit rows of a step: for each sequence in order, its requested rows, each `vocab` wide;
+/// and for each sequence that asked for [`OutputRows::Top`], in order, its `k` candidates.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Logits {
     pub vocab: usize,
     pub data: Vec<f32>,
+    pub top: Vec<Candidate>,
 }
 
 impl Logits {
@@ -66,6 +87,8 @@ pub enum BackendError {
     DuplicateSlot { slot: usize },
     #[error("token id {token} is out of range (vocabulary size {vocab})")]
     BadToken { token: u32, vocab: usize },
+    #[error("{k} candidates asked for; between 1 and the vocabulary size {vocab} are possible")]
+    BadCandidates { k: usize, vocab: usize },
     #[error("state does not fit this model: {0}")]
     State(String),
     #[error("device error: {0}")]
@@ -141,6 +164,14 @@ pub fn validate_steps(
         if std::mem::replace(&mut seen[step.slot], true) {
             return Err(BackendError::DuplicateSlot { slot: step.slot });
         }
+        if let OutputRows::Top(k) = step.output {
+            if k == 0 || k > cfg.vocab_size {
+                return Err(BackendError::BadCandidates {
+                    k,
+                    vocab: cfg.vocab_size,
+                });
+            }
+        }
         if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(BackendError::BadToken {
                 token,
@@ -149,6 +180,78 @@ pub fn validate_steps(
         }
     }
     Ok(())
+}
+
+/// The `k` best tokens of a logits row: logit descending (NaN counts as -inf), ties by lower
+/// token id, so the first candidate is what greedy sampling picks from the whole row.
+pub fn top_candidates(row: &[f32], k: usize) -> Vec<Candidate> {
+    let key = |l: f32| if l.is_nan() { f32::NEG_INFINITY } else { l };
+    let k = k.min(row.len());
+    let mut best: Vec<Candidate> = Vec::with_capacity(k + 1);
+    for (token, &logit) in row.iter().enumerate() {
+        let value = key(logit);
+        // Only a value above the current k-th (or any while fewer than k) can enter; an equal
+        // value has a higher id, so it ranks after.
+        if best.len() == k && best.last().is_none_or(|last| value <= key(last.logit)) {
+            continue;
+        }
+        let at = best.partition_point(|c| key(c.logit) >= value);
+        best.insert(
+            at,
+            Candidate {
+                token: token as u32,
+                logit,
+            },
+        );
+        best.truncate(k);
+    }
+    best
+}
+
+/// `steps` with every [`OutputRows::Top`] asking for its last row instead: for backends that
+/// compute the candidates from full rows ([`take_candidates`] then picks them).
+pub fn tops_as_last<'a>(steps: &[SeqStep<'a>]) -> Vec<SeqStep<'a>> {
+    steps
+        .iter()
+        .map(|s| match s.output {
+            OutputRows::Top(_) => SeqStep {
+                output: OutputRows::Last,
+                ..*s
+            },
+            _ => *s,
+        })
+        .collect()
+}
+
+/// Turns the logits of a step computed with [`tops_as_last`] into what `steps` asked for: the
+/// last rows of `Top` sequences leave `data` and become their candidates.
+pub fn take_candidates(steps: &[SeqStep<'_>], full: Logits) -> Logits {
+    if !steps.iter().any(|s| matches!(s.output, OutputRows::Top(_))) {
+        return full;
+    }
+    let vocab = full.vocab;
+    let mut out = Logits {
+        vocab,
+        data: Vec::with_capacity(full.data.len()),
+        top: full.top,
+    };
+    let mut rows = full.data.chunks_exact(vocab.max(1));
+    for s in steps {
+        let n = s.tokens.len();
+        match s.output {
+            OutputRows::Top(k) if n > 0 => {
+                if let Some(row) = rows.next() {
+                    out.top.extend(top_candidates(row, k));
+                }
+            }
+            other => {
+                for row in rows.by_ref().take(other.rows(n)) {
+                    out.data.extend_from_slice(row);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Checks that `slot` exists in a pool of `slots`.

@@ -27,7 +27,7 @@ pub mod synthetic;
 pub mod tensor;
 pub mod weights;
 
-pub use backend::{Backend, BackendError, Logits, OutputRows, SeqStep};
+pub use backend::{Backend, BackendError, Candidate, Logits, OutputRows, SeqStep};
 pub use checkpoint::Checkpoint;
 pub use collective::{Collective, CollectiveError, InProcessCollective};
 pub use config::ModelConfig;

@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::Instant;
 
-use rwkv_model::Backend;
+use rwkv_model::{Backend, Candidate};
 
 use super::{Core, Role, Seq};
 use crate::error::EngineError;
@@ -122,26 +122,32 @@ impl<B: Backend> Core<B> {
     /// number of tokens emitted.
     pub(super) fn sample_generations(
         &mut self,
-        rows: Vec<(SeqId, &mut [f32])>,
+        rows: Vec<(SeqId, Pick<'_>)>,
         now: Instant,
     ) -> usize {
         // Choices forked now sample their first token from copies of the row, before the first
         // choice's sampler touches it.
         let mut forked_rows = Vec::new();
-        for (id, row) in &rows {
-            forked_rows.extend(self.fork_choices(*id, row));
+        for (id, pick) in &rows {
+            if let Pick::Row(row) = pick {
+                forked_rows.extend(self.fork_choices(*id, row));
+            }
         }
-        let mut rows: HashMap<SeqId, &mut [f32]> = rows.into_iter().collect();
-        rows.extend(forked_rows.iter_mut().map(|(id, row)| (*id, &mut row[..])));
+        let mut rows: HashMap<SeqId, Pick<'_>> = rows.into_iter().collect();
+        rows.extend(
+            forked_rows
+                .iter_mut()
+                .map(|(id, row)| (*id, Pick::Row(&mut row[..]))),
+        );
         let mut work: Vec<Draw<'_>> = self
             .seqs
             .iter_mut()
             .filter_map(|(&id, seq)| {
-                let logits = rows.remove(&id)?;
+                let pick = rows.remove(&id)?;
                 Some(Draw {
                     id,
                     seq,
-                    logits,
+                    pick,
                     event: None,
                 })
             })
@@ -150,7 +156,8 @@ impl<B: Backend> Core<B> {
         let exempt = &self.exempt[..];
         let draw = |d: &mut Draw<'_>| {
             if let Role::Generate(g) = &mut d.seq.role {
-                d.event = sample_one(g, &mut d.seq.unfed, &mut d.seq.finish, d.logits, exempt);
+                let pick = std::mem::replace(&mut d.pick, Pick::Candidates(&[]));
+                d.event = sample_one(g, &mut d.seq.unfed, &mut d.seq.finish, pick, exempt);
             }
         };
         let threads = self
@@ -204,11 +211,20 @@ impl<B: Backend> Core<B> {
 /// rows it would take (a 65,536-entry top-p row takes tens of microseconds).
 const PARALLEL_SAMPLING_ROWS: usize = 8;
 
+/// What a generation's next token is drawn from.
+pub(crate) enum Pick<'a> {
+    /// The whole logits row (sampling may rewrite it).
+    Row(&'a mut [f32]),
+    /// The row's best tokens, best first: enough for greedy sampling without penalties
+    /// ([`Sampler::candidates_needed`]).
+    Candidates(&'a [Candidate]),
+}
+
 /// One generation's sampling work in a step.
 struct Draw<'a> {
     id: SeqId,
     seq: &'a mut Seq,
-    logits: &'a mut [f32],
+    pick: Pick<'a>,
     event: Option<GenerateEvent>,
 }
 
@@ -218,7 +234,7 @@ fn sample_one(
     g: &mut Generation,
     unfed: &mut Vec<u32>,
     finish: &mut Option<FinishReason>,
-    logits: &mut [f32],
+    pick: Pick<'_>,
     exempt: &[bool],
 ) -> Option<GenerateEvent> {
     let max_tokens = g.sampler.params().max_tokens;
@@ -226,12 +242,13 @@ fn sample_one(
         *finish = Some(FinishReason::Length);
         return None;
     }
-    let (token, logprobs) = match g.top_logprobs {
-        Some(n) => {
+    let (token, logprobs) = match (pick, g.top_logprobs) {
+        (Pick::Candidates(candidates), _) => (g.sampler.pick_from_candidates(candidates), None),
+        (Pick::Row(logits), Some(n)) => {
             let lp = g.sampler.sample_with_logprobs(logits, n);
             (lp.token, Some(lp))
         }
-        None => (g.sampler.sample(logits), None),
+        (Pick::Row(logits), None) => (g.sampler.sample(logits), None),
     };
     if g.sampler.is_stop_token(token) {
         *finish = Some(FinishReason::Stop);

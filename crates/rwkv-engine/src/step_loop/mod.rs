@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use rwkv_model::{Backend, Logits, OutputRows, SeqStep, State};
+use rwkv_model::{Backend, Candidate, Logits, OutputRows, SeqStep, State};
 
 use crate::disk_tier::DiskTier;
 use crate::engine::EngineConfig;
@@ -31,7 +31,7 @@ use crate::slots::SlotTable;
 use crate::telemetry::{Ended, Metrics, Swap};
 use crate::tiers::{LruStore, Weigh};
 
-pub(crate) use generation::Generation;
+pub(crate) use generation::{Generation, Pick};
 pub(crate) use scoring::{Lane, ScoreJob};
 
 /// One sequence in flight: a slot and the tokens it feeds.
@@ -342,7 +342,8 @@ impl<B: Backend> Core<B> {
         if let Some(mut logits) = ready_logits {
             // The whole prompt was cached with the logits after it: sample the first token now;
             // the sequence then decodes like any other (or ends, and retires this step).
-            let emitted = self.sample_generations(vec![(id, &mut logits[..])], Instant::now());
+            let emitted =
+                self.sample_generations(vec![(id, Pick::Row(&mut logits[..]))], Instant::now());
             self.metrics.generated(emitted);
         }
         Ok(())
@@ -425,9 +426,15 @@ impl<B: Backend> Core<B> {
             let output = match &seq.role {
                 // A continuation needs the distribution after each of its tokens.
                 Role::Score(lane) if lane.branch.is_some() => OutputRows::All,
+                _ if item.tokens != seq.unfed.len() => OutputRows::None,
+                // A greedy decode needs only the row's best tokens (the end of a prompt keeps
+                // its whole row: it is cached with the state, and choices fork from it).
+                Role::Generate(g) if item.decode => match g.sampler.candidates_needed() {
+                    Some(k) => OutputRows::Top(k),
+                    None => OutputRows::Last,
+                },
                 // Otherwise only the end of the input predicts anything.
-                _ if item.tokens == seq.unfed.len() => OutputRows::Last,
-                _ => OutputRows::None,
+                _ => OutputRows::Last,
             };
             outputs.push(output);
             steps.push(SeqStep {
@@ -446,11 +453,21 @@ impl<B: Backend> Core<B> {
             .zip(&outputs)
             .map(|(item, o)| o.rows(item.tokens))
             .sum();
-        if logits.data.len() != rows * logits.vocab || logits.vocab != self.vocab() {
+        let candidates: usize = plan
+            .iter()
+            .zip(&outputs)
+            .map(|(item, o)| o.candidates(item.tokens))
+            .sum();
+        if logits.data.len() != rows * logits.vocab
+            || logits.vocab != self.vocab()
+            || logits.top.len() != candidates
+        {
             return Err(EngineError::StepFailed(format!(
-                "the backend returned {} logits of width {}, expected {rows} rows of {}",
+                "the backend returned {} logits of width {} and {} candidates, expected {rows} \
+                 rows of {} and {candidates} candidates",
                 logits.data.len(),
                 logits.vocab,
+                logits.top.len(),
                 self.vocab()
             )));
         }
@@ -469,11 +486,14 @@ impl<B: Backend> Core<B> {
         // One clock read per step: every token of this step is emitted at this time.
         let now = Instant::now();
         let mut rest: &mut [f32] = &mut logits.data;
+        let mut rest_top: &[Candidate] = &logits.top;
         let mut to_sample = Vec::new();
         for (item, output) in plan.iter().zip(outputs) {
             let n_rows = output.rows(item.tokens);
             let (rows, tail) = std::mem::take(&mut rest).split_at_mut(n_rows * vocab);
             rest = tail;
+            let (top, tail) = rest_top.split_at(output.candidates(item.tokens));
+            rest_top = tail;
             let Some(seq) = self.seqs.get_mut(&item.id) else {
                 continue;
             };
@@ -494,7 +514,10 @@ impl<B: Backend> Core<B> {
                 self.checkpoint(item.id, input_done, logits);
             }
             match lane {
-                None if input_done => to_sample.push((item.id, rows)),
+                None if input_done && !top.is_empty() => {
+                    to_sample.push((item.id, Pick::Candidates(top)));
+                }
+                None if input_done => to_sample.push((item.id, Pick::Row(rows))),
                 None => {}
                 Some(lane) => self.lane_rows(item.id, lane, before, rows, vocab),
             }
