@@ -2,12 +2,14 @@
 
 use cudarc::driver::CudaSlice;
 use rwkv_model::backend::{check_state, take_candidates, tops_as_last, validate_steps};
-use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
+use rwkv_model::{
+    Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows, SeqStep, State,
+};
 
 use crate::device::Device;
 use crate::error::{CudaError, Result};
 use crate::exec::{CudaExec, Workspace};
-use crate::forward::{GemmPrecision, Step};
+use crate::forward::{GemmPrecision, Step, MAX_DEVICE_CANDIDATES};
 use crate::kernels::{Kernels, MAX_HEAD_SIZE};
 use crate::plan::BatchPlan;
 use crate::pool::{HostState, PoolLayout, StatePool};
@@ -222,8 +224,9 @@ impl Drop for CudaBackend {
 }
 
 impl CudaBackend {
-    /// One forward step whose outputs are logit rows only (validated steps, no `Top`).
-    fn forward_rows(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+    /// One forward step (validated steps; `Top` rows ask for at most
+    /// [`MAX_DEVICE_CANDIDATES`]).
+    fn run_step(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         self.dev.bind()?;
         let plan = BatchPlan::new(steps)?;
         let vocab = self.cfg.vocab_size;
@@ -234,7 +237,9 @@ impl CudaBackend {
                 ..Logits::default()
             });
         }
-        let staging = pinned_at_least(&self.dev, &mut self.logits_host, len)?;
+        // At least one value: a step of greedy decodes alone downloads no rows, and a pinned
+        // buffer of zero bytes is not a buffer.
+        let staging = pinned_at_least(&self.dev, &mut self.logits_host, len.max(1))?;
         self.pool.before_compute(&self.dev, plan.slots())?;
         let split = self.options.precision.split();
         let bufs = self.ws.bufs(&self.dev, &self.cfg, split, plan.rows())?;
@@ -254,15 +259,12 @@ impl CudaBackend {
         // Record the slots' compute event even when the step failed part-way, so a later
         // swap still waits for whatever was issued. The step synchronizes before returning,
         // so the staging buffer holds the finished logits.
-        let ran = step.run(&plan, &mut staging.as_mut_slice()?[..len]);
+        let mut top = Vec::with_capacity(plan.top_k.iter().sum());
+        let ran = step.run(&plan, &mut staging.as_mut_slice()?[..len], &mut top);
         self.pool.after_compute(&self.dev, plan.slots())?;
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);
-        Ok(Logits {
-            vocab,
-            data,
-            top: Vec::new(),
-        })
+        Ok(Logits { vocab, data, top })
     }
 }
 
@@ -281,8 +283,15 @@ impl Backend for CudaBackend {
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         validate_steps(&self.cfg, self.pool.layout.slots, steps)?;
-        // Candidates are picked on the host from downloaded rows (not on the device yet).
-        let full = self.forward_rows(&tops_as_last(steps))?;
+        let on_device = steps.iter().all(|s| match s.output {
+            OutputRows::Top(k) => k <= MAX_DEVICE_CANDIDATES,
+            _ => true,
+        });
+        if on_device {
+            return self.run_step(steps);
+        }
+        // More candidates than the device path ranks: pick them from downloaded rows.
+        let full = self.run_step(&tops_as_last(steps))?;
         Ok(take_candidates(steps, full))
     }
 

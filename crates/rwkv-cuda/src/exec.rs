@@ -84,6 +84,19 @@ impl Exec for CudaExec<'_> {
         .map_err(CudaError::driver("download logits"))
     }
 
+    fn download_i32(&self, src: I32Buf, dst: &mut [i32]) -> Result<()> {
+        check_copy("download", src.len(), dst.len())?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: as in `download_f32`; the callers download into pageable memory, so the copy
+        // has finished when this returns.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr(), self.dev.compute.cu_stream())
+        }
+        .map_err(CudaError::driver("download candidates"))
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.dev
             .compute
@@ -104,6 +117,8 @@ pub struct Workspace {
     hx: CudaSlice<u16>,
     htmp: CudaSlice<f32>,
     hout: CudaSlice<f32>,
+    tidx: CudaSlice<i32>,
+    tval: CudaSlice<f32>,
 }
 
 fn alloc<T: DeviceRepr + ValidAsZeroBits>(dev: &Device, len: usize) -> Result<CudaSlice<T>> {
@@ -131,6 +146,8 @@ impl Workspace {
             hx: alloc(dev, sizes.hx)?,
             htmp: alloc(dev, sizes.htmp)?,
             hout: alloc(dev, sizes.hout)?,
+            tidx: alloc(dev, sizes.tidx)?,
+            tval: alloc(dev, sizes.tval)?,
             sizes,
         })
     }
@@ -163,6 +180,8 @@ impl Workspace {
             hx: dev.buf(&self.hx),
             htmp: dev.buf(&self.htmp),
             hout: dev.buf(&self.hout),
+            tidx: dev.buf(&self.tidx),
+            tval: dev.buf(&self.tval),
         })
     }
 }

@@ -11,7 +11,7 @@
 //! GEMM rows (nearly free for decode, which is bound by reading the weights).
 //! [`GemmPrecision::Bf16`] rounds GEMM inputs to bf16, like the reference's `cuda bf16`.
 
-use rwkv_model::ModelConfig;
+use rwkv_model::{Candidate, ModelConfig};
 
 use crate::error::{CudaError, Result};
 use crate::gemm::{BatchStrides, GemmSpec, WeightLayout};
@@ -39,6 +39,10 @@ impl GemmPrecision {
 /// Rows of logits computed per head GEMM (bounds the head's scratch memory).
 pub const HEAD_CHUNK: usize = 128;
 
+/// Most candidates a row may ask for on the device (`OutputRows::Top`); more are picked from a
+/// downloaded row on the host.
+pub const MAX_DEVICE_CANDIDATES: usize = 64;
+
 /// Number of [rows, C] f32 activation buffers: x, a, dx, r, k, v, w, g, y.
 pub const ACT_BUFFERS: usize = 9;
 
@@ -59,6 +63,7 @@ pub trait Exec {
     fn upload_u32(&self, src: &[u32], dst: DevBuf<u32>) -> Result<()>;
     fn upload_i32(&self, src: &[i32], dst: I32Buf) -> Result<()>;
     fn download_f32(&self, src: F32Buf, dst: &mut [f32]) -> Result<()>;
+    fn download_i32(&self, src: I32Buf, dst: &mut [i32]) -> Result<()>;
     /// Waits until everything issued has finished.
     fn synchronize(&self) -> Result<()>;
 }
@@ -82,6 +87,9 @@ pub struct ScratchSizes {
     pub hx: usize,
     pub htmp: usize,
     pub hout: usize,
+    /// Candidates of [`HEAD_CHUNK`] rows: token ids and logits.
+    pub tidx: usize,
+    pub tval: usize,
 }
 
 impl ScratchSizes {
@@ -100,6 +108,8 @@ impl ScratchSizes {
             hx: s * HEAD_CHUNK * c,
             htmp: s * HEAD_CHUNK * v,
             hout: HEAD_CHUNK * v,
+            tidx: HEAD_CHUNK * MAX_DEVICE_CANDIDATES,
+            tval: HEAD_CHUNK * MAX_DEVICE_CANDIDATES,
         }
     }
 }
@@ -118,6 +128,8 @@ pub struct StepBufs {
     pub hx: Bf16Buf,
     pub htmp: F32Buf,
     pub hout: F32Buf,
+    pub tidx: I32Buf,
+    pub tval: F32Buf,
 }
 
 /// Named activation buffers of one step.
@@ -147,6 +159,7 @@ struct Meta {
     pre_end: I32Buf,
     pre_slot: I32Buf,
     head_rows: I32Buf,
+    top_rows: I32Buf,
 }
 
 impl Meta {
@@ -162,6 +175,7 @@ impl Meta {
             pre_end: v(&m.pre_end)?,
             pre_slot: v(&m.pre_slot)?,
             head_rows: v(&m.head_rows)?,
+            top_rows: v(&m.top_rows)?,
         })
     }
 }
@@ -180,14 +194,29 @@ pub struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// Runs the step described by `plan` and writes the requested logit rows to `logits`
-    /// (`plan.head_rows.len() * vocab` values). The caller orders the pool's slots against
-    /// the copy stream around this call.
-    pub fn run(&self, plan: &BatchPlan, logits: &mut [f32]) -> Result<()> {
+    /// Runs the step described by `plan`, writes the requested logit rows to `logits`
+    /// (`plan.head_rows.len() * vocab` values) and appends the candidates of the `Top` rows to
+    /// `top`. The caller orders the pool's slots against the copy stream around this call.
+    pub fn run(
+        &self,
+        plan: &BatchPlan,
+        logits: &mut [f32],
+        top: &mut Vec<Candidate>,
+    ) -> Result<()> {
         let rows = plan.rows();
         let vocab = self.cfg.vocab_size;
         if logits.len() != plan.head_rows.len() * vocab {
             return Err(CudaError::shape("forward", "logits buffer size"));
+        }
+        if let Some(&k) = plan
+            .top_k
+            .iter()
+            .find(|&&k| k == 0 || k > MAX_DEVICE_CANDIDATES)
+        {
+            return Err(CudaError::shape(
+                "forward",
+                format!("{k} candidates per row (1 to {MAX_DEVICE_CANDIDATES} on the device)"),
+            ));
         }
         if rows == 0 {
             return Ok(());
@@ -225,6 +254,7 @@ impl Step<'_> {
             self.channel_mix(l, lw, &b, &meta, plan)?;
         }
         self.head(&b, &meta, plan, logits)?;
+        self.head_candidates(&b, &meta, plan, top)?;
         self.exec.synchronize()
     }
 
@@ -477,30 +507,12 @@ impl Step<'_> {
 
     /// ln_out and the head, only for the requested rows, in chunks of [`HEAD_CHUNK`] rows.
     fn head(&self, b: &Bufs, m: &Meta, plan: &BatchPlan, logits: &mut [f32]) -> Result<()> {
-        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
-        let split = self.precision.split();
+        let v = self.cfg.vocab_size;
         let total = plan.head_rows.len();
-        let (hx, htmp, hout) = (self.bufs.hx, self.bufs.htmp, self.bufs.hout);
-        let (ln_w, ln_b) = self.weights.ln_out;
         let mut start = 0;
         while start < total {
             let pc = HEAD_CHUNK.min(total - start);
-            let idx = m.head_rows.slice(start, pc)?;
-            self.kx().layer_norm_gather_bf16(
-                b.x,
-                plan.rows(),
-                idx,
-                ln_w,
-                ln_b,
-                hx,
-                pc,
-                c,
-                split,
-            )?;
-            let spec = GemmSpec::dense(WeightLayout::OutIn, v, c, self.rows_s(pc));
-            self.gemm(&spec, self.weights.head, hx, htmp)?;
-            self.kx()
-                .gemm_out_f32(htmp, hout, None, None, pc, v, split, Act::None, false)?;
+            let hout = self.head_chunk(b, plan, m.head_rows.slice(start, pc)?, pc)?;
             self.exec.download_f32(
                 hout.slice(0, pc * v)?,
                 &mut logits[start * v..(start + pc) * v],
@@ -508,5 +520,65 @@ impl Step<'_> {
             start += pc;
         }
         Ok(())
+    }
+
+    /// The head for the rows that need only their best tokens: each chunk's logits stay on the
+    /// device, the top-k kernel ranks them, and only the ids and logits of the candidates are
+    /// downloaded (a few bytes per row instead of a vocabulary of floats).
+    fn head_candidates(
+        &self,
+        b: &Bufs,
+        m: &Meta,
+        plan: &BatchPlan,
+        top: &mut Vec<Candidate>,
+    ) -> Result<()> {
+        let v = self.cfg.vocab_size;
+        let total = plan.top_rows.len();
+        let (tidx, tval) = (self.bufs.tidx, self.bufs.tval);
+        let mut start = 0;
+        while start < total {
+            let pc = HEAD_CHUNK.min(total - start);
+            let ks = &plan.top_k[start..start + pc];
+            let kmax = ks.iter().copied().max().unwrap_or(1).min(v);
+            let hout = self.head_chunk(b, plan, m.top_rows.slice(start, pc)?, pc)?;
+            self.kx().top_k(hout, tidx, tval, pc, v, kmax)?;
+            let mut ids = vec![0i32; pc * kmax];
+            let mut vals = vec![0f32; pc * kmax];
+            self.exec
+                .download_i32(tidx.slice(0, pc * kmax)?, &mut ids)?;
+            self.exec
+                .download_f32(tval.slice(0, pc * kmax)?, &mut vals)?;
+            // The downloads land in pageable memory, so they are complete when they return.
+            for (row, &k) in ks.iter().enumerate() {
+                let at = row * kmax;
+                for (&id, &logit) in ids[at..at + k].iter().zip(&vals[at..at + k]) {
+                    let token = u32::try_from(id)
+                        .ok()
+                        .filter(|&t| (t as usize) < v)
+                        .ok_or_else(|| {
+                            CudaError::shape("top_k", format!("candidate id {id} out of range"))
+                        })?;
+                    top.push(Candidate { token, logit });
+                }
+            }
+            start += pc;
+        }
+        Ok(())
+    }
+
+    /// ln_out and the head GEMM for `pc` rows (`idx`, at most [`HEAD_CHUNK`]): f32 logits in
+    /// the head output buffer, which is returned.
+    fn head_chunk(&self, b: &Bufs, plan: &BatchPlan, idx: I32Buf, pc: usize) -> Result<F32Buf> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let split = self.precision.split();
+        let (hx, htmp, hout) = (self.bufs.hx, self.bufs.htmp, self.bufs.hout);
+        let (ln_w, ln_b) = self.weights.ln_out;
+        self.kx()
+            .layer_norm_gather_bf16(b.x, plan.rows(), idx, ln_w, ln_b, hx, pc, c, split)?;
+        let spec = GemmSpec::dense(WeightLayout::OutIn, v, c, self.rows_s(pc));
+        self.gemm(&spec, self.weights.head, hx, htmp)?;
+        self.kx()
+            .gemm_out_f32(htmp, hout, None, None, pc, v, split, Act::None, false)?;
+        Ok(hout)
     }
 }

@@ -30,6 +30,10 @@ pub struct BatchPlan {
     pub pre_slot: Vec<i32>,
     /// Rows that need logits, in output order.
     pub head_rows: Vec<i32>,
+    /// Rows that need only their best tokens (`OutputRows::Top`), in output order, and how
+    /// many each needs (host side only).
+    pub top_rows: Vec<i32>,
+    pub top_k: Vec<usize>,
 }
 
 /// Where each array of [`BatchPlan::packed`] starts in the packed buffer.
@@ -44,6 +48,7 @@ pub struct PackedMeta {
     pub pre_end: Range<usize>,
     pub pre_slot: Range<usize>,
     pub head_rows: Range<usize>,
+    pub top_rows: Range<usize>,
 }
 
 fn i32_of(what: &str, v: usize) -> Result<i32> {
@@ -66,6 +71,10 @@ impl BatchPlan {
             // Head rows, in the order the Backend contract returns them.
             let wanted = step.output.rows(n);
             plan.head_rows.extend((end - wanted..end).map(|r| r as i32));
+            if let (OutputRows::Top(k), true) = (step.output, n > 0) {
+                plan.top_rows.push((end - 1) as i32);
+                plan.top_k.push(k);
+            }
             if n == 0 {
                 continue;
             }
@@ -119,6 +128,7 @@ impl BatchPlan {
             pre_end: put(&self.pre_end),
             pre_slot: put(&self.pre_slot),
             head_rows: put(&self.head_rows),
+            top_rows: put(&self.top_rows),
         };
         (out, meta)
     }

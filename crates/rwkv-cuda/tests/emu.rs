@@ -21,7 +21,7 @@ use rwkv_cuda::plan::BatchPlan;
 use rwkv_cuda::pool::PoolLayout;
 use rwkv_cuda::weights::{self, WeightViews, Weights};
 use rwkv_model::backend::validate_steps;
-use rwkv_model::{Backend, ModelConfig, ModelWeights, OutputRows, SeqStep};
+use rwkv_model::{Backend, Candidate, ModelConfig, ModelWeights, OutputRows, SeqStep};
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, *mut *mut c_void) -> c_int;
 type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
@@ -232,6 +232,15 @@ impl Exec for HostExec {
         Ok(())
     }
 
+    fn download_i32(&self, src: I32Buf, dst: &mut [i32]) -> rwkv_cuda::Result<()> {
+        assert!(dst.len() <= src.len());
+        // SAFETY: as above.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.ptr() as *const i32, dst.as_mut_ptr(), dst.len())
+        };
+        Ok(())
+    }
+
     fn synchronize(&self) -> rwkv_cuda::Result<()> {
         Ok(())
     }
@@ -279,6 +288,13 @@ impl EmuModel {
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Vec<f32> {
+        let (logits, top) = self.forward_with_candidates(steps);
+        assert!(top.is_empty(), "use forward_with_candidates for Top rows");
+        logits
+    }
+
+    /// The logit rows and the candidates of the `Top` rows.
+    fn forward_with_candidates(&mut self, steps: &[SeqStep<'_>]) -> (Vec<f32>, Vec<Candidate>) {
         validate_steps(&self.cfg, self.layout.slots, steps).unwrap();
         let plan = BatchPlan::new(steps).unwrap();
         let mut logits = vec![0.0; plan.head_rows.len() * self.cfg.vocab_size];
@@ -296,6 +312,7 @@ impl EmuModel {
             vec![f32::NAN; s.hout],
         );
         let (mut tokens, mut meta) = (vec![u32::MAX; s.tokens], vec![i32::MIN; s.meta]);
+        let (mut tidx, mut tval) = (vec![i32::MIN; s.tidx], vec![f32::NAN; s.tval]);
         let mut act_views = [DevBuf::null(); ACT_BUFFERS];
         for (v, a) in act_views.iter_mut().zip(&mut act) {
             *v = view_mut(a);
@@ -311,6 +328,8 @@ impl EmuModel {
             hx: view_mut(&mut hx),
             htmp: view_mut(&mut htmp),
             hout: view_mut(&mut hout),
+            tidx: view_mut(&mut tidx),
+            tval: view_mut(&mut tval),
         };
         let step = Step {
             exec: &self.exec,
@@ -325,8 +344,9 @@ impl EmuModel {
             bufs,
             precision: self.precision,
         };
-        step.run(&plan, &mut logits).unwrap();
-        logits
+        let mut top = Vec::new();
+        step.run(&plan, &mut logits, &mut top).unwrap();
+        (logits, top)
     }
 }
 

@@ -203,6 +203,55 @@ fn swapped_out_and_in_slots_continue_bit_identically() {
     assert_eq!(be.save_state(1).unwrap(), be.save_state(2).unwrap());
 }
 
+/// Greedy decodes ask for candidates: the top-k kernel ranks each row on the device and only
+/// the candidates are downloaded. They must be the best entries of the very rows a step that
+/// downloads them computes (same batch shape, so cuBLAS sums alike), and the fallback for more
+/// candidates than the device ranks must agree too.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn device_candidates_are_the_best_entries_of_the_rows() {
+    let w = tiny();
+    let vocab = w.config.vocab_size;
+    let prefix = tokens(vocab, 40, 9);
+    let next = tokens(vocab, 8, 10);
+    let mut rows_be = CudaBackend::new(&w, 8, 0).unwrap();
+    let mut top_be = CudaBackend::new(&w, 8, 0).unwrap();
+    let prefill: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(i, &prefix[i * 4..i * 4 + 2 + i], OutputRows::None))
+        .collect();
+    rows_be.forward(&prefill).unwrap();
+    top_be.forward(&prefill).unwrap();
+    for k in [1, 9, 64, 100] {
+        let with_rows: Vec<SeqStep<'_>> = (0..8)
+            .map(|i| step(i, &next[i..i + 1], OutputRows::Last))
+            .collect();
+        let with_top: Vec<SeqStep<'_>> = (0..8)
+            .map(|i| step(i, &next[i..i + 1], OutputRows::Top(k)))
+            .collect();
+        let full = rows_be.forward(&with_rows).unwrap();
+        let got = top_be.forward(&with_top).unwrap();
+        assert!(got.data.is_empty());
+        let want: Vec<_> = (0..8)
+            .flat_map(|i| rwkv_model::backend::top_candidates(full.row(i), k))
+            .collect();
+        assert_eq!(got.top.len(), want.len(), "k = {k}");
+        for (j, (g, w)) in got.top.iter().zip(&want).enumerate() {
+            assert_eq!(g.token, w.token, "k = {k}, candidate {j}");
+            assert!(
+                (g.logit - w.logit).abs() <= 1e-5 * w.logit.abs().max(1.0),
+                "k = {k}, candidate {j}: {} vs {}",
+                g.logit,
+                w.logit
+            );
+        }
+        // Both backends fed the same token: their states stay equal for the next round.
+        assert_eq!(
+            rows_be.save_state(3).unwrap(),
+            top_be.save_state(3).unwrap()
+        );
+    }
+}
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn bad_inputs_are_rejected_before_any_launch() {

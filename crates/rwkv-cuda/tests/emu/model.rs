@@ -168,3 +168,53 @@ fn bf16_gemm_inputs_stay_close_to_the_reference() {
     let err = ragged(&e, FIXTURES[1], &w, GemmPrecision::Bf16, 5e-2);
     eprintln!("{}: bf16 GEMM inputs, ragged batch {err:.2e}", FIXTURES[1]);
 }
+
+/// Greedy decodes ask for candidates (`OutputRows::Top`): the head's logits stay on the
+/// device, the top-k kernel ranks them and only the candidates come back. They must be exactly
+/// the best entries of the rows the same step downloads otherwise, in a batch that mixes
+/// candidate rows with full rows.
+#[test]
+fn device_candidates_are_the_best_entries_of_the_same_rows() {
+    let w = ModelWeights::load(fixture("rwkv6-tiny-c256-l3.safetensors")).unwrap();
+    let Some(e) = emu(w.config.head_size) else {
+        return;
+    };
+    let vocab = w.config.vocab_size;
+    let toks = tokens(vocab, 40, 11);
+    let mut rows_model = EmuModel::new(&e, &w, 6, GemmPrecision::Split);
+    let mut top_model = EmuModel::new(&e, &w, 6, GemmPrecision::Split);
+    // Prefill six sequences, identically in both.
+    let prefill: Vec<SeqStep<'_>> = (0..6)
+        .map(|i| step(i, &toks[i * 5..i * 5 + 3 + i], OutputRows::Last))
+        .collect();
+    rows_model.forward(&prefill);
+    top_model.forward(&prefill);
+    // One decode token each: some rows as candidates (various k), the others as rows.
+    let ks = [Some(1), None, Some(7), Some(64), None, Some(3)];
+    let with_rows: Vec<SeqStep<'_>> = (0..6)
+        .map(|i| step(i, &toks[30 + i..31 + i], OutputRows::Last))
+        .collect();
+    let with_top: Vec<SeqStep<'_>> = (0..6)
+        .map(|i| {
+            let output = ks[i].map_or(OutputRows::Last, OutputRows::Top);
+            step(i, &toks[30 + i..31 + i], output)
+        })
+        .collect();
+    let full = rows_model.forward(&with_rows);
+    let (rows, top) = top_model.forward_with_candidates(&with_top);
+    let mut want_rows = Vec::new();
+    let mut want_top = Vec::new();
+    for (i, k) in ks.iter().enumerate() {
+        let row = &full[i * vocab..(i + 1) * vocab];
+        match k {
+            Some(k) => want_top.extend(rwkv_model::backend::top_candidates(row, *k)),
+            None => want_rows.extend_from_slice(row),
+        }
+    }
+    assert_eq!(rows, want_rows, "rows asked for in full");
+    assert_eq!(top.len(), want_top.len());
+    for (i, (got, want)) in top.iter().zip(&want_top).enumerate() {
+        assert_eq!(got.token, want.token, "candidate {i}");
+        assert_eq!(got.logit.to_bits(), want.logit.to_bits(), "candidate {i}");
+    }
+}
