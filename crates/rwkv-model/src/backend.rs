@@ -275,3 +275,99 @@ pub fn check_state(cfg: &ModelConfig, state: &State) -> Result<(), BackendError>
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(c: &[Candidate]) -> Vec<u32> {
+        c.iter().map(|c| c.token).collect()
+    }
+
+    #[test]
+    fn candidates_rank_by_logit_then_lower_id_with_nan_last() {
+        let row = [
+            1.0,
+            f32::NAN,
+            3.0,
+            3.0,
+            f32::NEG_INFINITY,
+            2.0,
+            f32::INFINITY,
+        ];
+        assert_eq!(tokens(&top_candidates(&row, 1)), [6]);
+        assert_eq!(tokens(&top_candidates(&row, 4)), [6, 2, 3, 5]);
+        // NaN ranks as -inf, after every finite value; among the -inf, lower ids first.
+        assert_eq!(tokens(&top_candidates(&row, 99)), [6, 2, 3, 5, 0, 1, 4]);
+        assert!(top_candidates(&row, 0).is_empty());
+    }
+
+    #[test]
+    fn candidates_replace_only_the_rows_of_top_steps() {
+        let vocab = 3;
+        let toks = [7u32, 8, 9];
+        let steps = [
+            SeqStep {
+                slot: 0,
+                tokens: &toks[..2],
+                output: OutputRows::All,
+            },
+            SeqStep {
+                slot: 1,
+                tokens: &toks[..1],
+                output: OutputRows::Top(2),
+            },
+            SeqStep {
+                slot: 2,
+                tokens: &toks,
+                output: OutputRows::None,
+            },
+            SeqStep {
+                slot: 3,
+                tokens: &[],
+                output: OutputRows::Top(1),
+            },
+            SeqStep {
+                slot: 4,
+                tokens: &toks[..1],
+                output: OutputRows::Last,
+            },
+        ];
+        let as_last = tops_as_last(&steps);
+        assert_eq!(as_last[1].output, OutputRows::Last);
+        assert_eq!(as_last[3].output, OutputRows::Last);
+        let rows: usize = as_last.iter().map(|s| s.output.rows(s.tokens.len())).sum();
+        assert_eq!(rows, 4);
+        // Rows: two of the All step, one for the Top step, one for the Last step.
+        let full = Logits {
+            vocab,
+            data: vec![
+                0.0, 1.0, 2.0, // All, first
+                3.0, 4.0, 5.0, // All, second
+                9.0, 7.0, 8.0, // Top(2)
+                6.0, 6.0, 6.0, // Last
+            ],
+            top: Vec::new(),
+        };
+        let out = take_candidates(&steps, full);
+        assert_eq!(out.data, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0, 6.0]);
+        assert_eq!(
+            out.top,
+            [
+                Candidate {
+                    token: 0,
+                    logit: 9.0
+                },
+                Candidate {
+                    token: 2,
+                    logit: 8.0
+                }
+            ]
+        );
+        let expected: usize = steps
+            .iter()
+            .map(|s| s.output.candidates(s.tokens.len()))
+            .sum();
+        assert_eq!(out.top.len(), expected);
+    }
+}
