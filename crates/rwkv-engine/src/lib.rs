@@ -1,7 +1,8 @@
 //! The RWKV-6 inference engine, independent of any backend and of any network layer.
 //!
 //! This crate owns the continuous-batching step loop ([`Engine`], on its own OS thread), the
-//! pure scheduler, the state tiers (device slots, host tier, prefix state cache), sessions with
+//! pure scheduler, the state tiers (device slots, host tier, optional disk tier, prefix state
+//! cache), preemption, multi-choice generations forked from one prefill, sessions with
 //! export/import, and token sampling. It speaks token ids and logits only.
 //!
 //! It deliberately does not: run the model (that is a `Backend` from `rwkv-model`, implemented by
@@ -13,12 +14,13 @@
 //! - [`request`]: [`GenerateRequest`], [`GenerateStream`] and its [`GenerateEvent`]s.
 //! - [`score`]: [`ScoreRequest`], [`ScoreResult`]: log-probabilities of continuations (eval).
 //! - [`scheduler`]: [`Scheduler`], the pure per-step batch planner.
-//! - [`slots`], [`tiers`]: device slot table and the byte-bounded LRU host store.
+//! - [`slots`], [`tiers`]: device slot table and the byte-bounded LRU host store;
+//!   `disk_tier` (private): session states the host tier evicts, in files.
 //! - [`prefix_cache`]: [`PrefixCache`], longest-prefix lookup of cached states.
 //! - [`sessions`]: tenant-scoped sessions; [`export`]: the session export format.
 //! - [`mod@error`]: [`EngineError`], the one error type of the engine.
-//! - `step_loop` (private): the engine thread's state and its steps; generations and scoring
-//!   jobs in its submodules.
+//! - `step_loop` (private): the engine thread's state and its steps; generations, forked
+//!   choices, preemption and scoring jobs in its submodules.
 //! - [`telemetry`]: metric names, their descriptions, and the step loop's metric handles.
 //! - [`params`]: [`SamplingParams`] (defaults = reference `PIPELINE_ARGS`) and [`SamplerError`].
 //! - [`sampler`]: [`Sampler`], the per-sequence sampler (bans, penalties, seeded RNG).
