@@ -38,10 +38,16 @@ pub struct SessionSnapshot {
     pub state: State,
 }
 
+/// Bytes of an export holding `tokens` history and pending tokens and a state of `state_len`
+/// values.
+pub fn encoded_len(tokens: usize, state_len: usize) -> usize {
+    HEADER_LEN + 4 * (tokens + state_len) + 4
+}
+
 /// Serializes a snapshot for a model.
 pub fn encode(model_hash: &[u8; 32], cfg: &ModelConfig, snap: &SessionSnapshot) -> Vec<u8> {
     let state = snap.state.as_flat();
-    let len = HEADER_LEN + 4 * (snap.history.len() + snap.pending.len() + state.len()) + 4;
+    let len = encoded_len(snap.history.len() + snap.pending.len(), state.len());
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(EXPORT_MAGIC);
     out.extend_from_slice(&EXPORT_VERSION.to_le_bytes());

@@ -77,7 +77,21 @@ fn state_files(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "rwkvstate"))
         .collect()
+}
+
+/// The tier writes and deletes files on a thread of its own: waits (up to 10 s) until the
+/// directory holds `n` complete state files, and returns them.
+fn wait_for_files(dir: &Path, n: usize) -> Vec<PathBuf> {
+    for _ in 0..1000 {
+        let files = state_files(dir);
+        if files.len() == n {
+            return files;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("expected {n} state files, found {:?}", state_files(dir));
 }
 
 #[test]
@@ -98,12 +112,12 @@ fn evicted_session_states_come_back_from_disk_exactly() {
     // The session that ran last is parked in the slot; the other one's state is on disk.
     let stats = engine.stats().unwrap();
     assert_eq!((stats.host_tier_entries, stats.disk_tier_entries), (0, 1));
-    assert_eq!(state_files(dir.path()).len(), 1);
+    wait_for_files(dir.path(), 1);
     // Deleting the sessions deletes their files.
     for session in engine.list_sessions(TENANT).unwrap() {
         engine.delete_session(TENANT, session.id).unwrap();
     }
-    assert!(state_files(dir.path()).is_empty());
+    wait_for_files(dir.path(), 0);
 }
 
 #[test]
@@ -115,9 +129,11 @@ fn a_corrupted_state_file_costs_a_replay_not_the_session() {
     let b = engine.create_session(TENANT).unwrap();
     let a1 = turn(&engine, a, &[1, 2, 3]).0;
     turn(&engine, b, &[4]);
-    // Session a's state is on disk now: damage it.
-    let files = state_files(dir.path());
-    assert_eq!(files.len(), 1);
+    // Session a's state is on disk now (the file appears once complete): damage it. The writer
+    // reports the file right after it appears; give it a moment, so that the engine reads the
+    // file rather than the copy it keeps until then.
+    let files = wait_for_files(dir.path(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(200));
     let mut bytes = std::fs::read(&files[0]).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 1;
