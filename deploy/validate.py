@@ -50,8 +50,8 @@ K8S_VERSIONS = os.environ.get("K8S_VERSIONS", f"1.30.0 {kv.latest_version()}").s
 # The settings of each `rwkv` command are read from its sources (the clap structs in
 # crates/rwkv-cli/src/cmd/<command>.rs and what they flatten); this is the documented interface,
 # used only if the sources cannot be read that way (with a warning).
-FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "request_timeout", "max_prompt_tokens",
-                        "max_tokens_limit", "max_body_bytes"}
+FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "worker_overcommit", "request_timeout",
+                        "max_prompt_tokens", "max_tokens_limit", "max_body_bytes"}
 FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "slots",
                         "max_batch_tokens", "prefill_chunk", "host_tier_mb", "prefix_cache_mb",
                         "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus"}
@@ -215,6 +215,8 @@ INT_KEYS = {"max_queue", "request_timeout", "max_prompt_tokens", "max_tokens_lim
             "prefix_cache_mb", "preempt_after_steps", "disk_tier_mb", "lease_ttl",
             "drain_timeout"}
 ZERO_OK = {"prefix_cache_mb", "preempt_after_steps", "drain_timeout"}
+# Settings that are numbers >= 1, not necessarily whole.
+AT_LEAST_ONE = {"worker_overcommit"}
 
 
 def check_value(key: str, value, where: str, from_env: bool = False) -> list[str]:
@@ -224,6 +226,10 @@ def check_value(key: str, value, where: str, from_env: bool = False) -> list[str
         if not re.fullmatch(r"\d+", value):
             return [f"{err} is not an integer"]
         value = int(value)
+    if from_env and key in AT_LEAST_ONE:
+        if not re.fullmatch(r"\d+(\.\d+)?", value):
+            return [f"{err} is not a number"]
+        value = float(value)
     if key in {"listen", "metrics_listen"}:
         if not (isinstance(value, str) and HOST_PORT.match(value)):
             return [f"{err} is not host:port"]
@@ -250,6 +256,9 @@ def check_value(key: str, value, where: str, from_env: bool = False) -> list[str
     elif key == "gpus":
         if not (isinstance(value, str) and re.fullmatch(r"\d+(,\d+)*", value)):
             return [f"{err} is not a list of device ordinals like \"0,1\""]
+    elif key in AT_LEAST_ONE:
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1):
+            return [f"{err} is not a number >= 1"]
     elif key in INT_KEYS:
         low = 0 if key in ZERO_OK else 1
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):

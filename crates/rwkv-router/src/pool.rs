@@ -1,8 +1,9 @@
 //! The router's view of the workers: membership, health, load, and picking one per request.
 //!
-//! Each worker gets at most `slots` requests from this router at a time, so its batch stays full
-//! without building a queue inside the worker; everything beyond waits here, in a bounded queue
-//! (full: [`PoolError::QueueFull`], a 429). A request goes to the worker that holds the longest
+//! Each worker gets at most `slots × overcommit` requests from this router at a time
+//! ([`PoolConfig::overcommit`], 2 by default): its batch stays full, and a short queue inside the
+//! worker lets its engine preempt long generations for new requests. Everything beyond waits
+//! here, in a bounded, per-tenant fair queue (full: [`PoolError::QueueFull`], a 429). A request goes to the worker that holds the longest
 //! cached prefix of its tokens ([`crate::affinity`]) unless that worker is full, else to the least
 //! loaded one. A worker that fails `breaker_failures` times in a row is skipped for
 //! `breaker_cooldown` (circuit breaker); one that leaves the registry leaves the table at once.
@@ -38,7 +39,16 @@ pub struct PoolConfig {
     /// How to verify workers that advertise `https://` addresses (their CA); without it such
     /// workers are skipped with a warning.
     pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Requests in flight per worker, as a multiple of its state slots. At 1 a worker only
+    /// gets what it can run at once and everything else waits here, in the tenants' fair
+    /// queue; above 1 each worker also keeps a queue of its own, which its engine serves by
+    /// preempting long generations (`preempt_after_steps`), so short requests are not stuck
+    /// behind long ones that hold every slot.
+    pub overcommit: f64,
 }
+
+/// Default of [`PoolConfig::overcommit`].
+pub const DEFAULT_OVERCOMMIT: f64 = 2.0;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -49,6 +59,7 @@ impl Default for PoolConfig {
             poll_interval: Duration::from_millis(500),
             max_message_bytes: 256 << 20,
             worker_tls: None,
+            overcommit: DEFAULT_OVERCOMMIT,
         }
     }
 }
@@ -72,6 +83,8 @@ pub struct WorkerEntry {
     info: RwLock<Option<wv1::WorkerInfo>>,
     /// Requests this router has in flight on the worker.
     assigned: AtomicUsize,
+    /// Requests it may have in flight there: its slots times the overcommit.
+    capacity: usize,
     failures: AtomicU32,
     /// Breaker open until this instant.
     open_until: Mutex<Option<Instant>>,
@@ -91,7 +104,7 @@ impl WorkerEntry {
     }
 
     fn capacity(&self) -> usize {
-        self.record.slots.max(1) as usize
+        self.capacity
     }
 
     /// Healthy, known, breaker closed.
@@ -241,6 +254,7 @@ impl WorkerPool {
                     .max_encoding_message_size(max),
                 info: RwLock::new(None),
                 assigned: AtomicUsize::new(0),
+                capacity: capacity(record.slots, self.inner.cfg.overcommit),
                 failures: AtomicU32::new(0),
                 open_until: Mutex::new(None),
                 healthy: AtomicBool::new(false),
@@ -511,6 +525,18 @@ impl WorkerPool {
     }
 }
 
+/// Requests a worker with `slots` slots may have in flight: at least its slots (an overcommit
+/// below 1, or not a number, counts as 1).
+fn capacity(slots: u32, overcommit: f64) -> usize {
+    let slots = slots.max(1) as usize;
+    let scaled = (slots as f64 * overcommit.max(1.0)).ceil();
+    if scaled.is_finite() && scaled < u32::MAX as f64 {
+        (scaled as usize).max(slots)
+    } else {
+        slots
+    }
+}
+
 /// Whether a worker's answer says the worker (not the request) is at fault, so another worker
 /// may succeed: it is down, overloaded, or failed internally.
 pub fn is_worker_fault(code: tonic::Code) -> bool {
@@ -573,5 +599,21 @@ async fn poll(pool: WorkerPool, worker: Arc<WorkerEntry>) {
             }
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::capacity;
+
+    #[test]
+    fn capacity_is_the_slots_times_the_overcommit_and_never_below_the_slots() {
+        assert_eq!(capacity(4, 2.0), 8);
+        assert_eq!(capacity(3, 1.5), 5);
+        assert_eq!(capacity(4, 1.0), 4);
+        assert_eq!(capacity(4, 0.5), 4);
+        assert_eq!(capacity(4, f64::NAN), 4);
+        assert_eq!(capacity(4, f64::INFINITY), 4);
+        assert_eq!(capacity(0, 2.0), 2);
     }
 }

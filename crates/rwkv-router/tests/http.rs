@@ -231,6 +231,47 @@ async fn choices_share_one_prefill_and_equal_single_requests_with_their_seeds() 
     assert!(texts.len() > 1, "every choice is the same: {texts:?}");
 }
 
+/// With the default overcommit a worker holds a queue of its own, and its engine preempts a
+/// long generation that holds every slot: a short request sent behind it finishes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_request_is_not_stuck_behind_a_long_one_holding_every_slot() {
+    let c = start(RouterConfig::default(), 1).await;
+    let long = json!({"prompt": "a", "max_tokens": 1000, "temperature": 0,
+                      "stream": true});
+    let mut running = c
+        .http
+        .post(format!("{}/v1/completions", c.base))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status(), 200);
+    running
+        .chunk()
+        .await
+        .unwrap()
+        .expect("the long stream started");
+    // Reads the long stream as it arrives and notes when it ends.
+    let long_end = tokio::spawn(async move {
+        while running.chunk().await.unwrap().is_some() {}
+        tokio::time::Instant::now()
+    });
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": "b", "max_tokens": 3, "temperature": 0}),
+        )
+        .await;
+    let short_end = tokio::time::Instant::now();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    let long_end = long_end.await.unwrap();
+    assert!(
+        short_end < long_end,
+        "the short request waited for the long one to end"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429_with_retry_after_and_a_client_leaving_frees_the_slot() {
     let c = start_with_queue(RouterConfig::default(), 1, 0).await;
@@ -449,7 +490,8 @@ async fn a_flooding_tenant_does_not_starve_another() {
     let tenants = TenantsFile {
         tenants: vec![unlimited("flood", "key-f"), unlimited("quiet", "key-q")],
     };
-    // One slot: every request but one waits in the router's queue.
+    // One slot (two requests in flight with the default overcommit): the others wait in the
+    // router's queue.
     let c = start_full(RouterConfig::default(), 1, 256, Some(tenants)).await;
     let done = Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
     let send = |key: &'static str, who: &'static str| {

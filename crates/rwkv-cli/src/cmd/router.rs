@@ -65,7 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = server::runtime()?;
     runtime.block_on(async move {
         let registry = etcd_args.connect().await?;
-        let mut pool_config = router_args.pool_config();
+        let mut pool_config = router_args.pool_config()?;
         if let Some(ca) = &worker_ca {
             pool_config.worker_tls =
                 Some(rwkv_router::tls::worker_client_config(ca).map_err(anyhow::Error::msg)?);

@@ -38,6 +38,12 @@ pub struct RouterArgs {
     /// Requests that may wait for a free worker; more get 429 [default: 256].
     #[arg(long, env = "RWKV_MAX_QUEUE")]
     pub max_queue: Option<usize>,
+    /// Requests in flight per worker, as a multiple of its slots. Above 1 each worker keeps a
+    /// queue of its own, which it serves by preempting long generations, so short requests are
+    /// not stuck behind long ones; 1 keeps every waiting request in the router's fair queue
+    /// [default: 2].
+    #[arg(long, env = "RWKV_WORKER_OVERCOMMIT")]
+    pub worker_overcommit: Option<f64>,
     /// Seconds a request may spend queued and running [default: 600].
     #[arg(long, env = "RWKV_REQUEST_TIMEOUT")]
     pub request_timeout: Option<u64>,
@@ -67,6 +73,7 @@ impl RouterArgs {
         Self {
             listen: self.listen.or(file.listen),
             max_queue: self.max_queue.or(file.max_queue),
+            worker_overcommit: self.worker_overcommit.or(file.worker_overcommit),
             request_timeout: self.request_timeout.or(file.request_timeout),
             max_prompt_tokens: self.max_prompt_tokens.or(file.max_prompt_tokens),
             max_tokens_limit: self.max_tokens_limit.or(file.max_tokens_limit),
@@ -116,12 +123,18 @@ impl RouterArgs {
         }
     }
 
-    pub fn pool_config(&self) -> PoolConfig {
+    pub fn pool_config(&self) -> anyhow::Result<PoolConfig> {
         let d = PoolConfig::default();
-        PoolConfig {
+        let overcommit = self.worker_overcommit.unwrap_or(d.overcommit);
+        anyhow::ensure!(
+            overcommit.is_finite() && overcommit >= 1.0,
+            "--worker-overcommit must be a number >= 1, got {overcommit}"
+        );
+        Ok(PoolConfig {
             max_queue: self.max_queue.unwrap_or(d.max_queue),
+            overcommit,
             ..d
-        }
+        })
     }
 }
 
@@ -169,7 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 slots: identity.slots as u32,
             })
             .await?;
-        let pool = WorkerPool::new(router_args.pool_config());
+        let pool = WorkerPool::new(router_args.pool_config()?);
         pool.follow(&registry).await?;
         let router = router_args.build_router(
             router_args.router_config(Some(identity.model_id.clone())),

@@ -35,11 +35,23 @@ pub struct Cluster {
 }
 
 pub async fn start(cfg: RouterConfig, slots: usize) -> Cluster {
-    start_with_queue(cfg, slots, 256).await
+    start_full(cfg, slots, 256, None).await
 }
 
+/// A cluster whose worker gets only as many requests as it has slots (no overcommit), so every
+/// other request waits in the router's queue of `max_queue`.
 pub async fn start_with_queue(cfg: RouterConfig, slots: usize, max_queue: usize) -> Cluster {
-    start_full(cfg, slots, max_queue, None).await
+    start_pool(
+        cfg,
+        slots,
+        None,
+        PoolConfig {
+            max_queue,
+            overcommit: 1.0,
+            ..PoolConfig::default()
+        },
+    )
+    .await
 }
 
 pub async fn start_full(
@@ -47,6 +59,19 @@ pub async fn start_full(
     slots: usize,
     max_queue: usize,
     tenants: Option<TenantsFile>,
+) -> Cluster {
+    let pool = PoolConfig {
+        max_queue,
+        ..PoolConfig::default()
+    };
+    start_pool(cfg, slots, tenants, pool).await
+}
+
+pub async fn start_pool(
+    cfg: RouterConfig,
+    slots: usize,
+    tenants: Option<TenantsFile>,
+    pool_cfg: PoolConfig,
 ) -> Cluster {
     let engine = Engine::start(
         CpuBackend::new(&weights(), slots),
@@ -87,8 +112,7 @@ pub async fn start_full(
         .unwrap();
     let pool = WorkerPool::new(PoolConfig {
         poll_interval: Duration::from_millis(50),
-        max_queue,
-        ..PoolConfig::default()
+        ..pool_cfg
     });
     pool.follow(&registry).await.unwrap();
     let tokenizer = Arc::new(Tokenizer::world());
