@@ -2,68 +2,33 @@
 //! exactly what a separate request with its own seed gives, whether its fork found a free slot
 //! or had to wait for one; choices are cancelled one by one.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::{alone, weights, Hooked};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
-    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest, Sampler,
+    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest,
     SamplingParams, SchedulerConfig, Usage,
 };
-use rwkv_model::State;
-use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows, SeqStep};
+use rwkv_model::{ModelWeights, SeqStep};
 
 const TENANT: &str = "acme";
-
-fn weights() -> ModelWeights {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/rwkv6-tiny-c128-l2.safetensors");
-    ModelWeights::load(path).unwrap()
-}
-
-/// The CPU backend, counting the tokens it is fed.
-struct Counting {
-    inner: CpuBackend,
-    fed: Arc<AtomicUsize>,
-}
-
-impl Backend for Counting {
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn num_slots(&self) -> usize {
-        self.inner.num_slots()
-    }
-    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        let tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
-        self.fed.fetch_add(tokens, Ordering::SeqCst);
-        self.inner.forward(steps)
-    }
-    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        self.inner.load_state(slot, state)
-    }
-    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        self.inner.save_state(slot)
-    }
-    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
-        self.inner.reset_state(slot)
-    }
-    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        self.inner.copy_state(src, dst)
-    }
-}
 
 /// An engine with `slots` slots, small prefill chunks (a prompt takes several steps) and no
 /// prefix cache (so nothing but the fork can skip a prefill); and its fed-token counter.
 fn start(weights: &ModelWeights, slots: usize) -> (Engine, Arc<AtomicUsize>) {
     let fed = Arc::new(AtomicUsize::new(0));
-    let backend = Counting {
+    let counter = fed.clone();
+    // Counts the tokens the backend is fed.
+    let backend = Hooked {
         inner: CpuBackend::new(weights, slots),
-        fed: fed.clone(),
+        before_forward: move |steps: &[SeqStep<'_>]| {
+            let tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
+            counter.fetch_add(tokens, Ordering::SeqCst);
+        },
     };
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
@@ -99,28 +64,6 @@ fn request(prompt: &[u32], params: SamplingParams) -> GenerateRequest {
 
 fn prompt() -> Vec<u32> {
     (0..40).map(|i| (i * 37 + 11) % 1000 + 1).collect()
-}
-
-/// The reference: one sequence alone, the whole prompt in one forward call, its own sampler.
-fn alone(weights: &ModelWeights, prompt: &[u32], params: SamplingParams) -> Vec<u32> {
-    let mut backend = CpuBackend::new(weights, 1);
-    let vocab = backend.config().vocab_size;
-    let mut sampler = Sampler::new(params.clone(), vocab).unwrap();
-    let mut feed = prompt.to_vec();
-    let mut out = Vec::new();
-    while out.len() < params.max_tokens {
-        let step = SeqStep {
-            slot: 0,
-            tokens: &feed,
-            output: OutputRows::Last,
-        };
-        let mut logits = backend.forward(&[step]).unwrap().data;
-        let token = sampler.sample(&mut logits);
-        sampler.record(token, false);
-        out.push(token);
-        feed = vec![token];
-    }
-    out
 }
 
 fn finished(end: &GenerateEvent) -> (FinishReason, Usage) {

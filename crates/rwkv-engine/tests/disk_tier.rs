@@ -2,8 +2,11 @@
 //! the session's next turn, so the turn continues exactly without replaying the history; a
 //! corrupted file only costs the replay.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::weights;
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
     Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest, SamplingParams,
@@ -12,12 +15,6 @@ use rwkv_engine::{
 use rwkv_model::ModelWeights;
 
 const TENANT: &str = "acme";
-
-fn weights() -> ModelWeights {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/rwkv6-tiny-c128-l2.safetensors");
-    ModelWeights::load(path).unwrap()
-}
 
 /// One slot, so every other session's turn swaps ours out; no host tier, so a swapped-out
 /// state goes straight to the disk tier (when there is one); no prefix cache, so a lost state

@@ -1,25 +1,21 @@
 //! The engine on the CPU backend with a tiny random model: batching, swapping, caching, forking
 //! and export/import must never change a greedy continuation.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{alone, weights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
-    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest, Sampler,
+    Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest,
     SamplingParams, SchedulerConfig,
 };
-use rwkv_model::{Backend, ModelWeights, OutputRows, SeqStep};
+use rwkv_model::ModelWeights;
 
 const TENANT: &str = "acme";
-
-fn weights() -> ModelWeights {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/rwkv6-tiny-c128-l2.safetensors");
-    ModelWeights::load(path).unwrap()
-}
 
 fn greedy(max_tokens: usize) -> SamplingParams {
     SamplingParams {
@@ -61,31 +57,6 @@ fn run(engine: &Engine, req: GenerateRequest) -> Vec<u32> {
     let (tokens, end) = engine.generate(req).unwrap().collect();
     assert!(matches!(end, GenerateEvent::Finished { .. }), "{end:?}");
     tokens
-}
-
-/// The reference: one sequence, the whole prompt in one forward call, the same sampler.
-fn alone(weights: &ModelWeights, prompt: &[u32], params: SamplingParams) -> Vec<u32> {
-    let mut backend = CpuBackend::new(weights, 1);
-    let vocab = backend.config().vocab_size;
-    let mut sampler = Sampler::new(params.clone(), vocab).unwrap();
-    let mut feed = prompt.to_vec();
-    let mut out = Vec::new();
-    while out.len() < params.max_tokens {
-        let step = SeqStep {
-            slot: 0,
-            tokens: &feed,
-            output: OutputRows::Last,
-        };
-        let mut logits = backend.forward(&[step]).unwrap().data;
-        let token = sampler.sample(&mut logits);
-        if sampler.is_stop_token(token) {
-            break;
-        }
-        sampler.record(token, false);
-        out.push(token);
-        feed = vec![token];
-    }
-    out
 }
 
 fn prompt(rng: &mut ChaCha8Rng, len: usize) -> Vec<u32> {

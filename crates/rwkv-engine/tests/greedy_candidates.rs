@@ -2,58 +2,15 @@
 //! (`OutputRows::Top`), and still picks exactly what sampling the whole row picks, bans
 //! included.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::{alone, weights, Hooked};
 use rwkv_cpu::CpuBackend;
-use rwkv_engine::{Engine, EngineConfig, GenerateRequest, Sampler, SamplingParams};
-use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows};
-use rwkv_model::{SeqStep, State};
-
-fn weights() -> ModelWeights {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/rwkv6-tiny-c128-l2.safetensors");
-    ModelWeights::load(path).unwrap()
-}
-
-/// The CPU backend, counting the sequences that asked for candidates instead of a row.
-struct Watching {
-    inner: CpuBackend,
-    top_requests: Arc<AtomicUsize>,
-}
-
-impl Backend for Watching {
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn num_slots(&self) -> usize {
-        self.inner.num_slots()
-    }
-    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        let tops = steps
-            .iter()
-            .filter(|s| matches!(s.output, OutputRows::Top(_)))
-            .count();
-        self.top_requests.fetch_add(tops, Ordering::SeqCst);
-        self.inner.forward(steps)
-    }
-    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        self.inner.load_state(slot, state)
-    }
-    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        self.inner.save_state(slot)
-    }
-    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
-        self.inner.reset_state(slot)
-    }
-    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        self.inner.copy_state(src, dst)
-    }
-}
+use rwkv_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams};
+use rwkv_model::{OutputRows, SeqStep};
 
 fn params(ban: Vec<u32>, presence_penalty: f32) -> SamplingParams {
     SamplingParams {
@@ -66,34 +23,21 @@ fn params(ban: Vec<u32>, presence_penalty: f32) -> SamplingParams {
     }
 }
 
-/// The reference: one sequence, full logits rows, the sampler on each whole row.
-fn alone(weights: &ModelWeights, prompt: &[u32], params: SamplingParams) -> Vec<u32> {
-    let mut backend = CpuBackend::new(weights, 1);
-    let mut sampler = Sampler::new(params.clone(), backend.config().vocab_size).unwrap();
-    let mut feed = prompt.to_vec();
-    let mut out = Vec::new();
-    while out.len() < params.max_tokens {
-        let step = SeqStep {
-            slot: 0,
-            tokens: &feed,
-            output: OutputRows::Last,
-        };
-        let mut logits = backend.forward(&[step]).unwrap().data;
-        let token = sampler.sample(&mut logits);
-        sampler.record(token, false);
-        out.push(token);
-        feed = vec![token];
-    }
-    out
-}
-
 #[test]
 fn greedy_decodes_from_candidates_exactly_and_penalties_keep_whole_rows() {
     let weights = weights();
     let top_requests = Arc::new(AtomicUsize::new(0));
-    let backend = Watching {
+    let counter = top_requests.clone();
+    // Counts the sequences that ask for candidates instead of a row.
+    let backend = Hooked {
         inner: CpuBackend::new(&weights, 8),
-        top_requests: top_requests.clone(),
+        before_forward: move |steps: &[SeqStep<'_>]| {
+            let tops = steps
+                .iter()
+                .filter(|s| matches!(s.output, OutputRows::Top(_)))
+                .count();
+            counter.fetch_add(tops, Ordering::SeqCst);
+        },
     };
     let engine = Engine::start(backend, EngineConfig::default()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..8u32)

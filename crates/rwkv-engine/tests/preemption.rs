@@ -2,57 +2,21 @@
 //! generations are swapped out after `preempt_after_steps`), and every preempted generation,
 //! stateless or a session's turn, continues exactly as if it had never been interrupted.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{weights, Hooked};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
     Engine, EngineConfig, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
     SamplingParams, SchedulerConfig,
 };
-use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, SeqStep, State};
+use rwkv_model::{ModelWeights, SeqStep};
 
 const TENANT: &str = "acme";
-
-fn weights() -> ModelWeights {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/rwkv6-tiny-c128-l2.safetensors");
-    ModelWeights::load(path).unwrap()
-}
-
-/// The CPU backend with every forward step taking at least a millisecond, so that a long
-/// generation takes far longer than a short one however the test threads are scheduled.
-struct Slow(CpuBackend);
-
-impl Backend for Slow {
-    fn config(&self) -> &ModelConfig {
-        self.0.config()
-    }
-    fn name(&self) -> String {
-        self.0.name()
-    }
-    fn num_slots(&self) -> usize {
-        self.0.num_slots()
-    }
-    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        thread::sleep(Duration::from_millis(1));
-        self.0.forward(steps)
-    }
-    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        self.0.load_state(slot, state)
-    }
-    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        self.0.save_state(slot)
-    }
-    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
-        self.0.reset_state(slot)
-    }
-    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        self.0.copy_state(src, dst)
-    }
-}
 
 fn start(weights: &ModelWeights, slots: usize, preempt_after_steps: u64) -> Engine {
     let cfg = EngineConfig {
@@ -65,7 +29,13 @@ fn start(weights: &ModelWeights, slots: usize, preempt_after_steps: u64) -> Engi
         preempt_after_steps,
         ..EngineConfig::default()
     };
-    Engine::start(Slow(CpuBackend::new(weights, slots)), cfg).unwrap()
+    // Every forward step takes at least a millisecond, so that a long generation takes far
+    // longer than a short one however the test threads are scheduled.
+    let slow = Hooked {
+        inner: CpuBackend::new(weights, slots),
+        before_forward: |_: &[SeqStep<'_>]| thread::sleep(Duration::from_millis(1)),
+    };
+    Engine::start(slow, cfg).unwrap()
 }
 
 fn greedy(tokens: &[u32], max_tokens: usize) -> GenerateRequest {

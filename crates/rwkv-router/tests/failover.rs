@@ -166,23 +166,6 @@ async fn choices_streamed_by_a_failing_worker_continue_exactly_on_another() {
     assert_eq!(steps_left.load(Ordering::SeqCst), 0, "worker a never broke");
     assert_eq!(finished, vec![true; 3]);
     // What `b` gives without interruption (the API's greedy settings).
-    let (direct, _) = engine_b
-        .generate(GenerateRequest {
-            tenant: "direct".into(),
-            tokens,
-            params: SamplingParams {
-                temperature: 0.0,
-                stop_tokens: vec![0],
-                token_ban: (65530..65536).collect(),
-                presence_penalty: 0.0,
-                frequency_penalty: 0.0,
-                max_tokens,
-                ..SamplingParams::default()
-            },
-            ..GenerateRequest::default()
-        })
-        .unwrap()
-        .collect();
-    let direct = String::from_utf8_lossy(&tokenizer.decode_bytes_lossy(&direct)).into_owned();
+    let direct = greedy_text(&engine_b, &tokenizer, tokens, max_tokens);
     assert_eq!(texts, vec![direct; 3]);
 }

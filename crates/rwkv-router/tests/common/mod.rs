@@ -168,26 +168,36 @@ impl Cluster {
     /// Greedy continuation computed by the engine directly.
     pub fn direct(&self, prompt: &str, max_tokens: usize) -> String {
         let tokens = self.tokenizer.encode(prompt).unwrap();
-        let (out, _) = self
-            .engine
-            .generate(GenerateRequest {
-                tenant: "direct".into(),
-                tokens,
-                params: SamplingParams {
-                    temperature: 0.0,
-                    stop_tokens: vec![0],
-                    token_ban: (65530..65536).collect(),
-                    presence_penalty: 0.0,
-                    frequency_penalty: 0.0,
-                    max_tokens,
-                    ..SamplingParams::default()
-                },
-                ..GenerateRequest::default()
-            })
-            .unwrap()
-            .collect();
-        String::from_utf8_lossy(&self.tokenizer.decode_bytes_lossy(&out)).into_owned()
+        greedy_text(&self.engine, &self.tokenizer, tokens, max_tokens)
     }
+}
+
+/// The greedy continuation of `tokens` on `engine` with the API's settings (end-of-text stops
+/// it, unusable tokens banned, no penalties), as text.
+pub fn greedy_text(
+    engine: &Engine,
+    tokenizer: &Tokenizer,
+    tokens: Vec<u32>,
+    max_tokens: usize,
+) -> String {
+    let (out, _) = engine
+        .generate(GenerateRequest {
+            tenant: "direct".into(),
+            tokens,
+            params: SamplingParams {
+                temperature: 0.0,
+                stop_tokens: vec![0],
+                token_ban: (65530..65536).collect(),
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                max_tokens,
+                ..SamplingParams::default()
+            },
+            ..GenerateRequest::default()
+        })
+        .unwrap()
+        .collect();
+    String::from_utf8_lossy(&tokenizer.decode_bytes_lossy(&out)).into_owned()
 }
 
 /// Reads an SSE body into its `data:` payloads.
