@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use rwkv_model::{ModelConfig, State};
 
 use crate::error::EngineError;
-use crate::export::{self, SessionSnapshot};
+use crate::export;
 use crate::sessions::SessionKey;
 use crate::tiers::{LruStore, Weigh};
 
@@ -249,13 +249,8 @@ fn write_files(
     while let Ok(job) = queue.recv() {
         let path = match job {
             Job::Write { path, state } => {
-                let snapshot = SessionSnapshot {
-                    history: Vec::new(),
-                    pending: Vec::new(),
-                    state: State::clone(&state),
-                };
+                let bytes = export::encode_parts(model_hash, cfg, &[], &[], &state);
                 drop(state);
-                let bytes = export::encode(model_hash, cfg, &snapshot);
                 let partial = path.with_extension(PARTIAL);
                 let written =
                     fs::write(&partial, &bytes).and_then(|()| fs::rename(&partial, &path));

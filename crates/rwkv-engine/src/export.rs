@@ -46,8 +46,20 @@ pub fn encoded_len(tokens: usize, state_len: usize) -> usize {
 
 /// Serializes a snapshot for a model.
 pub fn encode(model_hash: &[u8; 32], cfg: &ModelConfig, snap: &SessionSnapshot) -> Vec<u8> {
-    let state = snap.state.as_flat();
-    let len = encoded_len(snap.history.len() + snap.pending.len(), state.len());
+    encode_parts(model_hash, cfg, &snap.history, &snap.pending, &snap.state)
+}
+
+/// [`encode`] from borrowed parts, for a caller that holds the state elsewhere (the disk tier
+/// writes shared states without copying them first).
+pub fn encode_parts(
+    model_hash: &[u8; 32],
+    cfg: &ModelConfig,
+    history: &[u32],
+    pending: &[u32],
+    state: &State,
+) -> Vec<u8> {
+    let state = state.as_flat();
+    let len = encoded_len(history.len() + pending.len(), state.len());
     let mut out = Vec::with_capacity(len);
     out.extend_from_slice(EXPORT_MAGIC);
     out.extend_from_slice(&EXPORT_VERSION.to_le_bytes());
@@ -55,10 +67,10 @@ pub fn encode(model_hash: &[u8; 32], cfg: &ModelConfig, snap: &SessionSnapshot) 
     for dim in shape(cfg) {
         out.extend_from_slice(&dim.to_le_bytes());
     }
-    for n in [snap.history.len(), snap.pending.len(), state.len()] {
+    for n in [history.len(), pending.len(), state.len()] {
         out.extend_from_slice(&(n as u64).to_le_bytes());
     }
-    for &t in snap.history.iter().chain(&snap.pending) {
+    for &t in history.iter().chain(pending) {
         out.extend_from_slice(&t.to_le_bytes());
     }
     for &x in state {
