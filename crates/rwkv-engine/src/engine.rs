@@ -220,41 +220,37 @@ impl EngineHandle {
             params.seed = params.seed.map(|s| s.wrapping_add(i as u64));
             samplers.push(Box::new(Sampler::new(params, vocab)?));
         }
+        // One id, stream and sampler per choice; the first choice carries the others.
         let first = self.next_id.fetch_add(n as u64, Ordering::Relaxed);
         let mut streams = Vec::with_capacity(n);
-        let mut senders = Vec::with_capacity(n);
-        for i in 0..n as u64 {
+        let mut choices = Vec::with_capacity(n);
+        for (id, sampler) in (first..).zip(samplers) {
             let (events, rx) = mpsc::channel();
-            senders.push(events);
             streams.push(GenerateStream {
-                id: first + i,
+                id,
                 events: rx,
                 commands: self.commands.clone(),
             });
+            choices.push(Sibling {
+                id,
+                sampler,
+                events,
+            });
         }
-        let mut samplers = samplers.into_iter();
-        let mut senders = senders.into_iter();
-        let (Some(sampler), Some(events)) = (samplers.next(), senders.next()) else {
+        let mut choices = choices.into_iter();
+        let Some(lead) = choices.next() else {
             return Err(EngineError::Choices {
                 n,
                 reason: "at least one choice is needed",
             });
         };
-        let siblings = (1..)
-            .zip(samplers.zip(senders))
-            .map(|(i, (sampler, events))| Sibling {
-                id: first + i,
-                sampler,
-                events,
-            })
-            .collect();
         self.send(Command::Generate {
-            id: first,
+            id: lead.id,
             req: Box::new(req),
-            sampler,
-            events,
+            sampler: lead.sampler,
+            events: lead.events,
             submitted: Instant::now(),
-            siblings,
+            siblings: choices.collect(),
         })?;
         Ok(streams)
     }
