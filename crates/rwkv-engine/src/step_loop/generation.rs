@@ -156,8 +156,7 @@ impl<B: Backend> Core<B> {
         let exempt = &self.exempt[..];
         let draw = |d: &mut Draw<'_>| {
             if let Role::Generate(g) = &mut d.seq.role {
-                let pick = std::mem::replace(&mut d.pick, Pick::Candidates(&[]));
-                d.event = sample_one(g, &mut d.seq.unfed, &mut d.seq.finish, pick, exempt);
+                d.event = sample_one(g, &mut d.seq.unfed, &mut d.seq.finish, &mut d.pick, exempt);
             }
         };
         let threads = self
@@ -234,7 +233,7 @@ fn sample_one(
     g: &mut Generation,
     unfed: &mut Vec<u32>,
     finish: &mut Option<FinishReason>,
-    pick: Pick<'_>,
+    pick: &mut Pick<'_>,
     exempt: &[bool],
 ) -> Option<GenerateEvent> {
     let max_tokens = g.sampler.params().max_tokens;
