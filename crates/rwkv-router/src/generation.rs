@@ -407,27 +407,10 @@ async fn attempt(
         request_id: spec.request_id.clone(),
         n: 1,
     };
-    let mut request = tonic::Request::new(request);
-    if let Some(trace) = &spec.trace {
-        trace.child().inject(&mut request);
-    }
-    let mut client = lease.worker.client.clone();
-    let call = tokio::time::timeout_at(spec.deadline, client.generate(request));
-    let mut stream = match call.await {
-        Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
-        Ok(Err(status)) => return Err(classify(spec, status)),
-        Ok(Ok(response)) => response.into_inner(),
-    };
+    let mut stream = open_stream(spec, lease, request).await?;
     loop {
-        let next = match tokio::time::timeout_at(spec.deadline, stream.message()).await {
-            Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
-            Ok(next) => next,
-        };
-        match next {
-            Ok(Some(wv1::GenerateEvent {
-                event: Some(wv1::generate_event::Event::Token(token)),
-                ..
-            })) => {
+        match next_event(spec, &mut stream).await? {
+            wv1::generate_event::Event::Token(token) => {
                 let (out, stopped) = progress.take(tokenizer, token);
                 if tx.send(GenerationEvent::Token(out)).await.is_err() {
                     // The client left; dropping the stream cancels the sequence on the worker.
@@ -439,23 +422,61 @@ async fn attempt(
                     return Ok(Ended::StopString);
                 }
             }
-            Ok(Some(wv1::GenerateEvent {
-                event: Some(wv1::generate_event::Event::Finished(finished)),
-                ..
-            })) => return Ok(Ended::Worker(finished)),
-            Ok(Some(wv1::GenerateEvent { event: None, .. })) => {
-                return Err(AttemptError::Retry(Status::internal(
-                    "empty event from worker",
-                )))
-            }
-            Ok(None) => {
-                return Err(AttemptError::Retry(Status::unavailable(
-                    "the worker closed the stream before finishing",
-                )))
-            }
-            Err(status) => return Err(classify(spec, status)),
+            wv1::generate_event::Event::Finished(finished) => return Ok(Ended::Worker(finished)),
         }
     }
+}
+
+/// Sends `request` to the lease's worker, with a child of the spec's trace, and opens the
+/// stream of its events.
+async fn open_stream(
+    spec: &GenerationSpec,
+    lease: &Lease,
+    request: wv1::GenerateRequest,
+) -> Result<tonic::Streaming<wv1::GenerateEvent>, AttemptError> {
+    let mut request = tonic::Request::new(request);
+    if let Some(trace) = &spec.trace {
+        trace.child().inject(&mut request);
+    }
+    let mut client = lease.worker.client.clone();
+    match tokio::time::timeout_at(spec.deadline, client.generate(request)).await {
+        Err(_) => Err(AttemptError::Fatal(ApiError::timeout())),
+        Ok(Err(status)) => Err(classify(spec, status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+/// The next event of a worker's stream, with its choice: a worker that ends the stream early,
+/// sends an empty event or fails is an error for [`classify`], a deadline that passes is fatal.
+async fn next_event_of(
+    spec: &GenerationSpec,
+    stream: &mut tonic::Streaming<wv1::GenerateEvent>,
+) -> Result<(u32, wv1::generate_event::Event), AttemptError> {
+    let next = match tokio::time::timeout_at(spec.deadline, stream.message()).await {
+        Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
+        Ok(next) => next,
+    };
+    match next {
+        Ok(Some(wv1::GenerateEvent {
+            event: Some(event),
+            choice,
+        })) => Ok((choice, event)),
+        Ok(Some(wv1::GenerateEvent { event: None, .. })) => Err(AttemptError::Retry(
+            Status::internal("empty event from worker"),
+        )),
+        Ok(None) => Err(AttemptError::Retry(Status::unavailable(
+            "the worker closed the stream before finishing",
+        ))),
+        Err(status) => Err(classify(spec, status)),
+    }
+}
+
+/// [`next_event_of`] for a one-choice stream.
+async fn next_event(
+    spec: &GenerationSpec,
+    stream: &mut tonic::Streaming<wv1::GenerateEvent>,
+) -> Result<wv1::generate_event::Event, AttemptError> {
+    next_event_of(spec, stream).await.map(|(_, event)| event)
 }
 
 /// Worker faults are retried elsewhere; request faults go back to the client (an unknown

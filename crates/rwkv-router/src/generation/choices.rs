@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{
-    classify, conclude, resume, warn_failover, AttemptError, Ended, GenerationEvent,
-    GenerationSpec, Progress, EVENT_BUFFER,
+    conclude, next_event_of, open_stream, resume, warn_failover, AttemptError, Ended,
+    GenerationEvent, GenerationSpec, Progress, EVENT_BUFFER,
 };
 use crate::error::ApiError;
 use crate::pool::{Lease, Requester, WorkerPool};
@@ -155,44 +155,21 @@ async fn attempt(
         request_id: spec.request_id.clone(),
         n: choices.len() as u32,
     };
-    let mut request = tonic::Request::new(request);
-    if let Some(trace) = &spec.trace {
-        trace.child().inject(&mut request);
-    }
-    let mut client = lease.worker.client.clone();
-    let call = tokio::time::timeout_at(spec.deadline, client.generate(request));
-    let mut stream = match call.await {
-        Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
-        Ok(Err(status)) => return Err(classify(&spec, status)),
-        Ok(Ok(response)) => response.into_inner(),
-    };
+    let mut stream = open_stream(&spec, lease, request).await?;
     // Dropping the stream when every choice has ended cancels what the worker still runs.
     while choices.iter().any(|c| c.open) {
-        let next = match tokio::time::timeout_at(spec.deadline, stream.message()).await {
-            Err(_) => return Err(AttemptError::Fatal(ApiError::timeout())),
-            Ok(next) => next,
-        };
-        let event = match next {
-            Ok(Some(event)) => event,
-            Ok(None) => {
-                return Err(AttemptError::Retry(Status::unavailable(
-                    "the worker closed the stream before finishing",
-                )))
-            }
-            Err(status) => return Err(classify(&spec, status)),
-        };
-        let Some(choice) = choices.get_mut(event.choice as usize) else {
+        let (index, event) = next_event_of(&spec, &mut stream).await?;
+        let Some(choice) = choices.get_mut(index as usize) else {
             return Err(AttemptError::Retry(Status::internal(format!(
-                "the worker sent choice {} of {}",
-                event.choice,
+                "the worker sent choice {index} of {}",
                 choices.len()
             ))));
         };
         if !choice.open {
             continue;
         }
-        let ended = match event.event {
-            Some(wv1::generate_event::Event::Token(token)) => {
+        let ended = match event {
+            wv1::generate_event::Event::Token(token) => {
                 let (out, stopped) = choice.progress.take(tokenizer, token);
                 if choice.tx.send(GenerationEvent::Token(out)).await.is_err() {
                     choice.open = false;
@@ -203,12 +180,7 @@ async fn attempt(
                 }
                 Ended::StopString
             }
-            Some(wv1::generate_event::Event::Finished(finished)) => Ended::Worker(finished),
-            None => {
-                return Err(AttemptError::Retry(Status::internal(
-                    "empty event from worker",
-                )))
-            }
+            wv1::generate_event::Event::Finished(finished) => Ended::Worker(finished),
         };
         let done = conclude(
             pool,
