@@ -82,9 +82,20 @@ PY
 ); do
     add_dir "$d"
 done
+# NCCL (tensor parallelism): PyTorch's wheel ships only libnccl.so.2, a name cudarc does not
+# try; a libnccl.so symlink to it in a directory of our own makes it loadable.
+nccl=""
+for d in ${libdirs//:/ }; do
+    [ -e "$d/libnccl.so.2" ] && nccl="$d/libnccl.so.2" && break
+done
+if [ -n "$nccl" ]; then
+    nccl_dir=$(mktemp -d)
+    ln -s "$nccl" "$nccl_dir/libnccl.so"
+    add_dir "$nccl_dir"
+fi
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-for lib in libcuda.so libnvrtc.so libcublas.so libcublasLt.so; do
+for lib in libcuda.so libnvrtc.so libcublas.so libcublasLt.so libnccl.so; do
     found=""
     for d in ${LD_LIBRARY_PATH//:/ } /usr/lib/x86_64-linux-gnu /usr/lib64; do
         f=$(ls "$d"/$lib* 2>/dev/null | head -1)

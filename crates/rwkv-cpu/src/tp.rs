@@ -37,31 +37,17 @@ pub struct RankState {
 impl RankState {
     /// This rank's part of a full state.
     pub fn from_full(plan: &ShardPlan, state: &State) -> Self {
-        let (c, wkv) = (plan.n_embd(), plan.wkv_range());
-        let mut data = Vec::with_capacity(state.n_layer() * (2 * c + wkv.len()));
-        for i in 0..state.n_layer() {
-            let (att, full_wkv, ffn) = state.layer(i);
-            data.extend_from_slice(att);
-            data.extend_from_slice(&full_wkv[wkv.clone()]);
-            data.extend_from_slice(ffn);
-        }
         Self {
-            c,
-            wkv_len: wkv.len(),
-            data,
+            c: plan.n_embd(),
+            wkv_len: plan.wkv_len(),
+            data: plan.state_part(state),
         }
     }
 
     /// Writes this rank's part into a full state (the shifts are the same on every rank).
     pub fn write_into(&self, plan: &ShardPlan, state: &mut State) {
-        let wkv = plan.wkv_range();
-        for i in 0..state.n_layer() {
-            let (att, mine, ffn) = self.layer(i);
-            let layer = state.layer_mut(i);
-            layer.att_shift.copy_from_slice(att);
-            layer.wkv[wkv.clone()].copy_from_slice(mine);
-            layer.ffn_shift.copy_from_slice(ffn);
-        }
+        plan.write_state_part(&self.data, state)
+            .expect("a rank's state part has its plan's size");
     }
 
     fn layer_len(&self) -> usize {

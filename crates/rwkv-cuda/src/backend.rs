@@ -1,16 +1,20 @@
-//! [`CudaBackend`]: the `rwkv_model::Backend` implementation on one device.
+//! [`CudaBackend`]: the `rwkv_model::Backend` implementation on one device, which is also
+//! the body of one rank of the tensor-parallel backend (`tp.rs`).
+
+use std::borrow::Cow;
 
 use cudarc::driver::CudaSlice;
 use rwkv_model::backend::{check_state, take_candidates, tops_as_last, validate_steps};
 use rwkv_model::{
-    Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows, SeqStep, State,
+    Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows, SeqStep, ShardPlan, State,
 };
 
 use crate::device::Device;
 use crate::error::{CudaError, Result};
 use crate::exec::{CudaExec, Workspace};
-use crate::forward::{GemmPrecision, Step, MAX_DEVICE_CANDIDATES};
+use crate::forward::{GemmPrecision, Part, Step, MAX_DEVICE_CANDIDATES};
 use crate::kernels::{Kernels, MAX_HEAD_SIZE};
+use crate::nccl::NcclComm;
 use crate::plan::BatchPlan;
 use crate::pool::{HostState, PoolLayout, StatePool};
 use crate::weights::{self, DeviceWeights, WeightViews};
@@ -33,7 +37,7 @@ pub struct TopK {
 
 /// The RWKV-6 model on one CUDA device, with a pool of state slots in device memory.
 pub struct CudaBackend {
-    cfg: ModelConfig,
+    pub(crate) cfg: ModelConfig,
     options: CudaOptions,
     kernels: Kernels,
     /// Raw views of `_weights` for kernel arguments (valid while it lives).
@@ -47,7 +51,17 @@ pub struct CudaBackend {
     /// asynchronously at full link speed, so the head's chunks queue back to back and the step
     /// waits once (a pageable copy blocks per chunk and runs several times slower).
     logits_host: Option<HostState>,
+    /// The part of the model held here: all of it, or a tensor-parallel rank's shard.
+    part: Part,
+    /// A rank's shard plan and its end of the group's communicator.
+    pub(crate) shard: Option<Shard>,
     dev: Device,
+}
+
+/// What a tensor-parallel rank holds beyond a whole-model backend.
+pub(crate) struct Shard {
+    pub plan: ShardPlan,
+    pub comm: NcclComm,
 }
 
 impl CudaBackend {
@@ -65,6 +79,18 @@ impl CudaBackend {
         device_ordinal: usize,
         options: CudaOptions,
     ) -> Result<Self> {
+        Self::build(weights, slots, device_ordinal, options, None)
+    }
+
+    /// A whole-model backend (`shard` None) or one rank of a tensor-parallel group: the rank's
+    /// shard of the weights, and slots that hold its part of each state.
+    pub(crate) fn build(
+        weights: &ModelWeights,
+        slots: usize,
+        device_ordinal: usize,
+        options: CudaOptions,
+        shard: Option<Shard>,
+    ) -> Result<Self> {
         let cfg = weights.config.clone();
         check_model(&cfg)?;
         let dev = Device::open(device_ordinal)?;
@@ -75,10 +101,25 @@ impl CudaBackend {
             );
         }
         let kernels = Kernels::load(&dev, cfg.head_size)?;
-        let weights_dev = weights::upload(&dev, weights)?;
+        let plan = shard.as_ref().map(|s| &s.plan);
+        let weights_dev = weights::upload(&dev, weights, plan)?;
         let views = weights::views(&dev, &weights_dev);
-        let initial = dev.upload(weights.initial_state().as_flat())?;
-        let pool = StatePool::new(&dev, PoolLayout::new(&cfg, slots), &initial)?;
+        let (part, layout, initial) = match plan {
+            None => (
+                Part::whole(&cfg),
+                PoolLayout::new(&cfg, slots),
+                dev.upload(weights.initial_state().as_flat())?,
+            ),
+            Some(plan) => (
+                Part::of(plan),
+                PoolLayout {
+                    n_head: plan.heads_per_rank(),
+                    ..PoolLayout::new(&cfg, slots)
+                },
+                dev.upload(&plan.state_part(&weights.initial_state()))?,
+            ),
+        };
+        let pool = StatePool::new(&dev, layout, &initial)?;
         let ws = Workspace::new(&dev, &cfg, options.precision.split(), 16)?;
         dev.compute
             .synchronize()
@@ -88,6 +129,7 @@ impl CudaBackend {
             arch = %dev.arch,
             slots,
             precision = ?options.precision,
+            rank = ?plan.map(|p| (p.rank, p.world)),
             "CUDA backend ready"
         );
         Ok(Self {
@@ -100,6 +142,8 @@ impl CudaBackend {
             pool,
             ws,
             logits_host: None,
+            part,
+            shard,
             dev,
         })
     }
@@ -199,7 +243,7 @@ impl CudaBackend {
 }
 
 /// Rejects models the kernels cannot run.
-fn check_model(cfg: &ModelConfig) -> Result<()> {
+pub(crate) fn check_model(cfg: &ModelConfig) -> Result<()> {
     if cfg.head_size == 0 || cfg.head_size > MAX_HEAD_SIZE {
         return Err(CudaError::Unsupported(format!(
             "head size {} (the WKV kernels take 1..={MAX_HEAD_SIZE})",
@@ -224,21 +268,57 @@ impl Drop for CudaBackend {
 }
 
 impl CudaBackend {
-    /// One forward step (validated steps; `Top` rows ask for at most
-    /// [`MAX_DEVICE_CANDIDATES`]).
-    fn run_step(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+    /// The steps as the device runs them: `Top` rows asking for more candidates than the
+    /// device ranks become full rows, picked on the host by [`take_candidates`].
+    pub(crate) fn device_steps<'s, 'a>(steps: &'s [SeqStep<'a>]) -> Cow<'s, [SeqStep<'a>]> {
+        let on_device = steps.iter().all(|s| match s.output {
+            OutputRows::Top(k) => k <= MAX_DEVICE_CANDIDATES,
+            _ => true,
+        });
+        if on_device {
+            Cow::Borrowed(steps)
+        } else {
+            Cow::Owned(tops_as_last(steps))
+        }
+    }
+
+    /// Values of logits a step downloads here (none on a rank without the head).
+    fn logits_len(&self, plan: &BatchPlan) -> usize {
+        if self.part.head {
+            plan.head_rows.len() * self.cfg.vocab_size
+        } else {
+            0
+        }
+    }
+
+    /// Grows the scratch and staging buffers for a step of `steps` (validated, as the device
+    /// runs them). Everything that can fail on this device alone happens here, before a rank
+    /// of a tensor-parallel group enters the collective.
+    pub(crate) fn prepare_step(&mut self, steps: &[SeqStep<'_>]) -> Result<BatchPlan> {
         self.dev.bind()?;
         let plan = BatchPlan::new(steps)?;
+        if plan.rows() > 0 {
+            // At least one value: a step of greedy decodes alone downloads no rows, and a
+            // pinned buffer of zero bytes is not a buffer.
+            let len = self.logits_len(&plan);
+            pinned_at_least(&self.dev, &mut self.logits_host, len.max(1))?;
+            let split = self.options.precision.split();
+            self.ws.bufs(&self.dev, &self.cfg, split, plan.rows())?;
+        }
+        Ok(plan)
+    }
+
+    /// Runs a step prepared by [`CudaBackend::prepare_step`].
+    pub(crate) fn run_prepared(&mut self, plan: &BatchPlan) -> Result<Logits, BackendError> {
+        self.dev.bind()?;
         let vocab = self.cfg.vocab_size;
-        let len = plan.head_rows.len() * vocab;
         if plan.rows() == 0 {
             return Ok(Logits {
                 vocab,
                 ..Logits::default()
             });
         }
-        // At least one value: a step of greedy decodes alone downloads no rows, and a pinned
-        // buffer of zero bytes is not a buffer.
+        let len = self.logits_len(plan);
         let staging = pinned_at_least(&self.dev, &mut self.logits_host, len.max(1))?;
         self.pool.before_compute(&self.dev, plan.slots())?;
         let split = self.options.precision.split();
@@ -246,6 +326,7 @@ impl CudaBackend {
         let exec = CudaExec {
             dev: &self.dev,
             kernels: &self.kernels,
+            comm: self.shard.as_ref().map(|s| &s.comm),
         };
         let step = Step {
             exec: &exec,
@@ -255,16 +336,31 @@ impl CudaBackend {
             layout: self.pool.layout,
             bufs,
             precision: self.options.precision,
+            part: self.part,
         };
         // Record the slots' compute event even when the step failed part-way, so a later
         // swap still waits for whatever was issued. The step synchronizes before returning,
         // so the staging buffer holds the finished logits.
         let mut top = Vec::with_capacity(plan.top_k.iter().sum());
-        let ran = step.run(&plan, &mut staging.as_mut_slice()?[..len], &mut top);
+        let ran = step.run(plan, &mut staging.as_mut_slice()?[..len], &mut top);
         self.pool.after_compute(&self.dev, plan.slots())?;
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);
         Ok(Logits { vocab, data, top })
+    }
+
+    /// The pool's slot `slot` as stored (a rank's part of the state).
+    pub(crate) fn save_slot(&mut self, slot: usize) -> Result<Vec<f32>> {
+        self.pool.layout.check_slot(slot)?;
+        self.dev.bind()?;
+        self.pool.save(&self.dev, slot)
+    }
+
+    /// Overwrites slot `slot` with values in the pool's layout.
+    pub(crate) fn load_slot(&mut self, slot: usize, data: &[f32]) -> Result<()> {
+        self.pool.layout.check_slot(slot)?;
+        self.dev.bind()?;
+        self.pool.load(&self.dev, slot, data)
     }
 }
 
@@ -283,29 +379,19 @@ impl Backend for CudaBackend {
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         validate_steps(&self.cfg, self.pool.layout.slots, steps)?;
-        let on_device = steps.iter().all(|s| match s.output {
-            OutputRows::Top(k) => k <= MAX_DEVICE_CANDIDATES,
-            _ => true,
-        });
-        if on_device {
-            return self.run_step(steps);
-        }
-        // More candidates than the device path ranks: pick them from downloaded rows.
-        let full = self.run_step(&tops_as_last(steps))?;
-        Ok(take_candidates(steps, full))
+        let device_steps = Self::device_steps(steps);
+        let plan = self.prepare_step(&device_steps)?;
+        let logits = self.run_prepared(&plan)?;
+        Ok(finish_candidates(steps, device_steps, logits))
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        self.pool.layout.check_slot(slot)?;
         check_state(&self.cfg, state)?;
-        self.dev.bind()?;
-        Ok(self.pool.load(&self.dev, slot, state.as_flat())?)
+        Ok(self.load_slot(slot, state.as_flat())?)
     }
 
     fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        self.pool.layout.check_slot(slot)?;
-        self.dev.bind()?;
-        let data = self.pool.save(&self.dev, slot)?;
+        let data = self.save_slot(slot)?;
         State::from_flat(&self.cfg, data).map_err(|e| BackendError::State(e.to_string()))
     }
 
@@ -318,6 +404,20 @@ impl Backend for CudaBackend {
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
         self.dev.bind()?;
         Ok(self.pool.copy(&self.dev, src, dst)?)
+    }
+}
+
+/// The logits `steps` asked for, from a step run as `device_steps` (from
+/// [`CudaBackend::device_steps`]): when some `Top` rows were run as full rows, their candidates
+/// are picked from those rows here.
+pub(crate) fn finish_candidates(
+    steps: &[SeqStep<'_>],
+    device_steps: Cow<'_, [SeqStep<'_>]>,
+    logits: Logits,
+) -> Logits {
+    match device_steps {
+        Cow::Borrowed(_) => logits,
+        Cow::Owned(_) => take_candidates(steps, logits),
     }
 }
 

@@ -32,6 +32,9 @@ pub enum CudaError {
         #[source]
         source: cudarc::cublas::result::CublasError,
     },
+    /// An NCCL call failed (tensor parallelism).
+    #[error("NCCL error during {op}: {detail}")]
+    Nccl { op: &'static str, detail: String },
     /// A launch or copy was asked for with inconsistent sizes; nothing was launched.
     #[error("shape error in {op}: {detail}")]
     Shape { op: &'static str, detail: String },

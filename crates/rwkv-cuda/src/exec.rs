@@ -8,11 +8,14 @@ use crate::error::{CudaError, Result};
 use crate::forward::{Exec, ScratchSizes, StepBufs, ACT_BUFFERS};
 use crate::gemm::{gemm_batched, BatchStrides, GemmSpec};
 use crate::kernels::{Bf16Buf, DevBuf, F32Buf, I32Buf, Kernels};
+use crate::nccl::NcclComm;
 
 /// Runs a forward step on a device.
 pub struct CudaExec<'a> {
     pub dev: &'a Device,
     pub kernels: &'a Kernels,
+    /// The rank's communicator, when the step is one rank's shard.
+    pub comm: Option<&'a NcclComm>,
 }
 
 fn check_copy(op: &'static str, buf: usize, host: usize) -> Result<()> {
@@ -95,6 +98,13 @@ impl Exec for CudaExec<'_> {
             cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr(), self.dev.compute.cu_stream())
         }
         .map_err(CudaError::driver("download candidates"))
+    }
+
+    fn all_reduce_sum(&self, buf: F32Buf) -> Result<()> {
+        let comm = self.comm.ok_or_else(|| {
+            CudaError::Unsupported("an all-reduce without a tensor-parallel group".into())
+        })?;
+        comm.all_reduce_sum(buf, self.dev.compute.cu_stream())
     }
 
     fn synchronize(&self) -> Result<()> {

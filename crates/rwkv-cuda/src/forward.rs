@@ -11,7 +11,7 @@
 //! GEMM rows (nearly free for decode, which is bound by reading the weights).
 //! [`GemmPrecision::Bf16`] rounds GEMM inputs to bf16, like the reference's `cuda bf16`.
 
-use rwkv_model::{Candidate, ModelConfig};
+use rwkv_model::{Candidate, ModelConfig, ShardPlan};
 
 use crate::error::{CudaError, Result};
 use crate::gemm::{BatchStrides, GemmSpec, WeightLayout};
@@ -33,6 +33,43 @@ pub enum GemmPrecision {
 impl GemmPrecision {
     pub fn split(self) -> bool {
         self == GemmPrecision::Split
+    }
+}
+
+/// The part of the model a step computes: all of it, or one tensor-parallel rank's shard
+/// (`rwkv_model::shard`: its heads, its channel-mix columns, partial outputs summed across ranks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// Attention channels of the heads computed here (C for the whole model).
+    pub channels: usize,
+    /// Channel-mix hidden columns computed here (F for the whole model).
+    pub ffn: usize,
+    /// Whether `att.output` and `ffn.value` produce partial sums that [`Exec::all_reduce_sum`]
+    /// adds up across ranks before they join the residual stream.
+    pub reduce: bool,
+    /// Whether this part computes the head (the whole model, or rank 0).
+    pub head: bool,
+}
+
+impl Part {
+    /// The whole model on one device.
+    pub fn whole(cfg: &ModelConfig) -> Self {
+        Self {
+            channels: cfg.n_embd,
+            ffn: cfg.dim_ffn,
+            reduce: false,
+            head: true,
+        }
+    }
+
+    /// The shard of one rank.
+    pub fn of(plan: &ShardPlan) -> Self {
+        Self {
+            channels: plan.channels().len(),
+            ffn: plan.ffn_cols().len(),
+            reduce: true,
+            head: plan.rank == 0,
+        }
     }
 }
 
@@ -64,6 +101,14 @@ pub trait Exec {
     fn upload_i32(&self, src: &[i32], dst: I32Buf) -> Result<()>;
     fn download_f32(&self, src: F32Buf, dst: &mut [f32]) -> Result<()>;
     fn download_i32(&self, src: I32Buf, dst: &mut [i32]) -> Result<()>;
+    /// Replaces `buf` with its element-wise sum over the ranks of a tensor-parallel group
+    /// (ordered after the work issued so far). Only called for a [`Part`] with `reduce`.
+    fn all_reduce_sum(&self, buf: F32Buf) -> Result<()> {
+        let _ = buf;
+        Err(CudaError::Unsupported(
+            "an all-reduce on a device without a tensor-parallel group".into(),
+        ))
+    }
     /// Waits until everything issued has finished.
     fn synchronize(&self) -> Result<()>;
 }
@@ -191,12 +236,15 @@ pub struct Step<'a> {
     pub layout: PoolLayout,
     pub bufs: StepBufs,
     pub precision: GemmPrecision,
+    /// The part of the model this step computes (its weights and pool layout are that part's).
+    pub part: Part,
 }
 
 impl Step<'_> {
     /// Runs the step described by `plan`, writes the requested logit rows to `logits`
-    /// (`plan.head_rows.len() * vocab` values) and appends the candidates of the `Top` rows to
-    /// `top`. The caller orders the pool's slots against the copy stream around this call.
+    /// (`plan.head_rows.len() * vocab` values; none where the part has no head) and appends the
+    /// candidates of the `Top` rows to `top`. The caller orders the pool's slots against the
+    /// copy stream around this call.
     pub fn run(
         &self,
         plan: &BatchPlan,
@@ -205,7 +253,12 @@ impl Step<'_> {
     ) -> Result<()> {
         let rows = plan.rows();
         let vocab = self.cfg.vocab_size;
-        if logits.len() != plan.head_rows.len() * vocab {
+        let head_len = if self.part.head {
+            plan.head_rows.len() * vocab
+        } else {
+            0
+        };
+        if logits.len() != head_len {
             return Err(CudaError::shape("forward", "logits buffer size"));
         }
         if let Some(&k) = plan
@@ -253,8 +306,10 @@ impl Step<'_> {
             self.time_mix(l, lw, &b, &meta, plan)?;
             self.channel_mix(l, lw, &b, &meta, plan)?;
         }
-        self.head(&b, &meta, plan, logits)?;
-        self.head_candidates(&b, &meta, plan, top)?;
+        if self.part.head {
+            self.head(&b, &meta, plan, logits)?;
+            self.head_candidates(&b, &meta, plan, top)?;
+        }
         self.exec.synchronize()
     }
 
@@ -294,6 +349,9 @@ impl Step<'_> {
         let (rows, split) = (plan.rows(), self.precision.split());
         let rs = self.rows_s(rows);
         let n = rs * c; // one [S*rows, C] GEMM input or output
+                        // This part's heads: r, k, v, g, w and y are [rows, ch] (ch = C for the whole model).
+        let ch = self.part.channels;
+        let nh = rs * ch;
         let pool = self.pool;
         let lay = &self.layout;
 
@@ -348,12 +406,12 @@ impl Step<'_> {
         kx.tmix_mix(b.a, b.dx, b.tmp, lw.maa_lambda, b.xs, rows, c, split)?;
 
         // k, v, r, g from x_k, x_v, x_r, x_g (xs blocks 1..5) in one batched GEMM.
-        let proj = GemmSpec::dense(WeightLayout::OutIn, c, c, rs);
+        let proj = GemmSpec::dense(WeightLayout::OutIn, ch, c, rs);
         let proj_strides = BatchStrides {
             count: 4,
-            w: c * c,
+            w: ch * c,
             x: n,
-            y: n,
+            y: nh,
         };
         self.exec
             .gemm(&proj, &proj_strides, lw.kvrg, b.xs.slice(n, 4 * n)?, b.tmp)?;
@@ -367,19 +425,20 @@ impl Step<'_> {
         .enumerate()
         {
             kx.gemm_out_f32(
-                b.tmp.slice(i * n, n)?,
+                b.tmp.slice(i * nh, nh)?,
                 out,
                 None,
                 None,
                 rows,
-                c,
+                ch,
                 split,
                 act,
                 false,
             )?;
         }
 
-        // w = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2)), f32.
+        // w = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2)), f32, for this part's
+        // channels (a shard holds those columns of decay_w2 and entries of time_decay).
         let x_w = b.xs.slice(0, n)?;
         self.gemm(
             &GemmSpec::dense(WeightLayout::InOut, dd, c, rs),
@@ -389,7 +448,7 @@ impl Step<'_> {
         )?;
         kx.gemm_out_bf16(b.tmp, b.gin, None, rows, dd, split, Act::Tanh)?;
         self.gemm(
-            &GemmSpec::dense(WeightLayout::InOut, c, dd, rs),
+            &GemmSpec::dense(WeightLayout::InOut, ch, dd, rs),
             lw.decay_w2,
             b.gin,
             b.tmp,
@@ -400,7 +459,7 @@ impl Step<'_> {
             Some(lw.time_decay),
             None,
             rows,
-            c,
+            ch,
             split,
             Act::Decay,
             false,
@@ -420,7 +479,7 @@ impl Step<'_> {
             u,
             b.y,
             rows,
-            c,
+            ch,
         )?;
         kx.wkv6_prefill(
             pool,
@@ -433,18 +492,32 @@ impl Step<'_> {
             u,
             b.y,
             rows,
-            c,
+            ch,
         )?;
 
-        // x += Wo · (GroupNorm(y) * g).
-        kx.group_norm_gate(b.y, b.g, lw.ln_x.0, lw.ln_x.1, b.gin, rows, c, split)?;
+        // x += Wo · (GroupNorm(y) * g); a shard's Wo holds its heads' input columns.
+        kx.group_norm_gate(b.y, b.g, lw.ln_x.0, lw.ln_x.1, b.gin, rows, ch, split)?;
         self.gemm(
-            &GemmSpec::dense(WeightLayout::OutIn, c, c, rs),
+            &GemmSpec::dense(WeightLayout::OutIn, c, ch, rs),
             lw.output,
             b.gin,
             b.tmp,
         )?;
-        kx.gemm_out_f32(b.tmp, b.x, None, None, rows, c, split, Act::None, true)
+        self.add_to_residual(b, rows, None)
+    }
+
+    /// x += the [S*rows, C] GEMM output in `tmp` (times `gate`). A shard's output is a partial
+    /// sum: it is formed in `y`, summed across ranks, then added.
+    fn add_to_residual(&self, b: &Bufs, rows: usize, gate: Option<F32Buf>) -> Result<()> {
+        let kx = self.kx();
+        let (c, split) = (self.cfg.n_embd, self.precision.split());
+        if !self.part.reduce {
+            return kx.gemm_out_f32(b.tmp, b.x, None, gate, rows, c, split, Act::None, true);
+        }
+        let partial = b.y.slice(0, rows * c)?;
+        kx.gemm_out_f32(b.tmp, partial, None, gate, rows, c, split, Act::None, false)?;
+        self.exec.all_reduce_sum(partial)?;
+        kx.gemm_out_f32(partial, b.x, None, None, rows, c, false, Act::None, true)
     }
 
     fn channel_mix(
@@ -456,7 +529,7 @@ impl Step<'_> {
         plan: &BatchPlan,
     ) -> Result<()> {
         let kx = self.kx();
-        let (c, f) = (self.cfg.n_embd, self.cfg.dim_ffn);
+        let (c, f) = (self.cfg.n_embd, self.part.ffn);
         let (rows, split) = (plan.rows(), self.precision.split());
         let rs = self.rows_s(rows);
         let n = rs * c;
@@ -502,7 +575,7 @@ impl Step<'_> {
             b.gin,
             b.tmp,
         )?;
-        kx.gemm_out_f32(b.tmp, b.x, None, Some(b.r), rows, c, split, Act::None, true)
+        self.add_to_residual(b, rows, Some(b.r))
     }
 
     /// ln_out and the head, only for the requested rows, in chunks of [`HEAD_CHUNK`] rows.

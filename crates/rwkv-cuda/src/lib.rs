@@ -11,7 +11,10 @@
 //! - the forward pass over ragged batches ([`forward`], [`plan`], [`exec`]) behind
 //!   [`CudaBackend`], which implements [`rwkv_model::Backend`].
 //!
-//! Later: tensor parallelism over NCCL in `tp/`. It does not own scheduling, sampling policy,
+//! - tensor parallelism: one rank per device holding its shard, partial sums added by NCCL
+//!   ([`tp`], [`nccl`]).
+//!
+//! It does not own scheduling, sampling policy,
 //! networking or async runtimes (no tokio, no tonic); the engine drives it synchronously.
 //!
 //! Builds and links without CUDA (cudarc loads libcuda, libnvrtc and libcublas at run time).
@@ -32,13 +35,17 @@ pub mod forward;
 pub mod gemm;
 pub mod kernels;
 pub mod launch;
+pub mod nccl;
 pub mod plan;
 pub mod pool;
 mod recurrent;
+pub mod tp;
 pub mod weights;
 
 pub use backend::{CudaBackend, CudaOptions, TopK};
 pub use device::{device_count, driver_available};
 pub use error::{CudaError, Result};
 pub use forward::GemmPrecision;
+pub use nccl::nccl_available;
 pub use pool::HostState;
+pub use tp::{tensor_parallel, CudaRank, TpCudaBackend};

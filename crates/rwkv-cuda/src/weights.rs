@@ -5,11 +5,13 @@
 //! (packing and checks), device buffers (uploaded once), and raw views for kernel arguments.
 
 use cudarc::driver::CudaSlice;
-use rwkv_model::weights::{BlockWeights, NormWeights};
-use rwkv_model::{ModelConfig, ModelWeights, Tensor};
+use rwkv_model::shard::{slice_cols, slice_rows};
+use rwkv_model::weights::{AttWeights, BlockWeights, NormWeights};
+use rwkv_model::{ModelConfig, ModelWeights, ShardPlan, Tensor};
 
 use crate::device::Device;
 use crate::error::{CudaError, Result};
+use crate::forward::Part;
 use crate::kernels::{Bf16Buf, DevBuf, F32Buf};
 
 /// One block's weights; `F` holds f32 vectors, `H` bf16 matrices.
@@ -154,9 +156,12 @@ fn packed<T>(
 }
 
 impl HostLayer {
-    /// Converts and packs one block, checking every size against the config.
-    pub fn from_block(cfg: &ModelConfig, b: &BlockWeights) -> Result<Self> {
-        let (c, f, dm, dd) = (cfg.n_embd, cfg.dim_ffn, cfg.maa_lora, cfg.decay_lora);
+    /// Converts and packs one block of `part` (the whole model, or a rank's shard from
+    /// [`shard_block`]), checking every size against the config.
+    pub fn from_block(cfg: &ModelConfig, part: &Part, b: &BlockWeights) -> Result<Self> {
+        let (c, dm, dd) = (cfg.n_embd, cfg.maa_lora, cfg.decay_lora);
+        // The sharded widths: this part's attention channels and channel-mix columns.
+        let (ch, f) = (part.channels, part.ffn);
         let a = &b.att;
         Ok(Layer {
             ln1: norm("ln1", &b.ln1, c)?,
@@ -176,18 +181,18 @@ impl HostLayer {
             )?,
             maa_w1: bf16s("time_maa_w1", &a.time_maa_w1, c * 5 * dm)?,
             maa_w2: bf16s("time_maa_w2", &a.time_maa_w2, 5 * dm * c)?,
-            time_decay: f32s("time_decay", &a.time_decay, c)?,
+            time_decay: f32s("time_decay", &a.time_decay, ch)?,
             decay_w1: bf16s("time_decay_w1", &a.time_decay_w1, c * dd)?,
-            decay_w2: bf16s("time_decay_w2", &a.time_decay_w2, dd * c)?,
-            faaaa: f32s("time_faaaa", &a.time_faaaa, c)?,
+            decay_w2: bf16s("time_decay_w2", &a.time_decay_w2, dd * ch)?,
+            faaaa: f32s("time_faaaa", &a.time_faaaa, ch)?,
             kvrg: packed(
                 "att.{key,value,receptance,gate}",
                 &[&a.key, &a.value, &a.receptance, &a.gate],
-                c * c,
+                ch * c,
                 Tensor::to_bf16_bits,
             )?,
-            output: bf16s("att.output", &a.output, c * c)?,
-            ln_x: norm("ln_x", &a.ln_x, c)?,
+            output: bf16s("att.output", &a.output, c * ch)?,
+            ln_x: norm("ln_x", &a.ln_x, ch)?,
             ffn_maa_k: f32s("ffn.time_maa_k", &b.ffn.time_maa_k, c)?,
             ffn_maa_r: f32s("ffn.time_maa_r", &b.ffn.time_maa_r, c)?,
             ffn_key: bf16s("ffn.key", &b.ffn.key, f * c)?,
@@ -197,14 +202,31 @@ impl HostLayer {
     }
 }
 
-/// Converts the model's weights, one layer at a time, through `f` (f32 vectors) and `h` (bf16
-/// matrices): uploading them, or keeping them on the host for the emulation tests.
+/// One block as a rank holds it on a device: [`ShardPlan::block`], and also the rank's
+/// columns of `time_decay_w2` and entries of `time_decay`, so a rank computes the decay of its
+/// own channels only (the CPU shard computes all C and keeps its own).
+pub fn shard_block(plan: &ShardPlan, b: &BlockWeights) -> BlockWeights {
+    let mut blk = plan.block(b);
+    let ch = plan.channels();
+    blk.att = AttWeights {
+        time_decay: slice_rows(&b.att.time_decay, ch.clone()),
+        time_decay_w2: slice_cols(&b.att.time_decay_w2, ch),
+        ..blk.att
+    };
+    blk
+}
+
+/// Converts the whole model's weights (`shard` None) or one rank's shard, one layer at a time,
+/// through `f` (f32 vectors) and `h` (bf16 matrices): uploading them, or keeping them on the
+/// host for the emulation tests.
 pub fn convert<F, H>(
     w: &ModelWeights,
+    shard: Option<&ShardPlan>,
     f: &mut impl FnMut(&Vec<f32>) -> Result<F>,
     h: &mut impl FnMut(&Vec<u16>) -> Result<H>,
 ) -> Result<Weights<F, H>> {
     let cfg = &w.config;
+    let part = shard.map_or_else(|| Part::whole(cfg), Part::of);
     let (c, v) = (cfg.n_embd, cfg.vocab_size);
     if w.blocks.len() != cfg.n_layer {
         return Err(CudaError::shape(
@@ -220,14 +242,18 @@ pub fn convert<F, H>(
         layers: w
             .blocks
             .iter()
-            .map(|b| HostLayer::from_block(cfg, b)?.map(f, h))
+            .map(|b| match shard {
+                Some(plan) => HostLayer::from_block(cfg, &part, &shard_block(plan, b)),
+                None => HostLayer::from_block(cfg, &part, b),
+            })
+            .map(|l| l?.map(f, h))
             .collect::<Result<_>>()?,
     })
 }
 
-/// Uploads every tensor to the device.
-pub fn upload(dev: &Device, w: &ModelWeights) -> Result<DeviceWeights> {
-    convert(w, &mut |v| dev.upload(v), &mut |v| dev.upload(v))
+/// Uploads every tensor of the model (or of a rank's shard) to the device.
+pub fn upload(dev: &Device, w: &ModelWeights, shard: Option<&ShardPlan>) -> Result<DeviceWeights> {
+    convert(w, shard, &mut |v| dev.upload(v), &mut |v| dev.upload(v))
 }
 
 /// Raw views of device weights for kernel arguments (valid while `w` lives).

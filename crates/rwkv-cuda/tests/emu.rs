@@ -14,14 +14,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::LaunchConfig;
 use rwkv_cpu::CpuBackend;
 use rwkv_cuda::compile::KERNEL_FILES;
-use rwkv_cuda::forward::{Exec, GemmPrecision, ScratchSizes, Step, StepBufs, ACT_BUFFERS};
+use rwkv_cuda::forward::{Exec, GemmPrecision, Part, ScratchSizes, Step, StepBufs, ACT_BUFFERS};
 use rwkv_cuda::gemm::{check_extents, BatchStrides, GemmSpec};
 use rwkv_cuda::kernels::{Arg, Bf16Buf, DevBuf, F32Buf, I32Buf, Kernels, Launcher, PoolArg};
 use rwkv_cuda::plan::BatchPlan;
 use rwkv_cuda::pool::PoolLayout;
 use rwkv_cuda::weights::{self, WeightViews, Weights};
 use rwkv_model::backend::validate_steps;
-use rwkv_model::{Backend, Candidate, ModelConfig, ModelWeights, OutputRows, SeqStep};
+use rwkv_model::{
+    Backend, Candidate, Collective, InProcessCollective, ModelConfig, ModelWeights, OutputRows,
+    SeqStep, ShardPlan,
+};
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, *mut *mut c_void) -> c_int;
 type HasFn = unsafe extern "C" fn(*const c_char) -> c_int;
@@ -157,9 +160,11 @@ fn bf16_to_f32(b: u16) -> f32 {
     f32::from_bits(u32::from(b) << 16)
 }
 
-/// The forward pass's machine, on the host: emulated kernels, a cuBLAS-semantics GEMM.
+/// The forward pass's machine, on the host: emulated kernels, a cuBLAS-semantics GEMM, and
+/// for a tensor-parallel rank an in-process collective standing in for NCCL.
 struct HostExec {
     kernels: Kernels,
+    comm: Option<InProcessCollective>,
 }
 
 impl Exec for HostExec {
@@ -190,19 +195,21 @@ impl Exec for HostExec {
         for bt in 0..strides.count {
             let (a, b) = (&a[bt * strides.w..], &b[bt * strides.x..]);
             let c = &mut c[bt * strides.y..];
-            // Column-major C[m, n] = op(A) · B, exactly as cublasGemmEx defines it.
+            // Column-major C[m, n] = op(A) · B, exactly as cublasGemmEx defines it. Summed in
+            // f64 (each bf16 product is exact there): a serial f32 sum's rounding grows with K
+            // and would hide the orchestration's own differences (a sharded K is split).
             for j in 0..n {
                 for i in 0..m {
-                    let mut s = 0.0f32;
+                    let mut s = 0.0f64;
                     for p in 0..k {
                         let aip = if d.transa {
                             a[i * lda + p]
                         } else {
                             a[p * lda + i]
                         };
-                        s += bf16_to_f32(aip) * bf16_to_f32(b[j * ldb + p]);
+                        s += f64::from(bf16_to_f32(aip)) * f64::from(bf16_to_f32(b[j * ldb + p]));
                     }
-                    c[j * ldc + i] = s;
+                    c[j * ldc + i] = s as f32;
                 }
             }
         }
@@ -241,6 +248,18 @@ impl Exec for HostExec {
         Ok(())
     }
 
+    fn all_reduce_sum(&self, buf: F32Buf) -> rwkv_cuda::Result<()> {
+        let comm = self
+            .comm
+            .as_ref()
+            .expect("all-reduce on a rank with a collective");
+        // SAFETY: `buf` views a host vector of `buf.len()` f32 values that no one else touches
+        // during the step.
+        let data = unsafe { std::slice::from_raw_parts_mut(buf.ptr() as *mut f32, buf.len()) };
+        comm.all_reduce_sum(data)
+            .map_err(|e| rwkv_cuda::CudaError::shape("all-reduce", e.to_string()))
+    }
+
     fn synchronize(&self) -> rwkv_cuda::Result<()> {
         Ok(())
     }
@@ -249,6 +268,7 @@ impl Exec for HostExec {
 fn host_exec(e: &Arc<Emu>, head_size: usize) -> HostExec {
     HostExec {
         kernels: Kernels::with_launcher(Box::new(EmuLauncher(e.clone())), head_size),
+        comm: None,
     }
 }
 
@@ -261,6 +281,7 @@ struct EmuModel {
     layout: PoolLayout,
     exec: HostExec,
     precision: GemmPrecision,
+    part: Part,
 }
 
 const NAN_BF16: u16 = 0x7fc0;
@@ -268,18 +289,57 @@ const NAN_BF16: u16 = 0x7fc0;
 impl EmuModel {
     fn new(e: &Arc<Emu>, w: &ModelWeights, slots: usize, precision: GemmPrecision) -> Self {
         let cfg = w.config.clone();
-        let host = weights::convert(w, &mut |v| Ok(v.clone()), &mut |v| Ok(v.clone())).unwrap();
+        let host =
+            weights::convert(w, None, &mut |v| Ok(v.clone()), &mut |v| Ok(v.clone())).unwrap();
         let views = weights::host_views(&host);
         let layout = PoolLayout::new(&cfg, slots);
         let pool = w.initial_state().as_flat().repeat(slots);
         Self {
             exec: host_exec(e, cfg.head_size),
+            part: Part::whole(&cfg),
             cfg,
             _weights: host,
             views,
             pool,
             layout,
             precision,
+        }
+    }
+
+    /// One rank of a tensor-parallel group: its shard of the weights, slots holding its part
+    /// of each state, its end of an in-process collective.
+    fn rank(
+        e: &Arc<Emu>,
+        w: &ModelWeights,
+        slots: usize,
+        plan: &ShardPlan,
+        comm: InProcessCollective,
+    ) -> Self {
+        let cfg = w.config.clone();
+        let host = weights::convert(
+            w,
+            Some(plan),
+            &mut |v| Ok(v.clone()),
+            &mut |v| Ok(v.clone()),
+        )
+        .unwrap();
+        let views = weights::host_views(&host);
+        let layout = PoolLayout {
+            n_head: plan.heads_per_rank(),
+            ..PoolLayout::new(&cfg, slots)
+        };
+        let pool = plan.state_part(&w.initial_state()).repeat(slots);
+        let mut exec = host_exec(e, cfg.head_size);
+        exec.comm = Some(comm);
+        Self {
+            exec,
+            part: Part::of(plan),
+            cfg,
+            _weights: host,
+            views,
+            pool,
+            layout,
+            precision: GemmPrecision::Split,
         }
     }
 
@@ -297,7 +357,12 @@ impl EmuModel {
     fn forward_with_candidates(&mut self, steps: &[SeqStep<'_>]) -> (Vec<f32>, Vec<Candidate>) {
         validate_steps(&self.cfg, self.layout.slots, steps).unwrap();
         let plan = BatchPlan::new(steps).unwrap();
-        let mut logits = vec![0.0; plan.head_rows.len() * self.cfg.vocab_size];
+        let head_rows = if self.part.head {
+            plan.head_rows.len()
+        } else {
+            0
+        };
+        let mut logits = vec![0.0; head_rows * self.cfg.vocab_size];
         let s = ScratchSizes::new(&self.cfg, self.precision.split(), plan.rows().max(1));
         // Scratch starts as NaN, so reading anything not written in this step shows up.
         let mut act: Vec<Vec<f32>> = (0..ACT_BUFFERS).map(|_| vec![f32::NAN; s.act]).collect();
@@ -343,6 +408,7 @@ impl EmuModel {
             layout: self.layout,
             bufs,
             precision: self.precision,
+            part: self.part,
         };
         let mut top = Vec::new();
         step.run(&plan, &mut logits, &mut top).unwrap();
@@ -401,3 +467,5 @@ fn emulator_knows_every_kernel() {
 mod kernels;
 #[path = "emu/model.rs"]
 mod model;
+#[path = "emu/tp.rs"]
+mod tp;

@@ -364,6 +364,73 @@ fn no_driver_means_a_clean_no_device_error() {
         Ok(_) => panic!("a backend without a driver"),
     }
     assert!(rwkv_cuda::device_count().is_err());
+    match rwkv_cuda::tensor_parallel(&tiny(), 1, &[0, 1], CudaOptions::default()) {
+        Err(rwkv_cuda::CudaError::NoDevice(msg)) => assert!(msg.contains("libcuda"), "{msg}"),
+        Err(other) => panic!("expected NoDevice, got {other}"),
+        Ok(_) => panic!("a tensor-parallel backend without a driver"),
+    }
+}
+
+/// Runs everywhere: a device list the model cannot be sharded over is refused before any
+/// device is touched.
+#[test]
+fn unshardable_device_lists_are_refused_clearly() {
+    let err = rwkv_cuda::tensor_parallel(&tiny(), 1, &[0, 1, 2], CudaOptions::default())
+        .err()
+        .expect("3 ranks for 4 heads");
+    assert!(err.to_string().contains("4 heads"), "{err}");
+}
+
+/// The model sharded over every device there is (1, 2 or 4 of them; one device still runs
+/// the sharded path with a one-rank NCCL group) against the whole model on device 0: a ragged
+/// prefill with every kind of output request, decode steps, and whole states out and back in.
+#[test]
+#[ignore = "requires a CUDA device and libnccl"]
+fn tensor_parallel_matches_one_device() {
+    let w = tiny();
+    let vocab = w.config.vocab_size;
+    let n = rwkv_cuda::device_count().unwrap();
+    let world = [4, 2, 1].into_iter().find(|&k| k <= n).unwrap();
+    let devices: Vec<usize> = (0..world).collect();
+    let mut tp = rwkv_cuda::tensor_parallel(&w, 4, &devices, CudaOptions::default()).unwrap();
+    let mut one = CudaBackend::new(&w, 4, 0).unwrap();
+    eprintln!("tensor parallel over {devices:?}: {}", tp.name());
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| tokens(vocab, 3 + 5 * i, 40 + i as u64))
+        .collect();
+    let prefill = vec![
+        step(2, &prompts[0], OutputRows::All),
+        step(0, &prompts[1], OutputRows::Top(5)),
+        step(3, &prompts[2], OutputRows::None),
+        step(1, &prompts[3], OutputRows::Last),
+    ];
+    let next = tokens(vocab, 4, 50);
+    let decode: Vec<SeqStep<'_>> = (0..4)
+        .map(|s| step(s, &next[s..s + 1], OutputRows::Last))
+        .collect();
+    for (i, st) in [prefill, decode].iter().enumerate() {
+        let want = one.forward(st).unwrap();
+        let got = tp.forward(st).unwrap();
+        let err = rel_l2(&got.data, &want.data);
+        eprintln!("tp{world} step {i}: logits {err:.2e} from one device");
+        assert!(err <= 1e-4, "step {i}: {err:.2e}");
+        assert_eq!(
+            got.top.iter().map(|c| c.token).collect::<Vec<_>>(),
+            want.top.iter().map(|c| c.token).collect::<Vec<_>>()
+        );
+        for slot in 0..4 {
+            let (g, w) = (tp.save_state(slot).unwrap(), one.save_state(slot).unwrap());
+            let err = rel_l2(g.as_flat(), w.as_flat());
+            assert!(err <= 1e-4, "step {i} slot {slot}: state {err:.2e}");
+        }
+    }
+    let state = one.save_state(2).unwrap();
+    tp.load_state(3, &state).unwrap();
+    assert_eq!(tp.save_state(3).unwrap(), state);
+    tp.copy_state(3, 0).unwrap();
+    assert_eq!(tp.save_state(0).unwrap(), state);
+    tp.reset_state(3).unwrap();
+    assert_eq!(tp.save_state(3).unwrap(), w.initial_state());
 }
 
 /// Not an assertion: the GPU targets, printed as `timing ...` lines for

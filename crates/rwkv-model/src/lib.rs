@@ -12,7 +12,8 @@
 //! - [`checkpoint`]: file formats; [`pickle`]: the restricted unpickler.
 //! - [`config`]: hyper-parameters; [`weights`]: typed tensors; [`tensor`]: dtype and bytes.
 //! - [`state`]: state layout and (de)serialization; [`backend`]: the backend contract.
-//! - [`shard`]: the tensor-parallel shard plan; [`collective`]: the all-reduce contract.
+//! - [`shard`]: the tensor-parallel shard plan; [`collective`]: the all-reduce contract;
+//!   [`tp`]: a backend assembled from ranks that each hold one shard.
 //! - [`synthetic`]: random-weight checkpoints for benchmarks, demos and tests.
 
 pub mod backend;
@@ -25,6 +26,7 @@ pub mod shard;
 pub mod state;
 pub mod synthetic;
 pub mod tensor;
+pub mod tp;
 pub mod weights;
 
 pub use backend::{Backend, BackendError, Candidate, Logits, OutputRows, SeqStep};

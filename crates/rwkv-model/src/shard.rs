@@ -17,6 +17,7 @@
 use std::ops::Range;
 
 use crate::config::ModelConfig;
+use crate::state::State;
 use crate::tensor::Tensor;
 use crate::weights::{AttWeights, BlockWeights, FfnWeights, NormWeights};
 
@@ -31,6 +32,12 @@ pub enum ShardError {
     FfnTooNarrow { world: usize, dim_ffn: usize },
     #[error("rank {rank} is outside the tensor-parallel world of {world}")]
     BadRank { rank: usize, world: usize },
+    #[error("rank {rank}'s part of a state has {len} values, its shard needs {want}")]
+    StatePart {
+        rank: usize,
+        len: usize,
+        want: usize,
+    },
 }
 
 /// The part of the model that rank `rank` of `world` holds.
@@ -125,6 +132,49 @@ impl ShardPlan {
     /// Full width C (replicated activations and shift states).
     pub fn n_embd(&self) -> usize {
         self.n_embd
+    }
+
+    /// Length of this rank's part of one sequence's state: per layer the two shift vectors
+    /// (replicated, C each) and its heads' WKV values.
+    pub fn state_part_len(&self, n_layer: usize) -> usize {
+        n_layer * (2 * self.n_embd + self.wkv_len())
+    }
+
+    /// This rank's part of a full state, laid out like a state of the rank's heads only: per
+    /// layer `[att_shift C][its heads' wkv][ffn_shift C]`.
+    pub fn state_part(&self, state: &State) -> Vec<f32> {
+        let wkv = self.wkv_range();
+        let mut part = Vec::with_capacity(self.state_part_len(state.n_layer()));
+        for i in 0..state.n_layer() {
+            let (att, full_wkv, ffn) = state.layer(i);
+            part.extend_from_slice(att);
+            part.extend_from_slice(&full_wkv[wkv.clone()]);
+            part.extend_from_slice(ffn);
+        }
+        part
+    }
+
+    /// Writes this rank's part (see [`ShardPlan::state_part`]) into a full state: its heads'
+    /// WKV values and the shift vectors (which every rank holds equal).
+    pub fn write_state_part(&self, part: &[f32], state: &mut State) -> Result<(), ShardError> {
+        let want = self.state_part_len(state.n_layer());
+        if part.len() != want {
+            return Err(ShardError::StatePart {
+                rank: self.rank,
+                len: part.len(),
+                want,
+            });
+        }
+        let (c, wkv) = (self.n_embd, self.wkv_range());
+        for (i, layer) in part.chunks_exact(2 * c + wkv.len()).enumerate() {
+            let (att, rest) = layer.split_at(c);
+            let (mine, ffn) = rest.split_at(wkv.len());
+            let full = state.layer_mut(i);
+            full.att_shift.copy_from_slice(att);
+            full.wkv[wkv.clone()].copy_from_slice(mine);
+            full.ffn_shift.copy_from_slice(ffn);
+        }
+        Ok(())
     }
 
     /// The weights of one block as this rank holds them: the sharded tensors have the rank's
@@ -268,6 +318,38 @@ mod tests {
                 dim_ffn: 2
             })
         );
+    }
+
+    #[test]
+    fn state_parts_split_and_reassemble_a_state() {
+        let cfg = ModelConfig {
+            n_layer: 2,
+            ..cfg(4, 16)
+        };
+        let values: Vec<f32> = (0..cfg.state_len()).map(|i| i as f32).collect();
+        let full = State::from_flat(&cfg, values).unwrap();
+        for world in [1, 2, 4] {
+            let mut back = State::zeros(&cfg);
+            for plan in ShardPlan::all(&cfg, world).unwrap() {
+                let part = plan.state_part(&full);
+                assert_eq!(part.len(), plan.state_part_len(cfg.n_layer));
+                // The rank's WKV values are its heads' slice of each layer's [H, N, N].
+                let (c, wl) = (cfg.n_embd, plan.wkv_len());
+                assert_eq!(&part[c..c + wl], &full.layer(0).1[plan.wkv_range()]);
+                plan.write_state_part(&part, &mut back).unwrap();
+            }
+            assert_eq!(back, full, "world {world}");
+        }
+        let plan = ShardPlan::new(&cfg, 1, 2).unwrap();
+        let err = plan.write_state_part(&[0.0; 3], &mut State::zeros(&cfg));
+        assert!(matches!(
+            err,
+            Err(ShardError::StatePart {
+                rank: 1,
+                len: 3,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -35,19 +35,20 @@ pub fn open(
     kind: BackendKind,
     cpu_precision: CpuPrecision,
 ) -> anyhow::Result<Box<dyn Backend>> {
-    open_on(weights, slots, kind, cpu_precision, 0)
+    open_on(weights, slots, kind, cpu_precision, &[0])
 }
 
-/// Like [`open`], on GPU `device` when the backend is CUDA.
+/// Like [`open`], on GPUs `devices` when the backend is CUDA: one device runs the whole model,
+/// several shard it (tensor parallel over NCCL, rank i on `devices[i]`).
 pub fn open_on(
     weights: &ModelWeights,
     slots: usize,
     kind: BackendKind,
     cpu_precision: CpuPrecision,
-    device: usize,
+    devices: &[usize],
 ) -> anyhow::Result<Box<dyn Backend>> {
     if kind != BackendKind::Cpu {
-        match open_cuda(weights, slots, device) {
+        match open_cuda(weights, slots, devices) {
             Ok(backend) => return Ok(backend),
             Err(err) if kind == BackendKind::Cuda => return Err(err),
             Err(err) => eprintln!("[rwkv] no usable GPU ({err:#}); running on the CPU"),
@@ -81,23 +82,31 @@ pub fn gpu_likely(kind: BackendKind) -> bool {
 fn open_cuda(
     weights: &ModelWeights,
     slots: usize,
-    device: usize,
+    devices: &[usize],
 ) -> anyhow::Result<Box<dyn Backend>> {
     // Probe first: creating a CUDA context where libcuda is absent would panic inside cudarc.
     anyhow::ensure!(
         rwkv_cuda::driver_available(),
         "the CUDA driver library is not installed"
     );
-    let backend = rwkv_cuda::CudaBackend::new(weights, slots, device)?;
+    let backend: Box<dyn Backend> = match devices {
+        [one] => Box::new(rwkv_cuda::CudaBackend::new(weights, slots, *one)?),
+        several => Box::new(rwkv_cuda::tensor_parallel(
+            weights,
+            slots,
+            several,
+            rwkv_cuda::CudaOptions::default(),
+        )?),
+    };
     eprintln!("[rwkv] running on {}", backend.name());
-    Ok(Box::new(backend))
+    Ok(backend)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(
     _weights: &ModelWeights,
     _slots: usize,
-    _device: usize,
+    _devices: &[usize],
 ) -> anyhow::Result<Box<dyn Backend>> {
     anyhow::bail!("this binary was built without the `cuda` feature")
 }

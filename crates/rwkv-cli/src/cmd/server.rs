@@ -59,8 +59,8 @@ pub struct EngineArgs {
     /// swapped out to host memory and resumes later, exactly. 0 never preempts [default: 256].
     #[arg(long, env = "RWKV_PREEMPT_AFTER_STEPS")]
     pub preempt_after_steps: Option<u64>,
-    /// GPUs to run on, e.g. `0` [default: 0]. Sharding one model over several GPUs of a worker
-    /// is not available yet: run one worker per GPU instead.
+    /// GPUs to run on [default: 0]. One GPU (`0`) runs the whole model; several (`0,1`) shard it
+    /// over them, tensor parallel over NCCL (their number must divide the model's heads).
     #[arg(long, env = "RWKV_GPUS")]
     pub gpus: Option<String>,
 }
@@ -165,8 +165,8 @@ pub fn start_engine(
     };
     let slots = args.slots.unwrap_or(default_slots);
     anyhow::ensure!(slots > 0, "--slots must be at least 1");
-    let device = gpu_device(args.gpus.as_deref())?;
-    let backend = super::backend::open_on(&model.weights, slots, kind, precision, device)?;
+    let devices = gpu_devices(args.gpus.as_deref())?;
+    let backend = super::backend::open_on(&model.weights, slots, kind, precision, &devices)?;
     let backend_name = backend.name();
     let vocab = model.weights.config.vocab_size;
     let frequency_exempt = (0..vocab as u32)
@@ -211,18 +211,20 @@ pub fn start_engine(
     Ok((engine, identity))
 }
 
-/// The one GPU of `--gpus`.
-fn gpu_device(gpus: Option<&str>) -> anyhow::Result<usize> {
-    let Some(list) = gpus else { return Ok(0) };
+/// The GPUs of `--gpus` (default GPU 0): one runs the whole model, several shard it.
+fn gpu_devices(gpus: Option<&str>) -> anyhow::Result<Vec<usize>> {
+    let Some(list) = gpus else { return Ok(vec![0]) };
     let ids = super::parse_ids(list).context("--gpus takes comma-separated GPU indices")?;
-    match ids.as_slice() {
-        [one] => Ok(*one as usize),
-        [] => anyhow::bail!("--gpus is empty"),
-        _ => anyhow::bail!(
-            "--gpus {list}: sharding one model over several GPUs (tensor parallel over NCCL) is \
-             not available in the CUDA backend yet; run one worker per GPU (`--gpus 0`, `--gpus 1`)"
-        ),
+    anyhow::ensure!(!ids.is_empty(), "--gpus is empty");
+    let devices: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+    if let Some(twice) = devices
+        .iter()
+        .enumerate()
+        .find_map(|(i, d)| devices[..i].contains(d).then_some(d))
+    {
+        anyhow::bail!("--gpus {list}: GPU {twice} is listed twice");
     }
+    Ok(devices)
 }
 
 /// The async runtime of the server commands (the engine has its own thread).
@@ -306,4 +308,19 @@ pub async fn serve_api(
         None => rwkv_router::serve_http(router, listener, shutdown_signal()).await?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gpu_devices;
+
+    #[test]
+    fn gpu_lists_parse_into_distinct_devices() {
+        assert_eq!(gpu_devices(None).unwrap(), [0]);
+        assert_eq!(gpu_devices(Some("1")).unwrap(), [1]);
+        assert_eq!(gpu_devices(Some("2,3")).unwrap(), [2, 3]);
+        let twice = gpu_devices(Some("0,1,0")).unwrap_err().to_string();
+        assert!(twice.contains("GPU 0 is listed twice"), "{twice}");
+        assert!(gpu_devices(Some("0,x")).is_err());
+    }
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 
-fn fixture(name: &str) -> PathBuf {
+pub(super) fn fixture(name: &str) -> PathBuf {
     crate_dir().join("../../tests/fixtures").join(name)
 }
 
@@ -17,11 +17,11 @@ const FIXTURES: [&str; 5] = [
 ];
 
 /// Logits tolerance of the GPU tests; the split-bf16 GEMM path should be far inside it.
-const TOL: f64 = 2e-3;
+pub(super) const TOL: f64 = 2e-3;
 /// State tolerance.
 const STATE_TOL: f64 = 1e-3;
 
-fn tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
+pub(super) fn tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
     let mut x = seed;
     (0..n)
         .map(|_| {
@@ -33,7 +33,7 @@ fn tokens(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-fn step(slot: usize, tokens: &[u32], output: OutputRows) -> SeqStep<'_> {
+pub(super) fn step(slot: usize, tokens: &[u32], output: OutputRows) -> SeqStep<'_> {
     SeqStep {
         slot,
         tokens,
