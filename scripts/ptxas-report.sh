@@ -9,7 +9,7 @@
 #
 # Needs: NVRTC 13.0 (scripts/nvrtc-env.sh) and ptxas from `pip install "nvidia-cuda-nvcc==13.0.*"`.
 #   scripts/ptxas-report.sh              # print the Markdown section
-#   scripts/ptxas-report.sh --update     # replace the section at the end of benches/README.md
+#   scripts/ptxas-report.sh --update     # replace its section of benches/README.md in place
 #   PTXAS=/path/to/ptxas ARCHS="sm_80 sm_90" HEAD_SIZES="64 8" scripts/ptxas-report.sh
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -122,19 +122,22 @@ PY
 if [ "${1:-}" = "--update" ]; then
     readme="$root/benches/README.md"
     heading="## CUDA kernels: registers and spills (ptxas -v)"
-    tmpf=$(mktemp)
-    if grep -qxF "$heading" "$readme"; then
-        # The section is the last one in the file: keep everything before it.
-        awk -v h="$heading" '$0 == h { exit } { print }' "$readme" > "$tmpf"
-        # drop the blank line(s) left before the old heading
-        python3 - "$tmpf" <<'PY'
-import sys; p = sys.argv[1]; t = open(p).read().rstrip("\n") + "\n"; open(p, "w").write(t)
+    # Replace the section (from its heading to the next `## ` heading, or the end) in place;
+    # sections after it are kept. Without it, append.
+    SECTION="$section" HEADING="$heading" python3 - "$readme" <<'PY'
+import os, sys
+path, heading, section = sys.argv[1], os.environ["HEADING"], os.environ["SECTION"].rstrip("\n")
+lines = open(path).read().split("\n")
+if heading in lines:
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    after = "\n".join(lines[end:])
+    before = "\n".join(lines[:start]).rstrip("\n")
+    text = before + "\n\n" + section + "\n" + ("\n" + after if after else "")
+else:
+    text = "\n".join(lines).rstrip("\n") + "\n\n" + section + "\n"
+open(path, "w").write(text)
 PY
-    else
-        cp "$readme" "$tmpf"
-    fi
-    { cat "$tmpf"; echo; echo "$section"; } > "$readme"
-    rm -f "$tmpf"
     echo "updated $readme" >&2
 else
     echo "$section"

@@ -175,7 +175,7 @@ impl Backend for NoModel {
         let full = Logits {
             vocab: self.config.vocab_size,
             data,
-            top: Vec::new(),
+            ..Logits::default()
         };
         Ok(rwkv_model::backend::take_candidates(steps, full))
     }

@@ -264,7 +264,9 @@ pub(crate) fn head(
     for (s, span) in steps.iter().zip(&layout.spans) {
         let first = match s.output {
             OutputRows::None => continue,
-            OutputRows::Last | OutputRows::Top(_) => span.end.saturating_sub(1).max(span.start),
+            OutputRows::Last | OutputRows::Top(_) | OutputRows::Nucleus(_) => {
+                span.end.saturating_sub(1).max(span.start)
+            }
             OutputRows::All => span.start,
         };
         for r in first..span.end {

@@ -127,7 +127,7 @@ impl Backend for CpuBackend {
         let full = Logits {
             vocab: self.model.config.vocab_size,
             data,
-            top: Vec::new(),
+            ..Logits::default()
         };
         Ok(take_candidates(steps, full))
     }

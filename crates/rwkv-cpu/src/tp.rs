@@ -348,7 +348,7 @@ impl Backend for TpCpuBackend {
         let full = Logits {
             vocab: self.config.vocab_size,
             data,
-            top: Vec::new(),
+            ..Logits::default()
         };
         Ok(take_candidates(steps, full))
     }

@@ -2,6 +2,9 @@
 // of 32.
 //
 // softmax_f32: out[row] = softmax(x[row] * inv_temp), max-subtracted.
+// row_mass_f32: each row's largest entry m and softmax denominator sum(exp(x - m)) at T = 1
+//              (NaN counts as -inf and +inf as the largest finite float, as the host sampler
+//              cleans a row), for deciding a nucleus from the row's best candidates.
 // topk_f32:    the k largest entries of each row, in order (ties: lower index first; NaN counts
 //              as -inf). Round r picks the best entry that ranks after the pick of round r-1,
 //              so no per-row mask is needed; cost k * cols / blockDim per thread, meant for
@@ -24,6 +27,32 @@ extern "C" __global__ void softmax_f32(const float* __restrict__ x, float* __res
     const float inv = 1.0f / block_sum(s, scratch);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         orow[c] = expf(xr[c] * inv_temp - m) * inv;
+    }
+}
+
+__device__ __forceinline__ float clean_logit(float v) {
+    return v != v ? NEG_INF : fminf(v, 3.402823466e38f);
+}
+
+extern "C" __global__ void row_mass_f32(const float* __restrict__ x, float* __restrict__ out_max,
+                                        float* __restrict__ out_sum, int cols) {
+    __shared__ float scratch[32];
+    const float* xr = x + (i64)blockIdx.x * cols;
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        m = fmaxf(m, clean_logit(xr[c]));
+    }
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    if (m != NEG_INF) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            s += expf(clean_logit(xr[c]) - m);
+        }
+    }
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) {
+        out_max[blockIdx.x] = m;
+        out_sum[blockIdx.x] = s;
     }
 }
 

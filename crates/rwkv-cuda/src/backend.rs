@@ -342,11 +342,18 @@ impl CudaBackend {
         // swap still waits for whatever was issued. The step synchronizes before returning,
         // so the staging buffer holds the finished logits.
         let mut top = Vec::with_capacity(plan.top_k.iter().sum());
-        let ran = step.run(plan, &mut staging.as_mut_slice()?[..len], &mut top);
+        let mut nucleus = Vec::new();
+        let logits = &mut staging.as_mut_slice()?[..len];
+        let ran = step.run(plan, logits, &mut top, &mut nucleus);
         self.pool.after_compute(&self.dev, plan.slots())?;
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);
-        Ok(Logits { vocab, data, top })
+        Ok(Logits {
+            vocab,
+            data,
+            top,
+            nucleus,
+        })
     }
 
     /// The pool's slot `slot` as stored (a rank's part of the state).
@@ -404,6 +411,10 @@ impl Backend for CudaBackend {
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
         self.dev.bind()?;
         Ok(self.pool.copy(&self.dev, src, dst)?)
+    }
+
+    fn decides_nucleus(&self) -> bool {
+        true
     }
 }
 

@@ -55,7 +55,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "sampling.cu",
         source: include_str!("../kernels/sampling.cu"),
-        functions: &["softmax_f32", "topk_f32"],
+        functions: &["softmax_f32", "row_mass_f32", "topk_f32"],
         needs_head_size: false,
     },
     KernelFile {

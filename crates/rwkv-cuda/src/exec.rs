@@ -129,6 +129,7 @@ pub struct Workspace {
     hout: CudaSlice<f32>,
     tidx: CudaSlice<i32>,
     tval: CudaSlice<f32>,
+    tmass: CudaSlice<f32>,
 }
 
 fn alloc<T: DeviceRepr + ValidAsZeroBits>(dev: &Device, len: usize) -> Result<CudaSlice<T>> {
@@ -158,6 +159,7 @@ impl Workspace {
             hout: alloc(dev, sizes.hout)?,
             tidx: alloc(dev, sizes.tidx)?,
             tval: alloc(dev, sizes.tval)?,
+            tmass: alloc(dev, sizes.tmass)?,
             sizes,
         })
     }
@@ -192,6 +194,7 @@ impl Workspace {
             hout: dev.buf(&self.hout),
             tidx: dev.buf(&self.tidx),
             tval: dev.buf(&self.tval),
+            tmass: dev.buf(&self.tmass),
         })
     }
 }

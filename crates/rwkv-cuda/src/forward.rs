@@ -11,7 +11,8 @@
 //! GEMM rows (nearly free for decode, which is bound by reading the weights).
 //! [`GemmPrecision::Bf16`] rounds GEMM inputs to bf16, like the reference's `cuda bf16`.
 
-use rwkv_model::{Candidate, ModelConfig, ShardPlan};
+use rwkv_model::nucleus::kept_prefix;
+use rwkv_model::{Candidate, ModelConfig, NucleusRow, ShardPlan};
 
 use crate::error::{CudaError, Result};
 use crate::gemm::{BatchStrides, GemmSpec, WeightLayout};
@@ -135,6 +136,8 @@ pub struct ScratchSizes {
     /// Candidates of [`HEAD_CHUNK`] rows: token ids and logits.
     pub tidx: usize,
     pub tval: usize,
+    /// Each of [`HEAD_CHUNK`] rows' largest logit and softmax denominator (nucleus rows).
+    pub tmass: usize,
 }
 
 impl ScratchSizes {
@@ -155,6 +158,7 @@ impl ScratchSizes {
             hout: HEAD_CHUNK * v,
             tidx: HEAD_CHUNK * MAX_DEVICE_CANDIDATES,
             tval: HEAD_CHUNK * MAX_DEVICE_CANDIDATES,
+            tmass: 2 * HEAD_CHUNK,
         }
     }
 }
@@ -175,6 +179,7 @@ pub struct StepBufs {
     pub hout: F32Buf,
     pub tidx: I32Buf,
     pub tval: F32Buf,
+    pub tmass: F32Buf,
 }
 
 /// Named activation buffers of one step.
@@ -242,14 +247,16 @@ pub struct Step<'a> {
 
 impl Step<'_> {
     /// Runs the step described by `plan`, writes the requested logit rows to `logits`
-    /// (`plan.head_rows.len() * vocab` values; none where the part has no head) and appends the
-    /// candidates of the `Top` rows to `top`. The caller orders the pool's slots against the
-    /// copy stream around this call.
+    /// (`plan.head_rows.len() * vocab` values; none where the part has no head), appends the
+    /// candidates of the `Top` rows to `top` and the kept sets (or rows) of the `Nucleus` rows
+    /// to `nucleus`. The caller orders the pool's slots against the copy stream around this
+    /// call.
     pub fn run(
         &self,
         plan: &BatchPlan,
         logits: &mut [f32],
         top: &mut Vec<Candidate>,
+        nucleus: &mut Vec<NucleusRow>,
     ) -> Result<()> {
         let rows = plan.rows();
         let vocab = self.cfg.vocab_size;
@@ -308,7 +315,7 @@ impl Step<'_> {
         }
         if self.part.head {
             self.head(&b, &meta, plan, logits)?;
-            self.head_candidates(&b, &meta, plan, top)?;
+            self.head_candidates(&b, &meta, plan, top, nucleus)?;
         }
         self.exec.synchronize()
     }
@@ -597,13 +604,16 @@ impl Step<'_> {
 
     /// The head for the rows that need only their best tokens: each chunk's logits stay on the
     /// device, the top-k kernel ranks them, and only the ids and logits of the candidates are
-    /// downloaded (a few bytes per row instead of a vocabulary of floats).
+    /// downloaded (a few bytes per row instead of a vocabulary of floats). A nucleus row also
+    /// gets its softmax denominator, which decides its kept set from the candidates; where they
+    /// do not decide it, its whole row is downloaded while the chunk's logits are still there.
     fn head_candidates(
         &self,
         b: &Bufs,
         m: &Meta,
         plan: &BatchPlan,
         top: &mut Vec<Candidate>,
+        nucleus: &mut Vec<NucleusRow>,
     ) -> Result<()> {
         let v = self.cfg.vocab_size;
         let total = plan.top_rows.len();
@@ -612,9 +622,23 @@ impl Step<'_> {
         while start < total {
             let pc = HEAD_CHUNK.min(total - start);
             let ks = &plan.top_k[start..start + pc];
+            let filters = &plan.top_nucleus[start..start + pc];
             let kmax = ks.iter().copied().max().unwrap_or(1).min(v);
             let hout = self.head_chunk(b, plan, m.top_rows.slice(start, pc)?, pc)?;
             self.kx().top_k(hout, tidx, tval, pc, v, kmax)?;
+            let mass = if filters.iter().any(Option::is_some) {
+                let (max, sum) = (
+                    self.bufs.tmass.slice(0, pc)?,
+                    self.bufs.tmass.slice(pc, pc)?,
+                );
+                self.kx().row_mass(hout, max, sum, pc, v)?;
+                let mut mass = vec![0f32; 2 * pc];
+                self.exec
+                    .download_f32(self.bufs.tmass.slice(0, 2 * pc)?, &mut mass)?;
+                mass
+            } else {
+                Vec::new()
+            };
             let mut ids = vec![0i32; pc * kmax];
             let mut vals = vec![0f32; pc * kmax];
             self.exec
@@ -622,16 +646,36 @@ impl Step<'_> {
             self.exec
                 .download_f32(tval.slice(0, pc * kmax)?, &mut vals)?;
             // The downloads land in pageable memory, so they are complete when they return.
-            for (row, &k) in ks.iter().enumerate() {
+            for (row, (&k, filter)) in ks.iter().zip(filters).enumerate() {
                 let at = row * kmax;
-                for (&id, &logit) in ids[at..at + k].iter().zip(&vals[at..at + k]) {
-                    let token = u32::try_from(id)
-                        .ok()
-                        .filter(|&t| (t as usize) < v)
-                        .ok_or_else(|| {
-                            CudaError::shape("top_k", format!("candidate id {id} out of range"))
-                        })?;
-                    top.push(Candidate { token, logit });
+                let k = k.min(kmax);
+                let cands = ids[at..at + k]
+                    .iter()
+                    .zip(&vals[at..at + k])
+                    .map(|(&id, &logit)| {
+                        let token = u32::try_from(id)
+                            .ok()
+                            .filter(|&t| (t as usize) < v)
+                            .ok_or_else(|| {
+                                CudaError::shape("top_k", format!("candidate id {id} out of range"))
+                            })?;
+                        Ok(Candidate { token, logit })
+                    });
+                let Some(filter) = filter else {
+                    for c in cands {
+                        top.push(c?);
+                    }
+                    continue;
+                };
+                let cands = cands.collect::<Result<Vec<_>>>()?;
+                let (max, sum) = (mass[row], mass[pc + row]);
+                match kept_prefix(&cands, max, sum, *filter, v) {
+                    Some(n) => nucleus.push(NucleusRow::Kept(cands[..n].to_vec())),
+                    None => {
+                        let mut full = vec![0f32; v];
+                        self.exec.download_f32(hout.slice(row * v, v)?, &mut full)?;
+                        nucleus.push(NucleusRow::Row(full));
+                    }
                 }
             }
             start += pc;

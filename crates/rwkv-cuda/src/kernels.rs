@@ -363,6 +363,27 @@ impl Kernels {
         self.launch("softmax_f32", sampling_config(rows)?, &args)
     }
 
+    /// Each row's largest entry and softmax denominator `sum(exp(x - max))` at temperature 1
+    /// (NaN as -inf, +inf as the largest finite value).
+    pub fn row_mass(
+        &self,
+        x: F32Buf,
+        max: F32Buf,
+        sum: F32Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        const OP: &str = "row_mass";
+        x.need(OP, "x", rows * cols)?;
+        max.need(OP, "max", rows)?;
+        sum.need(OP, "sum", rows)?;
+        let args = [p(x), p(max), p(sum), Arg::I(int(OP, cols)?)];
+        self.launch("row_mass_f32", sampling_config(rows)?, &args)
+    }
+
     /// The k largest entries of each row (value descending, ties by lower index).
     pub fn top_k(
         &self,

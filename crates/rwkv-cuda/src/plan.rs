@@ -6,12 +6,13 @@
 
 use std::ops::Range;
 
-use rwkv_model::{OutputRows, SeqStep};
+use rwkv_model::nucleus::NUCLEUS_CANDIDATES;
+use rwkv_model::{Nucleus, OutputRows, SeqStep};
 
 use crate::error::{CudaError, Result};
 
 /// Row metadata of one step (all indices i32, as the kernels read them).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct BatchPlan {
     /// Token ids, one per row.
     pub tokens: Vec<u32>,
@@ -30,10 +31,12 @@ pub struct BatchPlan {
     pub pre_slot: Vec<i32>,
     /// Rows that need logits, in output order.
     pub head_rows: Vec<i32>,
-    /// Rows that need only their best tokens (`OutputRows::Top`), in output order, and how
+    /// Rows that need only their best tokens (`OutputRows::Top`, and `OutputRows::Nucleus`
+    /// with its filter in `top_nucleus`), in output order, and how
     /// many each needs (host side only).
     pub top_rows: Vec<i32>,
     pub top_k: Vec<usize>,
+    pub top_nucleus: Vec<Option<Nucleus>>,
 }
 
 /// Where each array of [`BatchPlan::packed`] starts in the packed buffer.
@@ -71,9 +74,15 @@ impl BatchPlan {
             // Head rows, in the order the Backend contract returns them.
             let wanted = step.output.rows(n);
             plan.head_rows.extend((end - wanted..end).map(|r| r as i32));
-            if let (OutputRows::Top(k), true) = (step.output, n > 0) {
+            let ranked = match step.output {
+                OutputRows::Top(k) => Some((k, None)),
+                OutputRows::Nucleus(f) => Some((NUCLEUS_CANDIDATES, Some(f))),
+                _ => None,
+            };
+            if let (Some((k, nucleus)), true) = (ranked, n > 0) {
                 plan.top_rows.push((end - 1) as i32);
                 plan.top_k.push(k);
+                plan.top_nucleus.push(nucleus);
             }
             if n == 0 {
                 continue;

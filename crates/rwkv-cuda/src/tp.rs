@@ -122,4 +122,8 @@ impl Rank for CudaRank {
     fn copy_slot(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
         rwkv_model::Backend::copy_state(&mut self.body, src, dst)
     }
+
+    fn decides_nucleus(&self) -> bool {
+        true
+    }
 }

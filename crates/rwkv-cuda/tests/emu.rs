@@ -22,8 +22,8 @@ use rwkv_cuda::pool::PoolLayout;
 use rwkv_cuda::weights::{self, WeightViews, Weights};
 use rwkv_model::backend::validate_steps;
 use rwkv_model::{
-    Backend, Candidate, Collective, InProcessCollective, ModelConfig, ModelWeights, OutputRows,
-    SeqStep, ShardPlan,
+    Backend, Candidate, Collective, InProcessCollective, Logits, ModelConfig, ModelWeights,
+    OutputRows, SeqStep, ShardPlan,
 };
 
 type LaunchFn = unsafe extern "C" fn(*const c_char, u32, u32, *mut *mut c_void) -> c_int;
@@ -355,6 +355,16 @@ impl EmuModel {
 
     /// The logit rows and the candidates of the `Top` rows.
     fn forward_with_candidates(&mut self, steps: &[SeqStep<'_>]) -> (Vec<f32>, Vec<Candidate>) {
+        let out = self.forward_logits(steps);
+        assert!(
+            out.nucleus.is_empty(),
+            "use forward_logits for Nucleus rows"
+        );
+        (out.data, out.top)
+    }
+
+    /// Everything a step returns, as the backend contract lays it out.
+    fn forward_logits(&mut self, steps: &[SeqStep<'_>]) -> Logits {
         validate_steps(&self.cfg, self.layout.slots, steps).unwrap();
         let plan = BatchPlan::new(steps).unwrap();
         let head_rows = if self.part.head {
@@ -378,6 +388,7 @@ impl EmuModel {
         );
         let (mut tokens, mut meta) = (vec![u32::MAX; s.tokens], vec![i32::MIN; s.meta]);
         let (mut tidx, mut tval) = (vec![i32::MIN; s.tidx], vec![f32::NAN; s.tval]);
+        let mut tmass = vec![f32::NAN; s.tmass];
         let mut act_views = [DevBuf::null(); ACT_BUFFERS];
         for (v, a) in act_views.iter_mut().zip(&mut act) {
             *v = view_mut(a);
@@ -395,6 +406,7 @@ impl EmuModel {
             hout: view_mut(&mut hout),
             tidx: view_mut(&mut tidx),
             tval: view_mut(&mut tval),
+            tmass: view_mut(&mut tmass),
         };
         let step = Step {
             exec: &self.exec,
@@ -410,9 +422,15 @@ impl EmuModel {
             precision: self.precision,
             part: self.part,
         };
-        let mut top = Vec::new();
-        step.run(&plan, &mut logits, &mut top).unwrap();
-        (logits, top)
+        let (mut top, mut nucleus) = (Vec::new(), Vec::new());
+        step.run(&plan, &mut logits, &mut top, &mut nucleus)
+            .unwrap();
+        Logits {
+            vocab: self.cfg.vocab_size,
+            data: logits,
+            top,
+            nucleus,
+        }
     }
 }
 

@@ -252,6 +252,64 @@ fn device_candidates_are_the_best_entries_of_the_rows() {
     }
 }
 
+/// Sampled decodes: each nucleus row is its kept set, decided on the device from the best
+/// candidates and the row's softmax denominator, or its whole row; both from the very rows a
+/// step that downloads them computes.
+#[test]
+#[ignore = "requires a CUDA device"]
+fn nucleus_rows_are_kept_sets_or_whole_rows() {
+    use rwkv_model::nucleus::{kept_prefix, NUCLEUS_CANDIDATES};
+    use rwkv_model::{Nucleus, NucleusRow};
+    let w = tiny();
+    let vocab = w.config.vocab_size;
+    let prefix = tokens(vocab, 40, 11);
+    let next = tokens(vocab, 8, 12);
+    let mut rows_be = CudaBackend::new(&w, 8, 0).unwrap();
+    let mut nucleus_be = CudaBackend::new(&w, 8, 0).unwrap();
+    let prefill: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(i, &prefix[i * 4..i * 4 + 2 + i], OutputRows::None))
+        .collect();
+    rows_be.forward(&prefill).unwrap();
+    nucleus_be.forward(&prefill).unwrap();
+    let filters: Vec<Nucleus> = (0..8)
+        .map(|i| Nucleus {
+            top_p: [0.9, 0.5, 0.999, 1.0][i % 4],
+            top_k: [0, 3, 0, 64][i % 4],
+        })
+        .collect();
+    let with_rows: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(i, &next[i..i + 1], OutputRows::Last))
+        .collect();
+    let with_nucleus: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(i, &next[i..i + 1], OutputRows::Nucleus(filters[i])))
+        .collect();
+    let full = rows_be.forward(&with_rows).unwrap();
+    let got = nucleus_be.forward(&with_nucleus).unwrap();
+    assert_eq!(got.nucleus.len(), 8);
+    let mut kept_sets = 0;
+    for (i, out) in got.nucleus.iter().enumerate() {
+        let cands = rwkv_model::backend::top_candidates(full.row(i), NUCLEUS_CANDIDATES);
+        match out {
+            NucleusRow::Kept(kept) => {
+                kept_sets += 1;
+                let max = cands[0].logit;
+                let sum: f64 = full
+                    .row(i)
+                    .iter()
+                    .map(|&l| f64::from((l - max).exp()))
+                    .sum();
+                let want = kept_prefix(&cands, max, sum as f32, filters[i], vocab);
+                assert_eq!(Some(kept.len()), want, "sequence {i}");
+                for (g, c) in kept.iter().zip(&cands) {
+                    assert_eq!(g.token, c.token, "sequence {i}");
+                }
+            }
+            NucleusRow::Row(r) => assert_eq!(r.as_slice(), full.row(i), "sequence {i}"),
+        }
+    }
+    assert!(kept_sets >= 4, "top-k 3 and 64 rows decide on the device");
+}
+
 #[test]
 #[ignore = "requires a CUDA device"]
 fn bad_inputs_are_rejected_before_any_launch() {

@@ -260,6 +260,36 @@ impl SampleScratch {
     }
 }
 
+/// Draws from the tokens that a backend's filters kept (`rwkv_model::OutputRows::Nucleus`;
+/// best first, with their logits) the way [`sample_logits`] draws from the kept tokens of a
+/// whole row: weights `exp((l - max) / T)` with `max` the best logit, one `f64` from `rng`.
+/// NaN counts as -inf and +inf as `f32::MAX`; with nothing drawable, token 0 (no draw), as
+/// [`sample_logits`] answers a row without a finite logit.
+pub fn draw_kept<R: Rng + ?Sized>(
+    kept: &[rwkv_model::Candidate],
+    temperature: f32,
+    rng: &mut R,
+) -> u32 {
+    let clean = |l: f32| {
+        if l.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            l.min(f32::MAX)
+        }
+    };
+    let max = kept.first().map_or(f32::NEG_INFINITY, |c| clean(c.logit));
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    let inv_t = 1.0 / temperature;
+    let weighted = kept
+        .iter()
+        .map(|c| (c.token, exp_nonpositive((clean(c.logit) - max) * inv_t)));
+    let total: f64 = weighted.clone().map(|(_, w)| f64::from(w)).sum();
+    let u = rng.gen::<f64>() * total;
+    pick(u, weighted)
+}
+
 /// Inverse-CDF walk: the first `(id, weight)` whose cumulative weight exceeds `u`.
 fn pick(mut u: f64, weights: impl Iterator<Item = (u32, f32)>) -> u32 {
     let mut last = 0;

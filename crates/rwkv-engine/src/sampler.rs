@@ -10,12 +10,12 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use rwkv_model::Candidate;
+use rwkv_model::{Candidate, Nucleus};
 
 use crate::logprobs::{token_logprobs, Logprobs};
 use crate::params::{SamplerError, SamplingParams};
 use crate::penalty::Penalties;
-use crate::sample_logits::{sample_logits, SampleScratch};
+use crate::sample_logits::{draw_kept, sample_logits, SampleScratch};
 
 /// Samples the tokens of one sequence reproducibly.
 ///
@@ -103,6 +103,28 @@ impl Sampler {
             Some(c) if !c.logit.is_nan() && c.logit != f32::NEG_INFINITY => c.token,
             _ => 0,
         }
+    }
+
+    /// The filters of a sampled decode that a backend may apply on its side
+    /// ([`rwkv_model::OutputRows::Nucleus`]): temperature and top-p above 0, and top-p below 1
+    /// or a small top-k, so that few tokens are kept; no bans or penalties, which change the
+    /// logits before the filters. `None` where the whole row is needed.
+    pub fn nucleus_filter(&self) -> Option<Nucleus> {
+        let p = &self.params;
+        let sampled = p.temperature > 0.0 && p.top_p > 0.0;
+        let plain =
+            p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 && p.token_ban.is_empty();
+        let filter = Nucleus {
+            top_p: p.top_p,
+            top_k: p.top_k,
+        };
+        (sampled && plain && filter.can_be_small(self.vocab_size)).then_some(filter)
+    }
+
+    /// Draws the next token from the tokens the backend's filter kept (best first; see
+    /// [`Self::nucleus_filter`]), as [`Self::sample`] draws from the kept tokens of a row.
+    pub fn pick_from_kept(&mut self, kept: &[Candidate]) -> u32 {
+        draw_kept(kept, self.params.temperature, &mut self.rng)
     }
 
     /// Records a sampled, non-stop token for the repetition penalties (decay, then add 0 or 1).
@@ -342,5 +364,113 @@ mod tests {
         )
         .unwrap();
         assert_eq!(penalised.candidates_needed(), None);
+    }
+
+    /// What a GPU does for a `Nucleus` row, on the host: rank the best candidates, compute the
+    /// row's softmax denominator, decide the kept set.
+    fn kept_by_backend(row: &[f32], filter: Nucleus) -> Option<Vec<Candidate>> {
+        use rwkv_model::nucleus::{kept_prefix, NUCLEUS_CANDIDATES};
+        let cands = rwkv_model::backend::top_candidates(row, NUCLEUS_CANDIDATES);
+        let max = cands[0].logit;
+        let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
+        kept_prefix(&cands, max, sum as f32, filter, row.len()).map(|n| cands[..n].to_vec())
+    }
+
+    #[test]
+    fn drawing_from_the_kept_set_is_drawing_from_the_row() {
+        let vocab = 500;
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let (mut decided, mut undecided) = (0, 0);
+        for i in 0..300u64 {
+            // Peaked and flat rows: a few large logits over a noisy floor.
+            let scale = [1.0, 3.0, 8.0][(i % 3) as usize];
+            let row: Vec<f32> = (0..vocab)
+                .map(|_| rand::Rng::gen::<f32>(&mut rng) * scale)
+                .collect();
+            let top_p = [0.3, 0.7, 0.95][(i / 3 % 3) as usize];
+            let top_k = [0, 5, 40][(i / 9 % 3) as usize];
+            let temperature = [0.7, 1.0, 1.3][(i / 27 % 3) as usize];
+            let p = SamplingParams {
+                temperature,
+                top_p,
+                top_k,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                ..params(100 + i)
+            };
+            let mut from_row = Sampler::new(p.clone(), vocab).unwrap();
+            let mut from_kept = Sampler::new(p, vocab).unwrap();
+            let filter = from_kept.nucleus_filter().expect("a filter that keeps few");
+            let Some(kept) = kept_by_backend(&row, filter) else {
+                undecided += 1;
+                continue;
+            };
+            decided += 1;
+            // Several draws: the RNG streams stay in step.
+            for _ in 0..4 {
+                let want = from_row.sample(&mut row.clone());
+                assert_eq!(from_kept.pick_from_kept(&kept), want, "row {i}");
+            }
+        }
+        assert!(
+            decided > 100 && undecided > 10,
+            "{decided} decided, {undecided} not"
+        );
+    }
+
+    #[test]
+    fn only_plain_sampled_decodes_ask_for_a_nucleus() {
+        let sampled = Sampler::new(
+            SamplingParams {
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                ..params(1)
+            },
+            8,
+        )
+        .unwrap();
+        assert!(sampled.nucleus_filter().is_some());
+        let with = |p: SamplingParams| Sampler::new(p, 8).unwrap().nucleus_filter();
+        // Greedy, penalties, bans, or no filter at all: the whole row.
+        assert_eq!(
+            with(SamplingParams {
+                temperature: 0.0,
+                ..params(1)
+            }),
+            None
+        );
+        assert_eq!(
+            with(SamplingParams {
+                presence_penalty: 0.5,
+                ..params(1)
+            }),
+            None
+        );
+        assert_eq!(
+            with(SamplingParams {
+                token_ban: vec![3],
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                ..params(1)
+            }),
+            None
+        );
+        assert_eq!(
+            with(SamplingParams {
+                top_p: 1.0,
+                top_k: 0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                ..params(1)
+            }),
+            None
+        );
+        // Nothing drawable: token 0, as a row of -inf gives.
+        let mut s = Sampler::new(params(1), 8).unwrap();
+        let none = [Candidate {
+            token: 5,
+            logit: f32::NEG_INFINITY,
+        }];
+        assert_eq!(s.pick_from_kept(&none), 0);
     }
 }

@@ -6,10 +6,11 @@
 //! [`Backend::save_state`] copies one out, which is what state swapping builds on.
 
 use crate::config::ModelConfig;
+use crate::nucleus::{Nucleus, NucleusRow};
 use crate::state::State;
 
 /// Which positions of a sequence's new tokens need logits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OutputRows {
     /// None (a prefill chunk that is not the last one).
     None,
@@ -21,13 +22,17 @@ pub enum OutputRows {
     /// [`Logits::top`] (greedy decoding needs no more, and a GPU then moves a few bytes per
     /// sequence instead of a vocabulary of floats).
     Top(usize),
+    /// For the last new token, the tokens that these sampling filters keep, as a
+    /// [`NucleusRow`] in [`Logits::nucleus`]: the kept set where the backend decides it, else
+    /// the whole row (see [`crate::nucleus`]).
+    Nucleus(Nucleus),
 }
 
 impl OutputRows {
     /// Number of logit rows this choice produces for `n_tokens` new tokens.
     pub fn rows(self, n_tokens: usize) -> usize {
         match self {
-            OutputRows::None | OutputRows::Top(_) => 0,
+            OutputRows::None | OutputRows::Top(_) | OutputRows::Nucleus(_) => 0,
             OutputRows::Last => usize::from(n_tokens > 0),
             OutputRows::All => n_tokens,
         }
@@ -39,6 +44,11 @@ impl OutputRows {
             OutputRows::Top(k) if n_tokens > 0 => k,
             _ => 0,
         }
+    }
+
+    /// Number of [`NucleusRow`]s this choice produces for `n_tokens` new tokens.
+    pub fn nucleus_rows(self, n_tokens: usize) -> usize {
+        usize::from(matches!(self, OutputRows::Nucleus(_)) && n_tokens > 0)
     }
 }
 
@@ -60,12 +70,14 @@ pub struct SeqStep<'a> {
 }
 
 /// Logit rows of a step: for each sequence in order, its requested rows, each `vocab` wide;
-/// and for each sequence that asked for [`OutputRows::Top`], in order, its `k` candidates.
+/// for each sequence that asked for [`OutputRows::Top`], in order, its `k` candidates; and for
+/// each that asked for [`OutputRows::Nucleus`], in order, its [`NucleusRow`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Logits {
     pub vocab: usize,
     pub data: Vec<f32>,
     pub top: Vec<Candidate>,
+    pub nucleus: Vec<NucleusRow>,
 }
 
 impl Logits {
@@ -89,6 +101,8 @@ pub enum BackendError {
     BadToken { token: u32, vocab: usize },
     #[error("{k} candidates asked for; between 1 and the vocabulary size {vocab} are possible")]
     BadCandidates { k: usize, vocab: usize },
+    #[error("nucleus filter top_p {top_p} is outside (0, 1]")]
+    BadNucleus { top_p: f32 },
     #[error("state does not fit this model: {0}")]
     State(String),
     #[error("device error: {0}")]
@@ -120,6 +134,13 @@ pub trait Backend: Send {
 
     /// Copies one slot into another (fork).
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError>;
+
+    /// Whether [`OutputRows::Nucleus`] saves this backend work: it decides kept sets where the
+    /// logits are (a GPU), rather than returning every row whole as a host backend does (for
+    /// which asking is only an extra copy). Every backend must accept the request either way.
+    fn decides_nucleus(&self) -> bool {
+        false
+    }
 }
 
 /// A boxed backend is a backend, so a backend chosen at run time (`Box<dyn Backend>`) can drive
@@ -149,6 +170,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
         (**self).copy_state(src, dst)
     }
+    fn decides_nucleus(&self) -> bool {
+        (**self).decides_nucleus()
+    }
 }
 
 /// The checks every backend applies before touching memory: slots exist and are distinct, and
@@ -164,13 +188,17 @@ pub fn validate_steps(
         if std::mem::replace(&mut seen[step.slot], true) {
             return Err(BackendError::DuplicateSlot { slot: step.slot });
         }
-        if let OutputRows::Top(k) = step.output {
-            if k == 0 || k > cfg.vocab_size {
+        match step.output {
+            OutputRows::Top(k) if k == 0 || k > cfg.vocab_size => {
                 return Err(BackendError::BadCandidates {
                     k,
                     vocab: cfg.vocab_size,
                 });
             }
+            OutputRows::Nucleus(f) if !(f.top_p > 0.0 && f.top_p <= 1.0) => {
+                return Err(BackendError::BadNucleus { top_p: f.top_p });
+            }
+            _ => {}
         }
         if let Some(&token) = step.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
             return Err(BackendError::BadToken {
@@ -208,13 +236,14 @@ pub fn top_candidates(row: &[f32], k: usize) -> Vec<Candidate> {
     best
 }
 
-/// `steps` with every [`OutputRows::Top`] asking for its last row instead: for backends that
-/// compute the candidates from full rows ([`take_candidates`] then picks them).
+/// `steps` with every [`OutputRows::Top`] and [`OutputRows::Nucleus`] asking for its last row
+/// instead: for backends that compute candidates from full rows ([`take_candidates`] then
+/// picks them, and returns nucleus rows whole).
 pub fn tops_as_last<'a>(steps: &[SeqStep<'a>]) -> Vec<SeqStep<'a>> {
     steps
         .iter()
         .map(|s| match s.output {
-            OutputRows::Top(_) => SeqStep {
+            OutputRows::Top(_) | OutputRows::Nucleus(_) => SeqStep {
                 output: OutputRows::Last,
                 ..*s
             },
@@ -224,9 +253,12 @@ pub fn tops_as_last<'a>(steps: &[SeqStep<'a>]) -> Vec<SeqStep<'a>> {
 }
 
 /// Turns the logits of a step computed with [`tops_as_last`] into what `steps` asked for: the
-/// last rows of `Top` sequences leave `data` and become their candidates.
+/// last rows of `Top` sequences leave `data` and become their candidates, those of `Nucleus`
+/// sequences become their (whole-row) [`NucleusRow`]s.
 pub fn take_candidates(steps: &[SeqStep<'_>], full: Logits) -> Logits {
-    if !steps.iter().any(|s| matches!(s.output, OutputRows::Top(_))) {
+    let transformed =
+        |s: &SeqStep<'_>| matches!(s.output, OutputRows::Top(_) | OutputRows::Nucleus(_));
+    if !steps.iter().any(transformed) {
         return full;
     }
     let vocab = full.vocab;
@@ -234,6 +266,7 @@ pub fn take_candidates(steps: &[SeqStep<'_>], full: Logits) -> Logits {
         vocab,
         data: Vec::with_capacity(full.data.len()),
         top: full.top,
+        nucleus: full.nucleus,
     };
     let mut rows = full.data.chunks_exact(vocab.max(1));
     for s in steps {
@@ -242,6 +275,11 @@ pub fn take_candidates(steps: &[SeqStep<'_>], full: Logits) -> Logits {
             OutputRows::Top(k) if n > 0 => {
                 if let Some(row) = rows.next() {
                     out.top.extend(top_candidates(row, k));
+                }
+            }
+            OutputRows::Nucleus(_) if n > 0 => {
+                if let Some(row) = rows.next() {
+                    out.nucleus.push(NucleusRow::Row(row.to_vec()));
                 }
             }
             other => {
@@ -332,13 +370,23 @@ mod tests {
                 tokens: &toks[..1],
                 output: OutputRows::Last,
             },
+            SeqStep {
+                slot: 5,
+                tokens: &toks[..2],
+                output: OutputRows::Nucleus(Nucleus {
+                    top_p: 0.5,
+                    top_k: 0,
+                }),
+            },
         ];
         let as_last = tops_as_last(&steps);
         assert_eq!(as_last[1].output, OutputRows::Last);
         assert_eq!(as_last[3].output, OutputRows::Last);
+        assert_eq!(as_last[5].output, OutputRows::Last);
         let rows: usize = as_last.iter().map(|s| s.output.rows(s.tokens.len())).sum();
-        assert_eq!(rows, 4);
-        // Rows: two of the All step, one for the Top step, one for the Last step.
+        assert_eq!(rows, 5);
+        // Rows: two of the All step, one for the Top step, one for the Last step, one for the
+        // Nucleus step.
         let full = Logits {
             vocab,
             data: vec![
@@ -346,11 +394,13 @@ mod tests {
                 3.0, 4.0, 5.0, // All, second
                 9.0, 7.0, 8.0, // Top(2)
                 6.0, 6.0, 6.0, // Last
+                1.5, 2.5, 3.5, // Nucleus
             ],
-            top: Vec::new(),
+            ..Logits::default()
         };
         let out = take_candidates(&steps, full);
         assert_eq!(out.data, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0, 6.0]);
+        assert_eq!(out.nucleus, [NucleusRow::Row(vec![1.5, 2.5, 3.5])]);
         assert_eq!(
             out.top,
             [

@@ -11,7 +11,8 @@
 //! Modules:
 //! - [`checkpoint`]: file formats; [`pickle`]: the restricted unpickler.
 //! - [`config`]: hyper-parameters; [`weights`]: typed tensors; [`tensor`]: dtype and bytes.
-//! - [`state`]: state layout and (de)serialization; [`backend`]: the backend contract.
+//! - [`state`]: state layout and (de)serialization; [`backend`]: the backend contract;
+//!   [`nucleus`]: the sampling filters a backend may apply before logits leave it.
 //! - [`shard`]: the tensor-parallel shard plan; [`collective`]: the all-reduce contract;
 //!   [`tp`]: a backend assembled from ranks that each hold one shard.
 //! - [`synthetic`]: random-weight checkpoints for benchmarks, demos and tests.
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod error;
+pub mod nucleus;
 pub mod pickle;
 pub mod shard;
 pub mod state;
@@ -34,6 +36,7 @@ pub use checkpoint::Checkpoint;
 pub use collective::{Collective, CollectiveError, InProcessCollective};
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
+pub use nucleus::{Nucleus, NucleusRow};
 pub use shard::{ShardError, ShardPlan};
 pub use state::State;
 pub use tensor::{DType, Tensor};

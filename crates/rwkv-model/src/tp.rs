@@ -44,6 +44,11 @@ pub trait Rank: Send {
 
     /// Copies slot `src` into slot `dst`.
     fn copy_slot(&mut self, src: usize, dst: usize) -> Result<(), BackendError>;
+
+    /// [`Backend::decides_nucleus`] of the head rank.
+    fn decides_nucleus(&self) -> bool {
+        false
+    }
 }
 
 /// The model sharded over `world` ranks, as one [`Backend`].
@@ -168,5 +173,9 @@ impl<R: Rank> Backend for TpBackend<R> {
             self.on_all(|_, r| r.copy_slot(src, dst))?;
         }
         Ok(())
+    }
+
+    fn decides_nucleus(&self) -> bool {
+        self.ranks[0].decides_nucleus()
     }
 }

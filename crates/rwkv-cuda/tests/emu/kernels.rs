@@ -413,3 +413,41 @@ fn softmax_and_top_k_match_the_host() {
     }
     assert_eq!(&idx[..2], &[5, 17]);
 }
+
+#[test]
+fn row_mass_is_the_softmax_max_and_denominator() {
+    let Some(e) = emu(64) else { return };
+    let kx = host_exec(&e, 64).kernels;
+    let mut rng = Lcg(9);
+    let (rows, cols) = (4, 777);
+    let mut x: Vec<f32> = rng.vec(rows * cols).iter().map(|v| 6.0 * v).collect();
+    // A NaN counts as -inf; +inf as the largest finite value; a row of -inf has no mass.
+    x[10] = f32::NAN;
+    x[cols + 4] = f32::INFINITY;
+    x[3 * cols..].fill(f32::NEG_INFINITY);
+    let (mut max, mut sum) = (vec![f32::NAN; rows], vec![f32::NAN; rows]);
+    kx.row_mass(view(&x), view_mut(&mut max), view_mut(&mut sum), rows, cols)
+        .unwrap();
+    for r in 0..2 {
+        let clean: Vec<f32> = x[r * cols..(r + 1) * cols]
+            .iter()
+            .map(|&v| {
+                if v.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    v.min(f32::MAX)
+                }
+            })
+            .collect();
+        let m = clean.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = clean.iter().map(|&v| f64::from((v - m).exp())).sum();
+        assert_eq!(max[r], m, "row {r}");
+        assert!(
+            (f64::from(sum[r]) - z).abs() <= 1e-5 * z,
+            "row {r}: {} vs {z}",
+            sum[r]
+        );
+    }
+    assert_eq!((max[1], sum[1]), (f32::MAX, 1.0), "+inf dominates alone");
+    assert_eq!((max[3], sum[3]), (f32::NEG_INFINITY, 0.0));
+}

@@ -218,3 +218,78 @@ fn device_candidates_are_the_best_entries_of_the_same_rows() {
         assert_eq!(got.logit.to_bits(), want.logit.to_bits(), "candidate {i}");
     }
 }
+
+/// Sampled decodes: each nucleus row comes back as its kept set (the best candidates, decided
+/// with the device's softmax denominator) or, when those do not decide it, as its whole row;
+/// both the same as a step that downloads the rows computes.
+#[test]
+fn nucleus_rows_are_kept_sets_or_whole_rows_of_the_same_logits() {
+    use rwkv_model::nucleus::{kept_prefix, NUCLEUS_CANDIDATES};
+    use rwkv_model::{Nucleus, NucleusRow};
+    let Some(e) = emu(64) else { return };
+    let w = ModelWeights::load(fixture("rwkv6-tiny-c256-l3.safetensors")).unwrap();
+    let vocab = w.config.vocab_size;
+    let prefix = tokens(vocab, 40, 11);
+    let next = tokens(vocab, 8, 12);
+    let mut rows_emu = EmuModel::new(&e, &w, 8, GemmPrecision::Split);
+    let mut nucleus_emu = EmuModel::new(&e, &w, 8, GemmPrecision::Split);
+    let prefill: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(i, &prefix[i * 4..i * 4 + 2 + i], OutputRows::None))
+        .collect();
+    rows_emu.forward(&prefill);
+    nucleus_emu.forward(&prefill);
+    // Small top-k decides within the candidates; a wide nucleus of a random model does not.
+    let filters: Vec<Nucleus> = (0..8)
+        .map(|i| Nucleus {
+            top_p: [0.9, 0.5, 0.999, 1.0][i % 4],
+            top_k: [0, 3, 0, 64][i % 4],
+        })
+        .collect();
+    let with_rows: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| step(i, &next[i..i + 1], OutputRows::Last))
+        .collect();
+    // One sequence asks for candidates: Top and Nucleus rows share the device path.
+    let with_nucleus: Vec<SeqStep<'_>> = (0..8)
+        .map(|i| {
+            let out = if i == 5 {
+                OutputRows::Top(4)
+            } else {
+                OutputRows::Nucleus(filters[i])
+            };
+            step(i, &next[i..i + 1], out)
+        })
+        .collect();
+    let full = rows_emu.forward(&with_rows);
+    let got = nucleus_emu.forward_logits(&with_nucleus);
+    assert!(got.data.is_empty());
+    assert_eq!(got.top.len(), 4);
+    assert_eq!(got.nucleus.len(), 7);
+    let (mut kept_sets, mut whole) = (0, 0);
+    let nucleus_seqs = (0..8).filter(|&i| i != 5);
+    for (i, row_out) in nucleus_seqs.zip(&got.nucleus) {
+        let row = &full[i * vocab..(i + 1) * vocab];
+        let cands = rwkv_model::backend::top_candidates(row, NUCLEUS_CANDIDATES);
+        let max = cands[0].logit;
+        let sum = row.iter().map(|&l| f64::from((l - max).exp())).sum::<f64>() as f32;
+        let want = kept_prefix(&cands, max, sum, filters[i], vocab);
+        match row_out {
+            NucleusRow::Kept(kept) => {
+                kept_sets += 1;
+                assert_eq!(Some(kept.len()), want, "sequence {i}");
+                for (g, w) in kept.iter().zip(&cands) {
+                    assert_eq!((g.token, g.logit.to_bits()), (w.token, w.logit.to_bits()));
+                }
+            }
+            NucleusRow::Row(r) => {
+                whole += 1;
+                assert_eq!(want, None, "sequence {i}");
+                assert_eq!(r.as_slice(), row, "sequence {i}");
+            }
+        }
+    }
+    assert!(
+        kept_sets >= 2 && whole >= 2,
+        "{kept_sets} kept sets, {whole} rows"
+    );
+    assert_eq!(rows_emu.state(3), nucleus_emu.state(3));
+}

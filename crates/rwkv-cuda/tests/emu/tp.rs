@@ -5,7 +5,7 @@
 //! backend.
 
 use rwkv_model::tp::{Rank, TpBackend};
-use rwkv_model::{BackendError, Logits, State};
+use rwkv_model::{BackendError, State};
 
 use super::model::{fixture, step, tokens, TOL};
 use super::*;
@@ -38,12 +38,8 @@ impl Rank for EmuRank {
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Option<Logits>, BackendError> {
-        let (data, top) = self.model.forward_with_candidates(steps);
-        Ok((self.plan.rank == 0).then_some(Logits {
-            vocab: self.model.cfg.vocab_size,
-            data,
-            top,
-        }))
+        let out = self.model.forward_logits(steps);
+        Ok((self.plan.rank == 0).then_some(out))
     }
 
     fn load_part(&mut self, slot: usize, part: &[f32]) -> Result<(), BackendError> {

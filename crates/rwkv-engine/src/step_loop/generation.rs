@@ -6,7 +6,7 @@ use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::Instant;
 
-use rwkv_model::{Backend, Candidate};
+use rwkv_model::{Backend, Candidate, OutputRows};
 
 use super::{Core, Role, Seq};
 use crate::error::EngineError;
@@ -32,6 +32,22 @@ pub(crate) struct Generation {
 }
 
 impl Generation {
+    /// What a decode step asks the backend for: the row's best tokens for greedy sampling, the
+    /// kept set of the sampling filters where the backend decides those (it may still return
+    /// the row), or the whole row where log-probabilities, bans or penalties need it.
+    pub(crate) fn decode_output(&self, backend_decides_nucleus: bool) -> OutputRows {
+        if self.top_logprobs.is_some() {
+            return OutputRows::Last;
+        }
+        if let Some(k) = self.sampler.candidates_needed() {
+            return OutputRows::Top(k);
+        }
+        match self.sampler.nucleus_filter() {
+            Some(filter) if backend_decides_nucleus => OutputRows::Nucleus(filter),
+            _ => OutputRows::Last,
+        }
+    }
+
     /// Sends the stream's last event; the client may be gone already. Choices not forked yet
     /// end the same way (they never started, so they have no tokens).
     pub(crate) fn finished(&self, reason: FinishReason) {
@@ -217,6 +233,9 @@ pub(crate) enum Pick<'a> {
     /// The row's best tokens, best first: enough for greedy sampling without penalties
     /// ([`Sampler::candidates_needed`]).
     Candidates(&'a [Candidate]),
+    /// The tokens the backend's nucleus filter kept, best first
+    /// ([`Sampler::nucleus_filter`]).
+    Kept(&'a [Candidate]),
 }
 
 /// One generation's sampling work in a step.
@@ -243,6 +262,7 @@ fn sample_one(
     }
     let (token, logprobs) = match (pick, g.top_logprobs) {
         (Pick::Candidates(candidates), _) => (g.sampler.pick_from_candidates(candidates), None),
+        (Pick::Kept(kept), _) => (g.sampler.pick_from_kept(kept), None),
         (Pick::Row(logits), Some(n)) => {
             let lp = g.sampler.sample_with_logprobs(logits, n);
             (lp.token, Some(lp))

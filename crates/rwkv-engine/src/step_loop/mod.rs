@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use rwkv_model::{Backend, Candidate, Logits, OutputRows, SeqStep, State};
+use rwkv_model::{Backend, Candidate, Logits, NucleusRow, OutputRows, SeqStep, State};
 
 use crate::disk_tier::DiskTier;
 use crate::engine::EngineConfig;
@@ -418,6 +418,7 @@ impl<B: Backend> Core<B> {
     fn execute(&mut self, plan: &[BatchItem]) -> Result<StepOutput, EngineError> {
         let mut steps = Vec::with_capacity(plan.len());
         let mut outputs = Vec::with_capacity(plan.len());
+        let decides_nucleus = self.backend.decides_nucleus();
         for item in plan {
             let seq = &self.seqs[&item.id];
             let slot = seq
@@ -427,12 +428,10 @@ impl<B: Backend> Core<B> {
                 // A continuation needs the distribution after each of its tokens.
                 Role::Score(lane) if lane.branch.is_some() => OutputRows::All,
                 _ if item.tokens != seq.unfed.len() => OutputRows::None,
-                // A greedy decode needs only the row's best tokens (the end of a prompt keeps
-                // its whole row: it is cached with the state, and choices fork from it).
-                Role::Generate(g) if item.decode => match g.sampler.candidates_needed() {
-                    Some(k) => OutputRows::Top(k),
-                    None => OutputRows::Last,
-                },
+                // A decode may need only the row's best tokens or its nucleus (the end of a
+                // prompt keeps its whole row: it is cached with the state, and choices fork
+                // from it).
+                Role::Generate(g) if item.decode => g.decode_output(decides_nucleus),
                 // Otherwise only the end of the input predicts anything.
                 _ => OutputRows::Last,
             };
@@ -458,17 +457,32 @@ impl<B: Backend> Core<B> {
             .zip(&outputs)
             .map(|(item, o)| o.candidates(item.tokens))
             .sum();
+        let nucleus: usize = plan
+            .iter()
+            .zip(&outputs)
+            .map(|(item, o)| o.nucleus_rows(item.tokens))
+            .sum();
+        let vocab = self.vocab();
+        let bad_nucleus = logits.nucleus.iter().any(|n| match n {
+            NucleusRow::Kept(kept) => {
+                kept.is_empty() || kept.iter().any(|c| c.token as usize >= vocab)
+            }
+            NucleusRow::Row(row) => row.len() != vocab,
+        });
         if logits.data.len() != rows * logits.vocab
-            || logits.vocab != self.vocab()
+            || logits.vocab != vocab
             || logits.top.len() != candidates
+            || logits.nucleus.len() != nucleus
+            || bad_nucleus
         {
             return Err(EngineError::StepFailed(format!(
-                "the backend returned {} logits of width {} and {} candidates, expected {rows} \
-                 rows of {} and {candidates} candidates",
+                "the backend returned {} logits of width {} and {} candidates and {} nucleus \
+                 rows, expected {rows} rows of {vocab}, {candidates} candidates and {nucleus} \
+                 nucleus rows (of kept tokens or {vocab} logits)",
                 logits.data.len(),
                 logits.vocab,
                 logits.top.len(),
-                self.vocab()
+                logits.nucleus.len(),
             )));
         }
         Ok(StepOutput { logits, outputs })
@@ -487,6 +501,7 @@ impl<B: Backend> Core<B> {
         let now = Instant::now();
         let mut rest: &mut [f32] = &mut logits.data;
         let mut rest_top: &[Candidate] = &logits.top;
+        let mut rest_nucleus: &mut [NucleusRow] = &mut logits.nucleus;
         let mut to_sample = Vec::new();
         for (item, output) in plan.iter().zip(outputs) {
             let n_rows = output.rows(item.tokens);
@@ -494,6 +509,9 @@ impl<B: Backend> Core<B> {
             rest = tail;
             let (top, tail) = rest_top.split_at(output.candidates(item.tokens));
             rest_top = tail;
+            let (nucleus, tail) =
+                std::mem::take(&mut rest_nucleus).split_at_mut(output.nucleus_rows(item.tokens));
+            rest_nucleus = tail;
             let Some(seq) = self.seqs.get_mut(&item.id) else {
                 continue;
             };
@@ -516,6 +534,13 @@ impl<B: Backend> Core<B> {
             match lane {
                 None if input_done && !top.is_empty() => {
                     to_sample.push((item.id, Pick::Candidates(top)));
+                }
+                None if input_done && !nucleus.is_empty() => {
+                    let pick = match &mut nucleus[0] {
+                        NucleusRow::Kept(kept) => Pick::Kept(kept),
+                        NucleusRow::Row(row) => Pick::Row(row),
+                    };
+                    to_sample.push((item.id, pick));
                 }
                 None if input_done => to_sample.push((item.id, Pick::Row(rows))),
                 None => {}
