@@ -10,9 +10,11 @@
 //!
 //! This is the CPU check of the sharding math (the unsharded [`crate::forward`] is the
 //! reference) and the model for the CUDA/NCCL backend; it reuses the unsharded forward's
-//! pieces, so only the sharding differs.
+//! pieces, so only the sharding differs. The ranks are driven by `rwkv_model::tp::TpBackend`,
+//! as the CUDA ranks are.
 
-use rwkv_model::backend::{check_slot, check_state, take_candidates, tops_as_last, validate_steps};
+use rwkv_model::backend::{take_candidates, tops_as_last, validate_steps};
+use rwkv_model::tp::{Rank, TpBackend};
 use rwkv_model::{
     Backend, BackendError, Collective, CollectiveError, InProcessCollective, Logits, ModelConfig,
     ModelWeights, SeqStep, ShardError, ShardPlan, State,
@@ -73,17 +75,19 @@ impl RankState {
 }
 
 /// One rank: its plan, its sharded model, its end of the collective and its slots.
-struct Rank {
+pub struct CpuRank {
     plan: ShardPlan,
     model: CpuModel,
-    comm: Box<dyn Collective>,
+    comm: InProcessCollective,
     slots: Vec<RankState>,
     initial: RankState,
+    /// Set for a step of [`TpCpuBackend::forward_candidates`]: the head computes only these.
+    candidates: Option<Vec<u32>>,
 }
 
-impl Rank {
+impl CpuRank {
     /// Runs one step on this rank; rank 0 returns the logits.
-    fn forward(
+    fn run(
         &mut self,
         steps: &[SeqStep<'_>],
         which: HeadRows<'_>,
@@ -100,7 +104,7 @@ impl Rank {
         let sh = Shard {
             model: &self.model,
             plan: &self.plan,
-            comm: &*self.comm,
+            comm: &self.comm,
         };
         sh.forward(steps, &mut states, which)
     }
@@ -226,10 +230,69 @@ impl Shard<'_> {
     }
 }
 
+impl Rank for CpuRank {
+    fn plan(&self) -> &ShardPlan {
+        &self.plan
+    }
+
+    fn num_slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn prepare(&mut self, _steps: &[SeqStep<'_>]) -> Result<(), BackendError> {
+        // Host memory is allocated as the step runs; nothing can fail on one rank alone first.
+        Ok(())
+    }
+
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Option<Logits>, BackendError> {
+        let candidates = self.candidates.take();
+        let which = match &candidates {
+            Some(ids) => HeadRows::Candidates(ids),
+            None => HeadRows::Full,
+        };
+        let data = self
+            .run(steps, which)
+            .map_err(|e| BackendError::Device(format!("tensor parallel: {e}")))?;
+        Ok(data.map(|data| Logits {
+            vocab: self.model.config.vocab_size,
+            data,
+            ..Logits::default()
+        }))
+    }
+
+    fn load_part(&mut self, slot: usize, part: &[f32]) -> Result<(), BackendError> {
+        let state = &mut self.slots[slot];
+        if part.len() != state.data.len() {
+            return Err(BackendError::State(format!(
+                "rank {} part of {} values, its slots hold {}",
+                self.plan.rank,
+                part.len(),
+                state.data.len()
+            )));
+        }
+        state.data.copy_from_slice(part);
+        Ok(())
+    }
+
+    fn save_part(&mut self, slot: usize) -> Result<Vec<f32>, BackendError> {
+        Ok(self.slots[slot].data.clone())
+    }
+
+    fn reset_slot(&mut self, slot: usize) -> Result<(), BackendError> {
+        self.slots[slot].clone_from(&self.initial);
+        Ok(())
+    }
+
+    fn copy_slot(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
+        let copy = self.slots[src].clone();
+        self.slots[dst] = copy;
+        Ok(())
+    }
+}
+
 /// The CPU backend sharded over `world` in-process ranks (threads).
 pub struct TpCpuBackend {
-    config: ModelConfig,
-    ranks: Vec<Rank>,
+    inner: TpBackend<CpuRank>,
 }
 
 impl TpCpuBackend {
@@ -257,6 +320,7 @@ impl TpCpuBackend {
         };
         let initial = weights.initial_state();
         let comms = InProcessCollective::group(world);
+        let abort = comms[0].aborter();
         let ranks = plans
             .into_iter()
             .zip(comms)
@@ -268,24 +332,25 @@ impl TpCpuBackend {
                     ..weights.clone()
                 };
                 let initial = RankState::from_full(&plan, &initial);
-                Rank {
+                CpuRank {
                     model: CpuModel::with_options(&view, rank_options),
-                    comm: Box::new(comm),
+                    comm,
                     slots: vec![initial.clone(); slots],
                     initial,
                     plan,
+                    candidates: None,
                 }
             })
             .collect();
-        Ok(Self {
-            config: weights.config.clone(),
-            ranks,
-        })
+        let name = format!("cpu-tp{world}");
+        let inner = TpBackend::new(weights.config.clone(), ranks, name, abort)
+            .expect("the ranks were built from one world's plans");
+        Ok(Self { inner })
     }
 
     /// Number of ranks.
     pub fn world(&self) -> usize {
-        self.ranks.len()
+        self.inner.world()
     }
 
     /// Like [`crate::CpuBackend::forward_candidates`]: only the logits of `candidates`.
@@ -294,100 +359,50 @@ impl TpCpuBackend {
         steps: &[SeqStep<'_>],
         candidates: &[u32],
     ) -> Result<Vec<f32>, BackendError> {
-        let vocab = self.config.vocab_size;
+        let vocab = self.config().vocab_size;
         if let Some(&token) = candidates.iter().find(|&&t| t as usize >= vocab) {
             return Err(BackendError::BadToken { token, vocab });
         }
-        self.run(steps, HeadRows::Candidates(candidates))
-    }
-
-    fn run(
-        &mut self,
-        steps: &[SeqStep<'_>],
-        which: HeadRows<'_>,
-    ) -> Result<Vec<f32>, BackendError> {
-        validate_steps(&self.config, self.num_slots(), steps)?;
-        let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .map(|rank| s.spawn(move || rank.forward(steps, which)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        let mut logits = None;
-        for r in results {
-            match r {
-                Ok(Some(l)) => logits = Some(l),
-                Ok(None) => {}
-                Err(e) => return Err(BackendError::Device(format!("tensor parallel: {e}"))),
-            }
-        }
-        Ok(logits.expect("rank 0 returns the logits"))
+        // Only rank 0 computes the head.
+        self.inner.ranks_mut()[0].candidates = Some(candidates.to_vec());
+        let out = self.inner.forward(steps);
+        self.inner.ranks_mut()[0].candidates = None;
+        Ok(out?.data)
     }
 }
 
 impl Backend for TpCpuBackend {
     fn config(&self) -> &ModelConfig {
-        &self.config
+        self.inner.config()
     }
 
     fn name(&self) -> String {
-        format!("cpu-tp{}", self.ranks.len())
+        self.inner.name()
     }
 
     fn num_slots(&self) -> usize {
-        self.ranks[0].slots.len()
+        self.inner.num_slots()
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        let data = self.run(&tops_as_last(steps), HeadRows::Full)?;
-        let full = Logits {
-            vocab: self.config.vocab_size,
-            data,
-            ..Logits::default()
-        };
+        validate_steps(self.config(), self.num_slots(), steps)?;
+        let full = self.inner.forward(&tops_as_last(steps))?;
         Ok(take_candidates(steps, full))
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        check_slot(slot, self.num_slots())?;
-        check_state(&self.config, state)?;
-        for rank in &mut self.ranks {
-            rank.slots[slot] = RankState::from_full(&rank.plan, state);
-        }
-        Ok(())
+        self.inner.load_state(slot, state)
     }
 
     fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        check_slot(slot, self.num_slots())?;
-        let mut state = State::zeros(&self.config);
-        for rank in &self.ranks {
-            rank.slots[slot].write_into(&rank.plan, &mut state);
-        }
-        Ok(state)
+        self.inner.save_state(slot)
     }
 
     fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
-        check_slot(slot, self.num_slots())?;
-        for rank in &mut self.ranks {
-            rank.slots[slot].clone_from(&rank.initial);
-        }
-        Ok(())
+        self.inner.reset_state(slot)
     }
 
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        check_slot(src, self.num_slots())?;
-        check_slot(dst, self.num_slots())?;
-        if src != dst {
-            for rank in &mut self.ranks {
-                let copy = rank.slots[src].clone();
-                rank.slots[dst] = copy;
-            }
-        }
-        Ok(())
+        self.inner.copy_state(src, dst)
     }
 }

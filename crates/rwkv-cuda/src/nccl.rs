@@ -10,9 +10,12 @@
 //! panics on a missing library.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use cudarc::driver::sys::CUstream;
 use cudarc::nccl::{result, sys};
+use rwkv_model::GroupAbort;
 
 use crate::error::{CudaError, Result};
 use crate::kernels::F32Buf;
@@ -44,6 +47,31 @@ pub struct NcclComm {
     comm: sys::ncclComm_t,
     rank: usize,
     world: usize,
+    /// Set once the group is aborted: the communicator is gone (NCCL freed it).
+    aborted: Arc<AtomicBool>,
+}
+
+/// Aborts every communicator of a group at once (`ncclCommAbort`, which NCCL allows from
+/// another thread while ranks wait inside collectives): their pending all-reduces end and every
+/// later one fails.
+pub struct NcclAbort {
+    /// The communicators, as addresses (NCCL handles are thread-safe to abort).
+    comms: Vec<usize>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl GroupAbort for NcclAbort {
+    fn abort(&self) {
+        if self.aborted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for &comm in &self.comms {
+            // SAFETY: each communicator was created by `NcclComm::group` and is aborted once
+            // (guarded by `aborted`); its `NcclComm` skips destroying it afterwards.
+            let _ = unsafe { result::comm_abort(comm as sys::ncclComm_t) };
+        }
+        tracing::error!("tensor-parallel group aborted after a rank failed");
+    }
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
@@ -55,9 +83,9 @@ unsafe impl Send for NcclComm {}
 unsafe impl Sync for NcclComm {}
 
 impl NcclComm {
-    /// Communicators for ranks `0..ordinals.len()`, rank i on device `ordinals[i]`. The
-    /// devices must be distinct (NCCL refuses two ranks on one device).
-    pub fn group(ordinals: &[usize]) -> Result<Vec<Self>> {
+    /// Communicators for ranks `0..ordinals.len()`, rank i on device `ordinals[i]`, and the
+    /// group's abort. The devices must be distinct (NCCL refuses two ranks on one device).
+    pub fn group(ordinals: &[usize]) -> Result<(Vec<Self>, Arc<NcclAbort>)> {
         if !nccl_available() {
             return Err(missing());
         }
@@ -71,11 +99,22 @@ impl NcclComm {
         // SAFETY: `comms` has room for `n` communicators and `devs` holds `n` device ordinals.
         unsafe { result::comm_init_all(comms.as_mut_ptr(), n, devs.as_ptr()) }
             .map_err(nccl("ncclCommInitAll"))?;
-        Ok(comms
+        let aborted = Arc::new(AtomicBool::new(false));
+        let abort = Arc::new(NcclAbort {
+            comms: comms.iter().map(|&c| c as usize).collect(),
+            aborted: aborted.clone(),
+        });
+        let comms = comms
             .into_iter()
             .enumerate()
-            .map(|(rank, comm)| Self { comm, rank, world })
-            .collect())
+            .map(|(rank, comm)| Self {
+                comm,
+                rank,
+                world,
+                aborted: aborted.clone(),
+            })
+            .collect();
+        Ok((comms, abort))
     }
 
     pub fn rank(&self) -> usize {
@@ -89,6 +128,12 @@ impl NcclComm {
     /// Sums `buf` across the group in place, queued on `stream` (the rank's compute stream, in
     /// the rank's device context).
     pub fn all_reduce_sum(&self, buf: F32Buf, stream: CUstream) -> Result<()> {
+        if self.aborted.load(Ordering::SeqCst) {
+            return Err(CudaError::Nccl {
+                op: "ncclAllReduce",
+                detail: "the tensor-parallel group was aborted".into(),
+            });
+        }
         if buf.is_empty() {
             return Ok(());
         }
@@ -113,6 +158,9 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
+        if self.aborted.load(Ordering::SeqCst) {
+            return; // ncclCommAbort freed it
+        }
         // SAFETY: the communicator was created by `group` and is destroyed once; its rank's
         // stream is synchronized by the backend's drop before the communicator goes.
         let _ = unsafe { result::comm_destroy(self.comm) };

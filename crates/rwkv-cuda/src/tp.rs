@@ -50,7 +50,7 @@ pub fn tensor_parallel(
             )));
         }
     }
-    let comms = NcclComm::group(devices)?;
+    let (comms, abort) = NcclComm::group(devices)?;
     let ranks = plans
         .into_iter()
         .zip(comms)
@@ -76,7 +76,7 @@ pub fn tensor_parallel(
             .collect::<Vec<_>>()
             .join(",")
     );
-    Ok(TpBackend::new(cfg.clone(), ranks, name)?)
+    Ok(TpBackend::new(cfg.clone(), ranks, name, abort)?)
 }
 
 impl Rank for CudaRank {

@@ -165,6 +165,9 @@ fn bf16_to_f32(b: u16) -> f32 {
 struct HostExec {
     kernels: Kernels,
     comm: Option<InProcessCollective>,
+    /// Fails the all-reduce after this many succeeded (a device fault in the middle of a step).
+    fail_after_reduces: Option<usize>,
+    reduces: std::sync::atomic::AtomicUsize,
 }
 
 impl Exec for HostExec {
@@ -253,6 +256,15 @@ impl Exec for HostExec {
             .comm
             .as_ref()
             .expect("all-reduce on a rank with a collective");
+        let done = self
+            .reduces
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.fail_after_reduces.is_some_and(|n| done >= n) {
+            return Err(rwkv_cuda::CudaError::shape(
+                "all-reduce",
+                "injected device fault",
+            ));
+        }
         // SAFETY: `buf` views a host vector of `buf.len()` f32 values that no one else touches
         // during the step.
         let data = unsafe { std::slice::from_raw_parts_mut(buf.ptr() as *mut f32, buf.len()) };
@@ -269,6 +281,8 @@ fn host_exec(e: &Arc<Emu>, head_size: usize) -> HostExec {
     HostExec {
         kernels: Kernels::with_launcher(Box::new(EmuLauncher(e.clone())), head_size),
         comm: None,
+        fail_after_reduces: None,
+        reduces: Default::default(),
     }
 }
 
@@ -355,7 +369,7 @@ impl EmuModel {
 
     /// The logit rows and the candidates of the `Top` rows.
     fn forward_with_candidates(&mut self, steps: &[SeqStep<'_>]) -> (Vec<f32>, Vec<Candidate>) {
-        let out = self.forward_logits(steps);
+        let out = self.forward_logits(steps).unwrap();
         assert!(
             out.nucleus.is_empty(),
             "use forward_logits for Nucleus rows"
@@ -364,7 +378,7 @@ impl EmuModel {
     }
 
     /// Everything a step returns, as the backend contract lays it out.
-    fn forward_logits(&mut self, steps: &[SeqStep<'_>]) -> Logits {
+    fn forward_logits(&mut self, steps: &[SeqStep<'_>]) -> rwkv_cuda::Result<Logits> {
         validate_steps(&self.cfg, self.layout.slots, steps).unwrap();
         let plan = BatchPlan::new(steps).unwrap();
         let head_rows = if self.part.head {
@@ -423,14 +437,13 @@ impl EmuModel {
             part: self.part,
         };
         let (mut top, mut nucleus) = (Vec::new(), Vec::new());
-        step.run(&plan, &mut logits, &mut top, &mut nucleus)
-            .unwrap();
-        Logits {
+        step.run(&plan, &mut logits, &mut top, &mut nucleus)?;
+        Ok(Logits {
             vocab: self.cfg.vocab_size,
             data: logits,
             top,
             nucleus,
-        }
+        })
     }
 }
 

@@ -33,7 +33,7 @@ pub mod weights;
 
 pub use backend::{Backend, BackendError, Candidate, Logits, OutputRows, SeqStep};
 pub use checkpoint::Checkpoint;
-pub use collective::{Collective, CollectiveError, InProcessCollective};
+pub use collective::{Collective, CollectiveError, GroupAbort, InProcessCollective};
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use nucleus::{Nucleus, NucleusRow};

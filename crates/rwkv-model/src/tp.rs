@@ -8,14 +8,18 @@
 //! module is the orchestration they share.
 //!
 //! A step runs in two rounds: every rank first [`prepare`](Rank::prepare)s (validates the plan,
-//! grows its buffers), and only when all succeeded do they [`forward`](Rank::forward). A rank
-//! that failed alone after its peers entered a collective would leave them waiting forever;
-//! preparation is where a rank can fail on its own (out of memory), so it is done before any
-//! rank communicates.
+//! grows its buffers), and only when all succeeded do they [`forward`](Rank::forward).
+//! Preparation is where a rank can fail on its own (out of memory), so it is done before any
+//! rank communicates, and such a step is refused with the group intact. A rank that fails later,
+//! in the middle of the step (a device fault), would leave its peers waiting in a collective
+//! forever: it aborts the group ([`GroupAbort`]), so they fail at once, and the backend refuses
+//! every later step (the states are lost; the worker must be restarted).
+
+use std::sync::{Arc, Mutex};
 
 use crate::backend::{check_slot, check_state, validate_steps};
 use crate::config::ModelConfig;
-use crate::{Backend, BackendError, Logits, SeqStep, ShardError, ShardPlan, State};
+use crate::{Backend, BackendError, GroupAbort, Logits, SeqStep, ShardError, ShardPlan, State};
 
 /// One rank of a tensor-parallel group. Its slots hold the rank's part of each state, laid out
 /// as [`ShardPlan::state_part`] describes.
@@ -56,12 +60,21 @@ pub struct TpBackend<R> {
     config: ModelConfig,
     ranks: Vec<R>,
     name: String,
+    /// Aborts the ranks' collectives.
+    abort: Arc<dyn GroupAbort>,
+    /// Why the group was aborted, once it was: every later call fails with it.
+    failed: Mutex<Option<String>>,
 }
 
 impl<R: Rank> TpBackend<R> {
     /// Groups `ranks`, which must be ranks `0..world` of one world over `config`, in order, with
-    /// the same number of slots.
-    pub fn new(config: ModelConfig, ranks: Vec<R>, name: String) -> Result<Self, BackendError> {
+    /// the same number of slots; `abort` ends their collectives.
+    pub fn new(
+        config: ModelConfig,
+        ranks: Vec<R>,
+        name: String,
+        abort: Arc<dyn GroupAbort>,
+    ) -> Result<Self, BackendError> {
         let world = ranks.len();
         let bad = |why: String| BackendError::Device(format!("tensor-parallel group: {why}"));
         ShardPlan::validate(&config, world).map_err(|e: ShardError| bad(e.to_string()))?;
@@ -82,7 +95,19 @@ impl<R: Rank> TpBackend<R> {
             config,
             ranks,
             name,
+            abort,
+            failed: Mutex::new(None),
         })
+    }
+
+    /// The error of an aborted group, if it was.
+    fn check_alive(&self) -> Result<(), BackendError> {
+        match &*self.failed.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(BackendError::Device(format!(
+                "tensor-parallel group stopped after a rank failed ({why}); restart the worker"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Number of ranks.
@@ -90,30 +115,45 @@ impl<R: Rank> TpBackend<R> {
         self.ranks.len()
     }
 
-    /// Runs `f` on every rank, each on its own thread (so their collective calls can meet), and
-    /// returns the results in rank order, or the first rank's error.
-    fn on_all<T: Send>(
-        &mut self,
-        f: impl Fn(usize, &mut R) -> Result<T, BackendError> + Sync,
-    ) -> Result<Vec<T>, BackendError> {
-        if let [only] = self.ranks.as_mut_slice() {
-            return Ok(vec![f(0, only)?]);
-        }
-        let f = &f;
-        let results: Vec<Result<T, BackendError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .enumerate()
-                .map(|(i, r)| s.spawn(move || f(i, r)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
-        });
-        results.into_iter().collect()
+    /// The ranks, in rank order (to set per-step options of a rank type).
+    pub fn ranks_mut(&mut self) -> &mut [R] {
+        &mut self.ranks
     }
+}
+
+/// Runs its closure when dropped while the thread unwinds (it is forgotten on the normal path).
+struct OnPanic<F: FnMut()>(Option<F>);
+
+impl<F: FnMut()> Drop for OnPanic<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.as_mut() {
+            f();
+        }
+    }
+}
+
+/// Runs `f` on every rank, each on its own thread (so their collective calls can meet), and
+/// returns the results in rank order, or the first rank's error.
+fn on_all<R: Send, T: Send>(
+    ranks: &mut [R],
+    f: impl Fn(usize, &mut R) -> Result<T, BackendError> + Sync,
+) -> Result<Vec<T>, BackendError> {
+    if let [only] = ranks {
+        return Ok(vec![f(0, only)?]);
+    }
+    let f = &f;
+    let results: Vec<Result<T, BackendError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .enumerate()
+            .map(|(i, r)| s.spawn(move || f(i, r)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    results.into_iter().collect()
 }
 
 impl<R: Rank> Backend for TpBackend<R> {
@@ -130,18 +170,37 @@ impl<R: Rank> Backend for TpBackend<R> {
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+        self.check_alive()?;
         validate_steps(&self.config, self.num_slots(), steps)?;
-        self.on_all(|_, r| r.prepare(steps))?;
-        let mut outs = self.on_all(|_, r| r.forward(steps))?;
+        on_all(&mut self.ranks, |_, r| r.prepare(steps))?;
+        // The first rank to fail mid-step (an error, or a panic) aborts the group, releasing
+        // the others.
+        let (abort, failed) = (&*self.abort, &self.failed);
+        let outs = on_all(&mut self.ranks, |i, r| {
+            let fail = |why: String| {
+                failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(why);
+                abort.abort();
+            };
+            let guard = OnPanic(Some(|| fail(format!("rank {i} panicked"))));
+            let out = r.forward(steps);
+            std::mem::forget(guard);
+            out.inspect_err(|e| fail(format!("rank {i}: {e}")))
+        });
+        // Report the rank that failed first, not a peer that the abort released.
+        let mut outs = outs.map_err(|e| self.check_alive().err().unwrap_or(e))?;
         outs.swap_remove(0).ok_or_else(|| {
             BackendError::Device("tensor parallel: rank 0 returned no logits".into())
         })
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
+        self.check_alive()?;
         check_slot(slot, self.num_slots())?;
         check_state(&self.config, state)?;
-        self.on_all(|_, r| {
+        on_all(&mut self.ranks, |_, r| {
             let part = r.plan().state_part(state);
             r.load_part(slot, &part)
         })?;
@@ -149,8 +208,9 @@ impl<R: Rank> Backend for TpBackend<R> {
     }
 
     fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
+        self.check_alive()?;
         check_slot(slot, self.num_slots())?;
-        let parts = self.on_all(|_, r| r.save_part(slot))?;
+        let parts = on_all(&mut self.ranks, |_, r| r.save_part(slot))?;
         let mut state = State::zeros(&self.config);
         for (r, part) in self.ranks.iter().zip(&parts) {
             r.plan()
@@ -161,21 +221,183 @@ impl<R: Rank> Backend for TpBackend<R> {
     }
 
     fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
+        self.check_alive()?;
         check_slot(slot, self.num_slots())?;
-        self.on_all(|_, r| r.reset_slot(slot))?;
+        on_all(&mut self.ranks, |_, r| r.reset_slot(slot))?;
         Ok(())
     }
 
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
+        self.check_alive()?;
         check_slot(src, self.num_slots())?;
         check_slot(dst, self.num_slots())?;
         if src != dst {
-            self.on_all(|_, r| r.copy_slot(src, dst))?;
+            on_all(&mut self.ranks, |_, r| r.copy_slot(src, dst))?;
         }
         Ok(())
     }
 
     fn decides_nucleus(&self) -> bool {
         self.ranks[0].decides_nucleus()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backend::OutputRows;
+    use crate::tensor::DType;
+    use crate::{Collective, InProcessCollective};
+
+    fn cfg() -> ModelConfig {
+        ModelConfig {
+            n_embd: 16,
+            n_layer: 1,
+            n_head: 2,
+            head_size: 8,
+            dim_ffn: 8,
+            vocab_size: 4,
+            maa_lora: 2,
+            decay_lora: 2,
+            weight_dtype: DType::F32,
+            has_time_state: false,
+        }
+    }
+
+    /// How a fake rank's step goes.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Fault {
+        None,
+        Error,
+        Panic,
+    }
+
+    /// Meets its peers in one all-reduce per step, unless its fault strikes first.
+    struct FakeRank {
+        plan: ShardPlan,
+        comm: InProcessCollective,
+        fault: Fault,
+    }
+
+    impl Rank for FakeRank {
+        fn plan(&self) -> &ShardPlan {
+            &self.plan
+        }
+        fn num_slots(&self) -> usize {
+            1
+        }
+        fn prepare(&mut self, _: &[SeqStep<'_>]) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn forward(&mut self, _: &[SeqStep<'_>]) -> Result<Option<Logits>, BackendError> {
+            match self.fault {
+                Fault::Error => return Err(BackendError::Device("device lost".into())),
+                Fault::Panic => panic!("rank fell over"),
+                Fault::None => {}
+            }
+            let mut x = [1.0f32];
+            self.comm
+                .all_reduce_sum(&mut x)
+                .map_err(|e| BackendError::Device(e.to_string()))?;
+            Ok((self.plan.rank == 0).then(|| Logits {
+                vocab: 4,
+                data: vec![x[0]; 4],
+                ..Logits::default()
+            }))
+        }
+        fn load_part(&mut self, _: usize, _: &[f32]) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn save_part(&mut self, _: usize) -> Result<Vec<f32>, BackendError> {
+            Ok(vec![0.0; self.plan.state_part_len(1)])
+        }
+        fn reset_slot(&mut self, _: usize) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn copy_slot(&mut self, _: usize, _: usize) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    fn group(faults: &[Fault]) -> TpBackend<FakeRank> {
+        let comms = InProcessCollective::group(faults.len());
+        let abort = comms[0].aborter();
+        let ranks = comms
+            .into_iter()
+            .zip(faults)
+            .enumerate()
+            .map(|(i, (comm, &fault))| FakeRank {
+                plan: ShardPlan::new(&cfg(), i, faults.len()).unwrap(),
+                comm,
+                fault,
+            })
+            .collect();
+        TpBackend::new(cfg(), ranks, "fake".into(), abort).unwrap()
+    }
+
+    /// One step of `tp` on another thread; `None` if it hangs.
+    fn step_within_a_minute(
+        mut tp: TpBackend<FakeRank>,
+    ) -> Option<(Result<Logits, BackendError>, TpBackend<FakeRank>)> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let toks = [1u32];
+            let step = [SeqStep {
+                slot: 0,
+                tokens: &toks,
+                output: OutputRows::Last,
+            }];
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tp.forward(&step)));
+            let out = out.unwrap_or_else(|_| Err(BackendError::Device("panicked".into())));
+            let _ = tx.send((out, tp));
+        });
+        rx.recv_timeout(Duration::from_secs(60)).ok()
+    }
+
+    #[test]
+    fn healthy_ranks_sum_and_rank_zero_answers() {
+        let (out, _) = step_within_a_minute(group(&[Fault::None, Fault::None])).unwrap();
+        assert_eq!(out.unwrap().data, [2.0; 4]);
+    }
+
+    #[test]
+    fn a_failing_or_panicking_rank_aborts_its_peers_and_the_group_stays_down() {
+        for fault in [Fault::Error, Fault::Panic] {
+            let tp = group(&[Fault::None, fault]);
+            let (out, mut tp) = step_within_a_minute(tp).expect("the step hung");
+            assert!(out.is_err());
+            let later = tp.save_state(0).unwrap_err().to_string();
+            assert!(
+                later.contains("rank 1") && later.contains("restart"),
+                "{later}"
+            );
+            if fault == Fault::Error {
+                assert!(later.contains("device lost"), "{later}");
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_must_be_one_world_in_order() {
+        let comms = InProcessCollective::group(2);
+        let abort = comms[0].aborter();
+        let mut ranks: Vec<FakeRank> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(i, comm)| FakeRank {
+                plan: ShardPlan::new(&cfg(), i, 2).unwrap(),
+                comm,
+                fault: Fault::None,
+            })
+            .collect();
+        ranks.swap(0, 1);
+        let err = TpBackend::new(cfg(), ranks, "fake".into(), abort)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("rank 0 holds the shard"), "{err}");
     }
 }

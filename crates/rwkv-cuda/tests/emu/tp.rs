@@ -38,7 +38,7 @@ impl Rank for EmuRank {
     }
 
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Option<Logits>, BackendError> {
-        let out = self.model.forward_logits(steps);
+        let out = self.model.forward_logits(steps)?;
         Ok((self.plan.rank == 0).then_some(out))
     }
 
@@ -68,17 +68,34 @@ impl Rank for EmuRank {
 }
 
 fn emu_tp(e: &Arc<Emu>, w: &ModelWeights, slots: usize, world: usize) -> TpBackend<EmuRank> {
+    emu_tp_failing(e, w, slots, world, None)
+}
+
+/// `fail`: (rank, all-reduces it completes before its device "fails").
+fn emu_tp_failing(
+    e: &Arc<Emu>,
+    w: &ModelWeights,
+    slots: usize,
+    world: usize,
+    fail: Option<(usize, usize)>,
+) -> TpBackend<EmuRank> {
     let plans = ShardPlan::all(&w.config, world).unwrap();
+    let comms = InProcessCollective::group(world);
+    let abort = comms[0].aborter();
     let ranks = plans
         .into_iter()
-        .zip(InProcessCollective::group(world))
-        .map(|(plan, comm)| EmuRank {
-            model: EmuModel::rank(e, w, slots, &plan, comm),
-            initial: plan.state_part(&w.initial_state()),
-            plan,
+        .zip(comms)
+        .map(|(plan, comm)| {
+            let mut model = EmuModel::rank(e, w, slots, &plan, comm);
+            model.exec.fail_after_reduces = fail.and_then(|(r, n)| (r == plan.rank).then_some(n));
+            EmuRank {
+                model,
+                initial: plan.state_part(&w.initial_state()),
+                plan,
+            }
         })
         .collect();
-    TpBackend::new(w.config.clone(), ranks, format!("emu-tp{world}")).unwrap()
+    TpBackend::new(w.config.clone(), ranks, format!("emu-tp{world}"), abort).unwrap()
 }
 
 fn full_state(model: &EmuModel, slot: usize) -> State {
@@ -207,4 +224,34 @@ fn sharded_slots_load_save_copy_and_reset_whole_states() {
         tp.forward(&[step(0, &bad, OutputRows::Last)]),
         Err(BackendError::BadToken { .. })
     ));
+}
+
+/// A rank whose device fails in the middle of a step (after its peers entered an all-reduce)
+/// aborts the group: the step fails at once instead of leaving the peers waiting forever, and
+/// every later call says the group is gone.
+#[test]
+fn a_rank_failing_mid_step_aborts_the_group_instead_of_hanging() {
+    let Some(e) = emu(64) else { return };
+    let w = ModelWeights::load(fixture("rwkv6-tiny-c128-l2.safetensors")).unwrap();
+    let vocab = w.config.vocab_size;
+    let mut tp = emu_tp_failing(&e, &w, 2, 2, Some((1, 3)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let toks = tokens(vocab, 4, 5);
+        let first = tp.forward(&[step(0, &toks, OutputRows::Last)]).map(|_| ());
+        let later = tp.forward(&[step(1, &toks, OutputRows::Last)]).map(|_| ());
+        let saved = tp.save_state(0).map(|_| ());
+        let _ = tx.send((first, later, saved));
+    });
+    let (first, later, saved) = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the step hung instead of failing");
+    for err in [first.unwrap_err(), later.unwrap_err(), saved.unwrap_err()] {
+        let err = err.to_string();
+        assert!(
+            err.contains("rank 1") && err.contains("injected device fault"),
+            "{err}"
+        );
+        assert!(err.contains("restart the worker"), "{err}");
+    }
 }
