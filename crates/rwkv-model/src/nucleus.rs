@@ -152,10 +152,13 @@ mod tests {
             .map(|p| p.ln())
             .collect();
         let (max, sum) = mass(&row);
-        let best = cands(&row[..2]);
-        // 0.4 + 0.3 reaches 0.6 within the two best, not 0.8.
+        let best = cands(&row[..3]);
+        // 0.4 + 0.3 reaches 0.6 within the three best (the third, 0.2, is not a tie).
         assert_eq!(kept_prefix(&best, max, sum, filter(0.6, 0), 5), Some(2));
+        // 0.9 reaches 0.8 at the last candidate: the next, unseen, might tie with it.
         assert_eq!(kept_prefix(&best, max, sum, filter(0.8, 0), 5), None);
+        // Not reached at all.
+        assert_eq!(kept_prefix(&best, max, sum, filter(0.95, 0), 5), None);
         // A tie at the cutoff that reaches the last candidate may continue past it.
         let tied: Vec<f32> = [0.5f32, 0.1, 0.1, 0.1, 0.1, 0.1]
             .iter()
