@@ -405,4 +405,8 @@ impl Backend for TpCpuBackend {
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
         self.inner.copy_state(src, dst)
     }
+
+    fn broken(&self) -> Option<String> {
+        self.inner.broken()
+    }
 }

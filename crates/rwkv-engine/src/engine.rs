@@ -350,11 +350,13 @@ impl EngineHandle {
         })
     }
 
-    /// Current load and tier usage.
+    /// Current load and tier usage; [`EngineError::BackendBroken`] once the backend cannot
+    /// run anything any more (the worker reports that as unavailable, and routers stop sending
+    /// it work).
     pub fn stats(&self) -> Result<EngineStats, EngineError> {
         let (reply, rx) = mpsc::sync_channel(1);
         self.send(Command::Stats(reply))?;
-        rx.recv().map_err(|_| EngineError::Stopped)
+        rx.recv().map_err(|_| EngineError::Stopped)?
     }
 
     fn ask<T>(

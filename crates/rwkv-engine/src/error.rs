@@ -55,6 +55,9 @@ pub enum EngineError {
     /// The engine thread has stopped (shut down, or it failed to start).
     #[error("the engine has stopped")]
     Stopped,
+    /// The backend can no longer run anything (`Backend::broken`): no new work is taken.
+    #[error("the backend is broken ({0})")]
+    BackendBroken(String),
 }
 
 impl EngineError {
@@ -76,6 +79,7 @@ impl EngineError {
             Self::Backend(_) => "backend",
             Self::StepFailed(_) => "step_failed",
             Self::Stopped => "stopped",
+            Self::BackendBroken(_) => "backend_broken",
         }
     }
 }

@@ -100,7 +100,8 @@ pub(crate) enum Command {
     /// Cancels a generation or a scoring request; unknown (finished) ids are ignored.
     Cancel(SeqId),
     Session(crate::sessions::SessionCommand),
-    Stats(std::sync::mpsc::SyncSender<crate::engine::EngineStats>),
+    /// The engine's load, or why its backend is broken.
+    Stats(std::sync::mpsc::SyncSender<Result<crate::engine::EngineStats, EngineError>>),
     Shutdown,
 }
 

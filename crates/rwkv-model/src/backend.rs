@@ -141,6 +141,13 @@ pub trait Backend: Send {
     fn decides_nucleus(&self) -> bool {
         false
     }
+
+    /// Why this backend can no longer run anything (a tensor-parallel group that was aborted
+    /// after a rank failed), or `None` while it works. A broken backend stays broken: the
+    /// engine refuses new work and reports it, so the worker leaves the routing table.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A boxed backend is a backend, so a backend chosen at run time (`Box<dyn Backend>`) can drive
@@ -172,6 +179,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn decides_nucleus(&self) -> bool {
         (**self).decides_nucleus()
+    }
+    fn broken(&self) -> Option<String> {
+        (**self).broken()
     }
 }
 

@@ -240,6 +240,10 @@ impl<R: Rank> Backend for TpBackend<R> {
     fn decides_nucleus(&self) -> bool {
         self.ranks[0].decides_nucleus()
     }
+
+    fn broken(&self) -> Option<String> {
+        self.check_alive().err().map(|e| e.to_string())
+    }
 }
 
 #[cfg(test)]

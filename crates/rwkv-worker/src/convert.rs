@@ -175,7 +175,7 @@ pub fn status_of(e: &EngineError) -> Status {
         EngineError::SessionBusy { .. } | EngineError::StateUnavailable { .. } => {
             Status::failed_precondition(message)
         }
-        EngineError::Stopped => Status::unavailable(message),
+        EngineError::Stopped | EngineError::BackendBroken(_) => Status::unavailable(message),
         EngineError::Config(_) | EngineError::Backend(_) | EngineError::StepFailed(_) => {
             Status::internal(message)
         }

@@ -90,12 +90,14 @@ impl<B: Backend> Core<B> {
                 req.tokens.splice(0..0, req.separator.iter().copied());
             }
         }
-        let checked = match &session {
-            Some(key) => self.claim_session(key, id, req.tokens.is_empty()),
-            None if req.tokens.is_empty() => Err(EngineError::EmptyInput),
-            None => Ok(()),
-        }
-        .and_then(|()| self.sched.enqueue(id));
+        let checked = self
+            .usable()
+            .and_then(|()| match &session {
+                Some(key) => self.claim_session(key, id, req.tokens.is_empty()),
+                None if req.tokens.is_empty() => Err(EngineError::EmptyInput),
+                None => Ok(()),
+            })
+            .and_then(|()| self.sched.enqueue(id));
         if let Err(e) = checked {
             if let Some(key) = &session {
                 self.release_session(key, id);

@@ -255,7 +255,7 @@ impl<B: Backend> Core<B> {
             }
             Command::Session(cmd) => self.session_command(cmd),
             Command::Stats(reply) => {
-                let _ = reply.send(self.stats());
+                let _ = reply.send(self.usable().map(|()| self.stats()));
             }
             Command::Shutdown => return false,
         }
@@ -549,6 +549,14 @@ impl<B: Backend> Core<B> {
         }
         let emitted = self.sample_generations(to_sample, now);
         self.metrics.generated(emitted);
+    }
+
+    /// Refuses new work once the backend is broken.
+    fn usable(&self) -> Result<(), EngineError> {
+        match self.backend.broken() {
+            Some(why) => Err(EngineError::BackendBroken(why)),
+            None => Ok(()),
+        }
     }
 
     fn vocab(&self) -> usize {

@@ -89,7 +89,7 @@ impl<B: Backend> Core<B> {
         req: ScoreRequest,
         reply: SyncSender<Result<ScoreResult, EngineError>>,
     ) {
-        if let Err(e) = self.sched.enqueue(id) {
+        if let Err(e) = self.usable().and_then(|()| self.sched.enqueue(id)) {
             // The caller may be gone already; then nobody needs the error.
             let _ = reply.send(Err(e));
             return;
