@@ -238,7 +238,13 @@ pub fn convert<F, H>(
     Ok(Weights {
         emb: h(&bf16s("emb", &w.emb, v * c)?)?,
         ln_out: (f(&ln_out.0)?, f(&ln_out.1)?),
-        head: h(&bf16s("head", &w.head, v * c)?)?,
+        // Only the part that computes the head holds it (V x C, the largest matrix); the other
+        // ranks keep one placeholder value, which nothing reads.
+        head: if part.head {
+            h(&bf16s("head", &w.head, v * c)?)?
+        } else {
+            h(&vec![0u16])?
+        },
         layers: w
             .blocks
             .iter()
