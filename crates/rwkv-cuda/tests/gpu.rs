@@ -593,6 +593,7 @@ fn model_1b6_step_times() {
     let build_s = t.elapsed().as_secs_f64();
     let weight_bytes = w.config.param_count() as f64 * 2.0;
     let state_bytes = w.config.state_bytes() as f64;
+    tensor_parallel_step_times(&w);
     for precision in [GemmPrecision::Split, GemmPrecision::Bf16] {
         let mut be = CudaBackend::with_options(&w, 256, 0, CudaOptions { precision }).unwrap();
         let toks = tokens(65536, 4096, 11);
@@ -619,6 +620,29 @@ fn model_1b6_step_times() {
             .map(|i| step(i, &toks[i..i + 1], OutputRows::Top(8)))
             .collect();
         let greedy_ms = time(&greedy, 10);
+        // Sampled decoding: top-p 0.9 decided on the device (a random model's flat rows may
+        // still come back whole; the count is printed).
+        let nucleus: Vec<SeqStep<'_>> = (0..256)
+            .map(|i| {
+                let filter = rwkv_model::Nucleus {
+                    top_p: 0.9,
+                    top_k: 0,
+                };
+                step(i, &toks[i..i + 1], OutputRows::Nucleus(filter))
+            })
+            .collect();
+        let nucleus_ms = time(&nucleus, 10);
+        // Top-k 40 always decides on the device.
+        let top_k: Vec<SeqStep<'_>> = (0..256)
+            .map(|i| {
+                let filter = rwkv_model::Nucleus {
+                    top_p: 1.0,
+                    top_k: 40,
+                };
+                step(i, &toks[i..i + 1], OutputRows::Nucleus(filter))
+            })
+            .collect();
+        let top_k_ms = time(&top_k, 10);
         // Floor: weights read once plus every sequence's state read and written once.
         let floor_ms = (weight_bytes + 256.0 * state_bytes * 2.0) / 4.0e12 * 1e3;
         let decode1: Vec<SeqStep<'_>> = (0..1)
@@ -629,12 +653,54 @@ fn model_1b6_step_times() {
             .map(|i| step(i, &toks[i * 512..(i + 1) * 512], OutputRows::Last))
             .collect();
         let prefill_ms = time(&prefill, 3);
+        let whole_rows = be
+            .forward(&nucleus)
+            .unwrap()
+            .nucleus
+            .iter()
+            .filter(|r| matches!(r, rwkv_model::NucleusRow::Row(_)))
+            .count();
         let flops_per_token = 2.0 * (w.config.param_count() as f64 - 65536.0 * 2048.0);
         let prefill_tflops = flops_per_token * 4096.0 / (prefill_ms / 1e3) / 1e12;
         eprintln!(
-            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms; greedy, 8 candidates per row {greedy_ms:.2} ms), decode B=1 {decode1_ms:.2} ms, prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
+            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms; greedy, 8 candidates per row {greedy_ms:.2} ms; sampled top-p 0.9 {nucleus_ms:.2} ms with {whole_rows} of 256 rows whole; sampled top-k 40 {top_k_ms:.2} ms), decode B=1 {decode1_ms:.2} ms, prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
             256.0 / decode_ms * 1e3,
             4096.0 / prefill_ms * 1e3
         );
     }
+}
+
+/// The sharded decode step on every GPU there is (a one-rank group on a one-GPU machine: the
+/// cost of the sharded path and NCCL's calls without any traffic between GPUs), against the
+/// whole model on GPU 0.
+fn tensor_parallel_step_times(w: &ModelWeights) {
+    let n = rwkv_cuda::device_count().unwrap();
+    let world = [4, 2, 1].into_iter().find(|&k| k <= n).unwrap();
+    let devices: Vec<usize> = (0..world).collect();
+    let mut tp = match rwkv_cuda::tensor_parallel(w, 256, &devices, CudaOptions::default()) {
+        Ok(tp) => tp,
+        Err(e) => {
+            eprintln!("timing tensor parallel: not run ({e})");
+            return;
+        }
+    };
+    let toks = tokens(65536, 256, 13);
+    let time = |be: &mut dyn Backend, batch: usize| {
+        let steps: Vec<SeqStep<'_>> = (0..batch)
+            .map(|i| step(i, &toks[i..i + 1], OutputRows::Top(1)))
+            .collect();
+        be.forward(&steps).unwrap();
+        let t = Instant::now();
+        for _ in 0..10 {
+            be.forward(&steps).unwrap();
+        }
+        t.elapsed().as_secs_f64() * 1e3 / 10.0
+    };
+    let (tp256, tp1) = (time(&mut tp, 256), time(&mut tp, 1));
+    drop(tp);
+    let mut one = CudaBackend::new(w, 256, 0).unwrap();
+    let (one256, one1) = (time(&mut one, 256), time(&mut one, 1));
+    eprintln!(
+        "timing tensor parallel over {world} GPU(s), 1.6B-shape greedy decode: B=256 {tp256:.2} ms/step (one GPU {one256:.2}), B=1 {tp1:.2} ms (one GPU {one1:.2})"
+    );
 }
