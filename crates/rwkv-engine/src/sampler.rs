@@ -7,6 +7,11 @@
 //! 2. if `sampler.is_stop_token(token)`: stop; the token is neither recorded nor emitted;
 //! 3. `sampler.record(token, is_frequency_exempt(text_of(token)))`;
 //! 4. feed the decoded text to a `rwkv_tokenizer::StopChecker` (by whoever holds the tokenizer).
+//!
+//! A backend may rank a row where its logits are instead of returning it: a greedy decode without
+//! penalties picks from the row's best tokens ([`Sampler::pick_from_candidates`]), a plain sampled
+//! decode draws from the tokens its filters keep ([`Sampler::pick_from_kept`]); both give exactly
+//! the token that [`Sampler::sample`] gives on the whole row.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
