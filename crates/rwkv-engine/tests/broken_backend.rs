@@ -6,53 +6,32 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::weights;
+use common::{weights, Custom};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
     Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest, SamplingParams, ScoreRequest,
 };
-use rwkv_model::{Backend, BackendError, Logits, ModelConfig, SeqStep, State};
+use rwkv_model::{Backend, BackendError, Logits, SeqStep};
 
-/// Runs `steps_left` forward steps, then breaks and stays broken.
-struct BreaksAfter {
+/// Runs `steps` forward steps, then breaks and stays broken.
+fn breaks_after(
     inner: CpuBackend,
-    steps_left: usize,
-    broken: Arc<Mutex<Option<String>>>,
-}
-
-impl Backend for BreaksAfter {
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn num_slots(&self) -> usize {
-        self.inner.num_slots()
-    }
-    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        if self.steps_left == 0 {
+    mut steps: usize,
+) -> Custom<impl FnMut(&mut CpuBackend, &[SeqStep<'_>]) -> Result<Logits, BackendError> + Send> {
+    let broken: Arc<Mutex<Option<String>>> = Arc::default();
+    let set = broken.clone();
+    let forward = move |backend: &mut CpuBackend, batch: &[SeqStep<'_>]| {
+        if steps == 0 {
             let why = "rank 1: device lost".to_string();
-            *self.broken.lock().unwrap() = Some(why.clone());
+            *set.lock().unwrap() = Some(why.clone());
             return Err(BackendError::Device(why));
         }
-        self.steps_left -= 1;
-        self.inner.forward(steps)
-    }
-    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        self.inner.load_state(slot, state)
-    }
-    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        self.inner.save_state(slot)
-    }
-    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
-        self.inner.reset_state(slot)
-    }
-    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        self.inner.copy_state(src, dst)
-    }
-    fn broken(&self) -> Option<String> {
-        self.broken.lock().unwrap().clone()
+        steps -= 1;
+        backend.forward(batch)
+    };
+    Custom {
+        broken,
+        ..Custom::new(inner, forward)
     }
 }
 
@@ -72,11 +51,7 @@ fn request(max_tokens: usize) -> GenerateRequest {
 #[test]
 fn a_broken_backend_fails_its_work_then_refuses_new_work_and_says_why() {
     let weights = weights();
-    let backend = BreaksAfter {
-        inner: CpuBackend::new(&weights, 2),
-        steps_left: 4,
-        broken: Arc::default(),
-    };
+    let backend = breaks_after(CpuBackend::new(&weights, 2), 4);
     let engine = Engine::start(backend, EngineConfig::default()).unwrap();
     assert!(engine.stats().is_ok());
     let (tokens, end) = engine.generate(request(50)).unwrap().collect();

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{alone, weights, Hooked};
+use common::{alone, hooked, weights};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
     Engine, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest,
@@ -23,13 +23,13 @@ fn start(weights: &ModelWeights, slots: usize) -> (Engine, Arc<AtomicUsize>) {
     let fed = Arc::new(AtomicUsize::new(0));
     let counter = fed.clone();
     // Counts the tokens the backend is fed.
-    let backend = Hooked {
-        inner: CpuBackend::new(weights, slots),
-        before_forward: move |steps: &[SeqStep<'_>]| {
+    let backend = hooked(
+        CpuBackend::new(weights, slots),
+        move |steps: &[SeqStep<'_>]| {
             let tokens: usize = steps.iter().map(|s| s.tokens.len()).sum();
             counter.fetch_add(tokens, Ordering::SeqCst);
         },
-    };
+    );
     let cfg = EngineConfig {
         scheduler: SchedulerConfig {
             max_batch_tokens: 24,

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{alone, weights, Hooked};
+use common::{alone, hooked, weights};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams};
 use rwkv_model::{OutputRows, SeqStep};
@@ -29,16 +29,16 @@ fn greedy_decodes_from_candidates_exactly_and_penalties_keep_whole_rows() {
     let top_requests = Arc::new(AtomicUsize::new(0));
     let counter = top_requests.clone();
     // Counts the sequences that ask for candidates instead of a row.
-    let backend = Hooked {
-        inner: CpuBackend::new(&weights, 8),
-        before_forward: move |steps: &[SeqStep<'_>]| {
+    let backend = hooked(
+        CpuBackend::new(&weights, 8),
+        move |steps: &[SeqStep<'_>]| {
             let tops = steps
                 .iter()
                 .filter(|s| matches!(s.output, OutputRows::Top(_)))
                 .count();
             counter.fetch_add(tops, Ordering::SeqCst);
         },
-    };
+    );
     let engine = Engine::start(backend, EngineConfig::default()).unwrap();
     let prompts: Vec<Vec<u32>> = (0..8u32)
         .map(|i| (0..3 + i).map(|j| (i * 131 + j * 17) % 1000 + 1).collect())

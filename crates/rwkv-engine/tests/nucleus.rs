@@ -9,17 +9,14 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{alone, weights};
+use common::{alone, weights, Custom};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{Engine, EngineConfig, GenerateEvent, GenerateRequest, SamplingParams};
 use rwkv_model::backend::top_candidates;
 use rwkv_model::nucleus::{kept_prefix, NUCLEUS_CANDIDATES};
-use rwkv_model::{
-    Backend, BackendError, Logits, ModelConfig, NucleusRow, OutputRows, SeqStep, State,
-};
+use rwkv_model::{Backend, BackendError, Logits, NucleusRow, OutputRows, SeqStep};
 
-/// The CPU backend, deciding nucleus rows as the CUDA backend does: from the row's best
-/// candidates and its softmax denominator. Counts kept sets and whole rows returned, and the
+/// What the backend of these tests saw and did: kept sets and whole rows returned, and the
 /// sequences that asked for candidates or a nucleus.
 #[derive(Default)]
 struct Counts {
@@ -28,28 +25,19 @@ struct Counts {
     ranked: AtomicUsize,
 }
 
-struct DecidesNucleus {
+/// The CPU backend, deciding nucleus rows as the CUDA backend does: from the row's best
+/// candidates and its softmax denominator.
+fn decides_nucleus(
     inner: CpuBackend,
     counts: Arc<Counts>,
-}
-
-impl Backend for DecidesNucleus {
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-    fn name(&self) -> String {
-        self.inner.name()
-    }
-    fn num_slots(&self) -> usize {
-        self.inner.num_slots()
-    }
-    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
+) -> Custom<impl FnMut(&mut CpuBackend, &[SeqStep<'_>]) -> Result<Logits, BackendError> + Send> {
+    let forward = move |backend: &mut CpuBackend, steps: &[SeqStep<'_>]| {
         let ranked = steps
             .iter()
             .filter(|s| matches!(s.output, OutputRows::Top(_) | OutputRows::Nucleus(_)))
             .count();
-        self.counts.ranked.fetch_add(ranked, Ordering::SeqCst);
-        let mut out = self.inner.forward(steps)?;
+        counts.ranked.fetch_add(ranked, Ordering::SeqCst);
+        let mut out = backend.forward(steps)?;
         let filters = steps.iter().filter_map(|s| match s.output {
             OutputRows::Nucleus(f) if !s.tokens.is_empty() => Some(f),
             _ => None,
@@ -63,27 +51,16 @@ impl Backend for DecidesNucleus {
             let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();
             if let Some(n) = kept_prefix(&cands, max, sum, filter, logits.len()) {
                 *row = NucleusRow::Kept(cands[..n].to_vec());
-                self.counts.kept.fetch_add(1, Ordering::SeqCst);
+                counts.kept.fetch_add(1, Ordering::SeqCst);
             } else {
-                self.counts.rows.fetch_add(1, Ordering::SeqCst);
+                counts.rows.fetch_add(1, Ordering::SeqCst);
             }
         }
         Ok(out)
-    }
-    fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
-        self.inner.load_state(slot, state)
-    }
-    fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        self.inner.save_state(slot)
-    }
-    fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
-        self.inner.reset_state(slot)
-    }
-    fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        self.inner.copy_state(src, dst)
-    }
-    fn decides_nucleus(&self) -> bool {
-        true
+    };
+    Custom {
+        decides_nucleus: true,
+        ..Custom::new(inner, forward)
     }
 }
 
@@ -100,10 +77,7 @@ fn request(prompt: &[u32], params: SamplingParams) -> GenerateRequest {
 fn sampled_decodes_draw_from_kept_sets_exactly_as_from_rows() {
     let weights = weights();
     let counts = Arc::new(Counts::default());
-    let backend = DecidesNucleus {
-        inner: CpuBackend::new(&weights, 8),
-        counts: counts.clone(),
-    };
+    let backend = decides_nucleus(CpuBackend::new(&weights, 8), counts.clone());
     let engine = Engine::start(backend, EngineConfig::default()).unwrap();
     let mut cases = Vec::new();
     for i in 0..12u32 {
@@ -148,10 +122,7 @@ fn sampled_decodes_draw_from_kept_sets_exactly_as_from_rows() {
 fn log_probabilities_come_with_every_token_greedy_or_sampled() {
     let weights = weights();
     let counts = Arc::new(Counts::default());
-    let backend = DecidesNucleus {
-        inner: CpuBackend::new(&weights, 4),
-        counts: counts.clone(),
-    };
+    let backend = decides_nucleus(CpuBackend::new(&weights, 4), counts.clone());
     let engine = Engine::start(backend, EngineConfig::default()).unwrap();
     for temperature in [0.0, 1.0] {
         let params = SamplingParams {

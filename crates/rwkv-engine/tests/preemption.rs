@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{weights, Hooked};
+use common::{hooked, weights};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
     Engine, EngineConfig, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
@@ -31,10 +31,9 @@ fn start(weights: &ModelWeights, slots: usize, preempt_after_steps: u64) -> Engi
     };
     // Every forward step takes at least a millisecond, so that a long generation takes far
     // longer than a short one however the test threads are scheduled.
-    let slow = Hooked {
-        inner: CpuBackend::new(weights, slots),
-        before_forward: |_: &[SeqStep<'_>]| thread::sleep(Duration::from_millis(1)),
-    };
+    let slow = hooked(CpuBackend::new(weights, slots), |_: &[SeqStep<'_>]| {
+        thread::sleep(Duration::from_millis(1))
+    });
     Engine::start(slow, cfg).unwrap()
 }
 

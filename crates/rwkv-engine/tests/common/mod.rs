@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{Sampler, SamplingParams};
@@ -43,14 +44,50 @@ pub fn alone(weights: &ModelWeights, prompt: &[u32], params: SamplingParams) -> 
     out
 }
 
-/// The CPU backend, calling `before_forward` with every step before running it (to count, to
-/// slow down, to watch what the engine asks for).
-pub struct Hooked<F> {
+/// The CPU backend with a test's own forward step (`forward` gets the inner backend, to run the
+/// real step around whatever the test does) and the capabilities it reports.
+pub struct Custom<F> {
     pub inner: CpuBackend,
-    pub before_forward: F,
+    pub forward: F,
+    /// What `Backend::decides_nucleus` answers.
+    pub decides_nucleus: bool,
+    /// What `Backend::broken` answers; the test (or `forward`) sets it.
+    pub broken: Arc<Mutex<Option<String>>>,
 }
 
-impl<F: FnMut(&[SeqStep<'_>]) + Send> Backend for Hooked<F> {
+impl<F> Custom<F>
+where
+    F: FnMut(&mut CpuBackend, &[SeqStep<'_>]) -> Result<Logits, BackendError> + Send,
+{
+    pub fn new(inner: CpuBackend, forward: F) -> Self {
+        Self {
+            inner,
+            forward,
+            decides_nucleus: false,
+            broken: Arc::default(),
+        }
+    }
+}
+
+/// The CPU backend, calling `before_forward` with every step before running it (to count, to
+/// slow down, to watch what the engine asks for).
+pub fn hooked(
+    inner: CpuBackend,
+    mut before_forward: impl FnMut(&[SeqStep<'_>]) + Send,
+) -> Custom<impl FnMut(&mut CpuBackend, &[SeqStep<'_>]) -> Result<Logits, BackendError> + Send> {
+    Custom::new(
+        inner,
+        move |backend: &mut CpuBackend, steps: &[SeqStep<'_>]| {
+            before_forward(steps);
+            backend.forward(steps)
+        },
+    )
+}
+
+impl<F> Backend for Custom<F>
+where
+    F: FnMut(&mut CpuBackend, &[SeqStep<'_>]) -> Result<Logits, BackendError> + Send,
+{
     fn config(&self) -> &ModelConfig {
         self.inner.config()
     }
@@ -61,8 +98,7 @@ impl<F: FnMut(&[SeqStep<'_>]) + Send> Backend for Hooked<F> {
         self.inner.num_slots()
     }
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
-        (self.before_forward)(steps);
-        self.inner.forward(steps)
+        (self.forward)(&mut self.inner, steps)
     }
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
         self.inner.load_state(slot, state)
@@ -75,5 +111,11 @@ impl<F: FnMut(&[SeqStep<'_>]) + Send> Backend for Hooked<F> {
     }
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
         self.inner.copy_state(src, dst)
+    }
+    fn decides_nucleus(&self) -> bool {
+        self.decides_nucleus
+    }
+    fn broken(&self) -> Option<String> {
+        self.broken.lock().unwrap().clone()
     }
 }
