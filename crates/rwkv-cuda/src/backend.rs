@@ -55,6 +55,8 @@ pub struct CudaBackend {
     part: Part,
     /// A rank's shard plan and its end of the group's communicator.
     pub(crate) shard: Option<Shard>,
+    /// The first error after which the device is unusable ([`is_sticky`]), once there was one.
+    broken: Option<String>,
     dev: Device,
 }
 
@@ -144,6 +146,7 @@ impl CudaBackend {
             logits_host: None,
             part,
             shard,
+            broken: None,
             dev,
         })
     }
@@ -309,7 +312,7 @@ impl CudaBackend {
     }
 
     /// Runs a step prepared by [`CudaBackend::prepare_step`].
-    pub(crate) fn run_prepared(&mut self, plan: &BatchPlan) -> Result<Logits, BackendError> {
+    pub(crate) fn run_prepared(&mut self, plan: &BatchPlan) -> Result<Logits> {
         self.dev.bind()?;
         let vocab = self.cfg.vocab_size;
         if plan.rows() == 0 {
@@ -387,34 +390,85 @@ impl Backend for CudaBackend {
     fn forward(&mut self, steps: &[SeqStep<'_>]) -> Result<Logits, BackendError> {
         validate_steps(&self.cfg, self.pool.layout.slots, steps)?;
         let device_steps = Self::device_steps(steps);
-        let plan = self.prepare_step(&device_steps)?;
-        let logits = self.run_prepared(&plan)?;
+        let ran = self
+            .prepare_step(&device_steps)
+            .and_then(|plan| self.run_prepared(&plan));
+        let logits = self.watch(ran)?;
         Ok(finish_candidates(steps, device_steps, logits))
     }
 
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
         check_state(&self.cfg, state)?;
-        Ok(self.load_slot(slot, state.as_flat())?)
+        let loaded = self.load_slot(slot, state.as_flat());
+        self.watch(loaded)
     }
 
     fn save_state(&mut self, slot: usize) -> Result<State, BackendError> {
-        let data = self.save_slot(slot)?;
+        let saved = self.save_slot(slot);
+        let data = self.watch(saved)?;
         State::from_flat(&self.cfg, data).map_err(|e| BackendError::State(e.to_string()))
     }
 
     fn reset_state(&mut self, slot: usize) -> Result<(), BackendError> {
         self.pool.layout.check_slot(slot)?;
-        self.dev.bind()?;
-        Ok(self.pool.fill(&self.dev, slot, &self.initial)?)
+        let reset = self
+            .dev
+            .bind()
+            .and_then(|()| self.pool.fill(&self.dev, slot, &self.initial));
+        self.watch(reset)
     }
 
     fn copy_state(&mut self, src: usize, dst: usize) -> Result<(), BackendError> {
-        self.dev.bind()?;
-        Ok(self.pool.copy(&self.dev, src, dst)?)
+        let copied = self
+            .dev
+            .bind()
+            .and_then(|()| self.pool.copy(&self.dev, src, dst));
+        self.watch(copied)
     }
 
     fn decides_nucleus(&self) -> bool {
         true
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken.clone()
+    }
+}
+
+impl CudaBackend {
+    /// Passes a result on, remembering an error after which the device is unusable, so the
+    /// engine stops taking work ([`Backend::broken`]) instead of failing every step alike.
+    fn watch<T>(&mut self, result: Result<T>) -> Result<T, BackendError> {
+        if let Err(e) = &result {
+            if is_sticky(e) && self.broken.is_none() {
+                let why = format!("{} on {}: {e}", self.name(), self.dev.name);
+                tracing::error!(error = %why, "the GPU is unusable until the process restarts");
+                self.broken = Some(why);
+            }
+        }
+        Ok(result?)
+    }
+}
+
+/// Driver errors after which the CUDA context is corrupt for the rest of the process (the
+/// "sticky" errors of the CUDA programming guide: a faulting kernel, an uncorrectable ECC error):
+/// every later call fails the same way.
+pub(crate) fn is_sticky(e: &CudaError) -> bool {
+    use cudarc::driver::sys::CUresult as R;
+    match e {
+        CudaError::Driver { source, .. } => matches!(
+            source.0,
+            R::CUDA_ERROR_ILLEGAL_ADDRESS
+                | R::CUDA_ERROR_LAUNCH_FAILED
+                | R::CUDA_ERROR_ECC_UNCORRECTABLE
+                | R::CUDA_ERROR_ASSERT
+                | R::CUDA_ERROR_HARDWARE_STACK_ERROR
+                | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+                | R::CUDA_ERROR_MISALIGNED_ADDRESS
+                | R::CUDA_ERROR_INVALID_ADDRESS_SPACE
+                | R::CUDA_ERROR_INVALID_PC
+        ),
+        _ => false,
     }
 }
 
@@ -471,6 +525,22 @@ fn copy_out(src: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_errors_that_corrupt_the_context_break_the_backend() {
+        use cudarc::driver::result::DriverError;
+        use cudarc::driver::sys::CUresult as R;
+        let driver = |code| CudaError::Driver {
+            op: "forward",
+            source: DriverError(code),
+        };
+        assert!(is_sticky(&driver(R::CUDA_ERROR_ILLEGAL_ADDRESS)));
+        assert!(is_sticky(&driver(R::CUDA_ERROR_ECC_UNCORRECTABLE)));
+        // Out of memory, a bad argument or a shape error leave the device usable.
+        assert!(!is_sticky(&driver(R::CUDA_ERROR_OUT_OF_MEMORY)));
+        assert!(!is_sticky(&driver(R::CUDA_ERROR_INVALID_VALUE)));
+        assert!(!is_sticky(&CudaError::shape("forward", "rows")));
+    }
 
     #[test]
     fn unsupported_head_sizes_are_rejected_before_touching_a_device() {
