@@ -46,22 +46,8 @@ impl RankState {
         }
     }
 
-    /// Writes this rank's part into a full state (the shifts are the same on every rank).
-    pub fn write_into(&self, plan: &ShardPlan, state: &mut State) {
-        plan.write_state_part(&self.data, state)
-            .expect("a rank's state part has its plan's size");
-    }
-
     fn layer_len(&self) -> usize {
         2 * self.c + self.wkv_len
-    }
-
-    /// Layer `i`: (att_shift, wkv slice, ffn_shift).
-    pub fn layer(&self, i: usize) -> (&[f32], &[f32], &[f32]) {
-        let l = &self.data[i * self.layer_len()..(i + 1) * self.layer_len()];
-        let (att, rest) = l.split_at(self.c);
-        let (wkv, ffn) = rest.split_at(self.wkv_len);
-        (att, wkv, ffn)
     }
 
     /// Mutable layer `i`: (att_shift, wkv slice, ffn_shift).

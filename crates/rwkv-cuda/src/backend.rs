@@ -37,7 +37,7 @@ pub struct TopK {
 
 /// The RWKV-6 model on one CUDA device, with a pool of state slots in device memory.
 pub struct CudaBackend {
-    pub(crate) cfg: ModelConfig,
+    cfg: ModelConfig,
     options: CudaOptions,
     kernels: Kernels,
     /// Raw views of `_weights` for kernel arguments (valid while it lives).
@@ -53,17 +53,11 @@ pub struct CudaBackend {
     logits_host: Option<HostState>,
     /// The part of the model held here: all of it, or a tensor-parallel rank's shard.
     part: Part,
-    /// A rank's shard plan and its end of the group's communicator.
-    pub(crate) shard: Option<Shard>,
+    /// A tensor-parallel rank's end of its group's communicator.
+    comm: Option<NcclComm>,
     /// The first error after which the device is unusable ([`is_sticky`]), once there was one.
     broken: Option<String>,
     dev: Device,
-}
-
-/// What a tensor-parallel rank holds beyond a whole-model backend.
-pub(crate) struct Shard {
-    pub plan: ShardPlan,
-    pub comm: NcclComm,
 }
 
 impl CudaBackend {
@@ -84,14 +78,15 @@ impl CudaBackend {
         Self::build(weights, slots, device_ordinal, options, None)
     }
 
-    /// A whole-model backend (`shard` None) or one rank of a tensor-parallel group: the rank's
-    /// shard of the weights, and slots that hold its part of each state.
+    /// A whole-model backend (`shard` None) or one rank of a tensor-parallel group (its plan
+    /// and its end of the group's communicator): the rank's shard of the weights, and slots
+    /// that hold its part of each state.
     pub(crate) fn build(
         weights: &ModelWeights,
         slots: usize,
         device_ordinal: usize,
         options: CudaOptions,
-        shard: Option<Shard>,
+        shard: Option<(&ShardPlan, NcclComm)>,
     ) -> Result<Self> {
         let cfg = weights.config.clone();
         check_model(&cfg)?;
@@ -103,7 +98,7 @@ impl CudaBackend {
             );
         }
         let kernels = Kernels::load(&dev, cfg.head_size)?;
-        let plan = shard.as_ref().map(|s| &s.plan);
+        let (plan, comm) = shard.unzip();
         let weights_dev = weights::upload(&dev, weights, plan)?;
         let views = weights::views(&dev, &weights_dev);
         let (part, layout, initial) = match plan {
@@ -145,7 +140,7 @@ impl CudaBackend {
             ws,
             logits_host: None,
             part,
-            shard,
+            comm,
             broken: None,
             dev,
         })
@@ -329,7 +324,7 @@ impl CudaBackend {
         let exec = CudaExec {
             dev: &self.dev,
             kernels: &self.kernels,
-            comm: self.shard.as_ref().map(|s| &s.comm),
+            comm: self.comm.as_ref(),
         };
         let step = Step {
             exec: &exec,

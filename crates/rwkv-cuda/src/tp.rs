@@ -4,11 +4,10 @@
 //! rank's compute stream. `rwkv_model::tp::TpBackend` drives the ranks (one thread each) and
 //! assembles full states from their parts.
 
-use rwkv_model::backend::validate_steps;
 use rwkv_model::tp::{Rank, TpBackend};
 use rwkv_model::{BackendError, Logits, ModelWeights, SeqStep, ShardPlan};
 
-use crate::backend::{check_model, finish_candidates, CudaBackend, CudaOptions, Shard};
+use crate::backend::{check_model, finish_candidates, CudaBackend, CudaOptions};
 use crate::device::device_count;
 use crate::error::{CudaError, Result};
 use crate::nccl::NcclComm;
@@ -56,11 +55,7 @@ pub fn tensor_parallel(
         .zip(comms)
         .zip(devices)
         .map(|((plan, comm), &device)| {
-            let shard = Shard {
-                plan: plan.clone(),
-                comm,
-            };
-            let body = CudaBackend::build(weights, slots, device, options, Some(shard))?;
+            let body = CudaBackend::build(weights, slots, device, options, Some((&plan, comm)))?;
             Ok(CudaRank {
                 body,
                 plan,
@@ -89,7 +84,7 @@ impl Rank for CudaRank {
     }
 
     fn prepare(&mut self, steps: &[SeqStep<'_>]) -> Result<(), BackendError> {
-        validate_steps(&self.body.cfg, self.num_slots(), steps)?;
+        // `TpBackend` validated the steps.
         let device_steps = CudaBackend::device_steps(steps);
         self.prepared = Some(self.body.prepare_step(&device_steps)?);
         Ok(())

@@ -38,6 +38,7 @@
 
 use rand::Rng;
 
+use crate::logprobs::clean;
 use crate::vecmath::{argmax, clean_and_max, exp_nonpositive, exp_shifted, mass_above};
 
 /// Successive thresholds are `p_max / d` for these `d`, then 0 (every token). Each round costs
@@ -254,9 +255,7 @@ impl SampleScratch {
         let weighted = kept
             .iter()
             .map(|&key| (key_id(key), probs[key_id(key) as usize]));
-        let total: f64 = weighted.clone().map(|(_, w)| f64::from(w)).sum();
-        let u = rng.gen::<f64>() * total;
-        pick(u, weighted)
+        draw(weighted, rng)
     }
 }
 
@@ -270,13 +269,6 @@ pub fn draw_kept<R: Rng + ?Sized>(
     temperature: f32,
     rng: &mut R,
 ) -> u32 {
-    let clean = |l: f32| {
-        if l.is_nan() {
-            f32::NEG_INFINITY
-        } else {
-            l.min(f32::MAX)
-        }
-    };
     let max = kept.first().map_or(f32::NEG_INFINITY, |c| clean(c.logit));
     if max == f32::NEG_INFINITY {
         return 0;
@@ -285,6 +277,12 @@ pub fn draw_kept<R: Rng + ?Sized>(
     let weighted = kept
         .iter()
         .map(|c| (c.token, exp_nonpositive((clean(c.logit) - max) * inv_t)));
+    draw(weighted, rng)
+}
+
+/// One draw from `(id, weight)` pairs in proportion to their weights: a single `f64` from `rng`
+/// scaled by the total, then [`pick`].
+fn draw<R: Rng + ?Sized>(weighted: impl Iterator<Item = (u32, f32)> + Clone, rng: &mut R) -> u32 {
     let total: f64 = weighted.clone().map(|(_, w)| f64::from(w)).sum();
     let u = rng.gen::<f64>() * total;
     pick(u, weighted)

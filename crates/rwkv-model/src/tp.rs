@@ -121,14 +121,13 @@ impl<R: Rank> TpBackend<R> {
     }
 }
 
-/// Runs its closure when dropped while the thread unwinds (it is forgotten on the normal path).
-struct OnPanic<F: FnMut()>(Option<F>);
+/// Runs its closure when dropped, which happens only while the thread unwinds: on the normal
+/// path it is forgotten.
+struct OnPanic<F: FnMut()>(F);
 
 impl<F: FnMut()> Drop for OnPanic<F> {
     fn drop(&mut self) {
-        if let Some(f) = self.0.as_mut() {
-            f();
-        }
+        (self.0)();
     }
 }
 
@@ -184,7 +183,7 @@ impl<R: Rank> Backend for TpBackend<R> {
                     .get_or_insert(why);
                 abort.abort();
             };
-            let guard = OnPanic(Some(|| fail(format!("rank {i} panicked"))));
+            let guard = OnPanic(|| fail(format!("rank {i} panicked")));
             let out = r.forward(steps);
             std::mem::forget(guard);
             out.inspect_err(|e| fail(format!("rank {i}: {e}")))
