@@ -8,21 +8,30 @@
 //                  hi/lo halves summed here); x_j = a + dx * (lambda_j + m_j), written as five
 //                  bf16 GEMM inputs [5][S*rows][cols]. lambda is packed [5][cols] in the same order.
 // cmix_shift_f32:  channel-mix: dx = prev - b; x_k = b + dx * maa_k, x_r = b + dx * maa_r (bf16).
-// store_shift_f32: after the kernels above, shift[slot] = src[last row of the sequence].
+//
+// The shift kernels also update the shift state: the thread of a sequence's first row, the only
+// one that reads the slot's shift, replaces it with the sequence's last row (row_last) after
+// reading it. Slots are distinct within a step, so no other thread touches that value.
 
-__device__ __forceinline__ float prev_value(const float* __restrict__ a, const float* __restrict__ pool,
-                                            const int* __restrict__ row_prev, i64 state_stride,
-                                            i64 shift_off, int row, int col, int cols) {
+// The previous row's value of column `col`; for a sequence's first row, the slot's shift state,
+// which is then replaced by the sequence's last row.
+__device__ __forceinline__ float shift_value(const float* __restrict__ a, float* __restrict__ pool,
+                                             const int* __restrict__ row_prev,
+                                             const int* __restrict__ row_last, i64 state_stride,
+                                             i64 shift_off, int row, int col, int cols) {
     const int p = row_prev[row];
     if (p >= 0) {
         return a[(i64)p * cols + col];
     }
-    const i64 slot = (i64)(-p - 1);
-    return pool[slot * state_stride + shift_off + col];
+    float* shift = pool + (i64)(-p - 1) * state_stride + shift_off + col;
+    const float prev = *shift;
+    *shift = a[(i64)row_last[row] * cols + col];
+    return prev;
 }
 
-extern "C" __global__ void tmix_shift_f32(const float* __restrict__ a, const float* __restrict__ pool,
-                                          const int* __restrict__ row_prev, i64 state_stride, i64 shift_off,
+extern "C" __global__ void tmix_shift_f32(const float* __restrict__ a, float* __restrict__ pool,
+                                          const int* __restrict__ row_prev,
+                                          const int* __restrict__ row_last, i64 state_stride, i64 shift_off,
                                           const float* __restrict__ maa_x, float* __restrict__ dx,
                                           bf16_t* __restrict__ xm, int rows, int cols, int split) {
     const i64 n = (i64)rows * cols;
@@ -30,7 +39,7 @@ extern "C" __global__ void tmix_shift_f32(const float* __restrict__ a, const flo
         const int row = (int)(i / cols);
         const int col = (int)(i % cols);
         const float cur = a[i];
-        const float d = prev_value(a, pool, row_prev, state_stride, shift_off, row, col, cols) - cur;
+        const float d = shift_value(a, pool, row_prev, row_last, state_stride, shift_off, row, col, cols) - cur;
         dx[i] = d;
         store_split(xm, i, n, split, cur + d * maa_x[col]);
     }
@@ -56,8 +65,9 @@ extern "C" __global__ void tmix_mix_f32(const float* __restrict__ a, const float
     }
 }
 
-extern "C" __global__ void cmix_shift_f32(const float* __restrict__ b, const float* __restrict__ pool,
-                                          const int* __restrict__ row_prev, i64 state_stride, i64 shift_off,
+extern "C" __global__ void cmix_shift_f32(const float* __restrict__ b, float* __restrict__ pool,
+                                          const int* __restrict__ row_prev,
+                                          const int* __restrict__ row_last, i64 state_stride, i64 shift_off,
                                           const float* __restrict__ maa_k, const float* __restrict__ maa_r,
                                           bf16_t* __restrict__ xk, bf16_t* __restrict__ xr,
                                           int rows, int cols, int split) {
@@ -66,19 +76,8 @@ extern "C" __global__ void cmix_shift_f32(const float* __restrict__ b, const flo
         const int row = (int)(i / cols);
         const int col = (int)(i % cols);
         const float cur = b[i];
-        const float d = prev_value(b, pool, row_prev, state_stride, shift_off, row, col, cols) - cur;
+        const float d = shift_value(b, pool, row_prev, row_last, state_stride, shift_off, row, col, cols) - cur;
         store_split(xk, i, n, split, cur + d * maa_k[col]);
         store_split(xr, i, n, split, cur + d * maa_r[col]);
-    }
-}
-
-extern "C" __global__ void store_shift_f32(const float* __restrict__ src, float* __restrict__ pool,
-                                           const int* __restrict__ seq_last, const int* __restrict__ seq_slot,
-                                           i64 state_stride, i64 shift_off, int seqs, int cols) {
-    const i64 n = (i64)seqs * cols;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const int s = (int)(i / cols);
-        const int col = (int)(i % cols);
-        pool[(i64)seq_slot[s] * state_stride + shift_off + col] = src[(i64)seq_last[s] * cols + col];
     }
 }

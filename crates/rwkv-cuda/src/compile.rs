@@ -37,6 +37,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
             "to_f32_bf16",
             "gemm_out_f32",
             "gemm_out_bf16",
+            "kvrg_out_f32",
         ],
         needs_head_size: false,
     },
@@ -49,7 +50,12 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "norm.cu",
         source: include_str!("../kernels/norm.cu"),
-        functions: &["layer_norm_f32", "layer_norm_bf16", "group_norm_gate_f32"],
+        functions: &[
+            "layer_norm_f32",
+            "layer_norm_bf16",
+            "residual_layer_norm_f32",
+            "group_norm_gate_f32",
+        ],
         needs_head_size: false,
     },
     KernelFile {
@@ -61,12 +67,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "token_mix.cu",
         source: include_str!("../kernels/token_mix.cu"),
-        functions: &[
-            "tmix_shift_f32",
-            "tmix_mix_f32",
-            "cmix_shift_f32",
-            "store_shift_f32",
-        ],
+        functions: &["tmix_shift_f32", "tmix_mix_f32", "cmix_shift_f32"],
         needs_head_size: false,
     },
     KernelFile {

@@ -11,6 +11,7 @@ pub use crate::launch::{
     CudaLauncher, DevBuf, F32Buf, I32Buf, Launcher, PoolArg, ELEMENTWISE_MAX_BLOCKS,
     ELEMENTWISE_THREADS, MAX_HEAD_SIZE, SAMPLING_THREADS,
 };
+pub use crate::recurrent::ShiftRows;
 
 /// Activation codes shared with `kernels/common.cuh` (`ACT_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +193,81 @@ impl Kernels {
             Arg::I(act as i32),
         ];
         self.launch(OP, elementwise_config(n), &args)
+    }
+
+    /// The batched k, v, r, g projection's output `tmp` (four `[S*rows, cols]` blocks in that
+    /// order) summed into k, v, r and silu(g), each `[rows, cols]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kvrg_out(
+        &self,
+        tmp: F32Buf,
+        [k, v, r, g]: [F32Buf; 4],
+        rows: usize,
+        cols: usize,
+        split: bool,
+    ) -> Result<()> {
+        let n = rows * cols;
+        if n == 0 {
+            return Ok(());
+        }
+        const OP: &str = "kvrg_out";
+        tmp.need(OP, "tmp", 4 * split_factor(split) * n)?;
+        for (name, out) in [("k", k), ("v", v), ("r", r), ("g", g)] {
+            out.need(OP, name, n)?;
+        }
+        let args = [
+            p(tmp),
+            p(k),
+            p(v),
+            p(r),
+            p(g),
+            Arg::I(int(OP, rows)?),
+            Arg::I(int(OP, cols)?),
+            Arg::I(split.into()),
+        ];
+        self.launch("kvrg_out_f32", elementwise_config(n), &args)
+    }
+
+    /// x += gate * (tmp_hi + tmp_lo) (`gemm_out_f32` with accumulate), then out = LN(x; w, b):
+    /// the residual update that ends a block and the LayerNorm that starts the next.
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_layer_norm(
+        &self,
+        tmp: F32Buf,
+        gate: Option<F32Buf>,
+        x: F32Buf,
+        (w, b): (F32Buf, F32Buf),
+        out: F32Buf,
+        rows: usize,
+        cols: usize,
+        split: bool,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        const OP: &str = "residual_layer_norm";
+        let n = rows * cols;
+        tmp.need(OP, "tmp", split_factor(split) * n)?;
+        if let Some(g) = gate {
+            g.need(OP, "gate", n)?;
+        }
+        x.need(OP, "x", n)?;
+        out.need(OP, "out", n)?;
+        w.need(OP, "weight", cols)?;
+        b.need(OP, "bias", cols)?;
+        let args = [
+            p(tmp),
+            p(gate.unwrap_or_else(DevBuf::null)),
+            p(x),
+            p(w),
+            p(b),
+            p(out),
+            Arg::I(int(OP, rows)?),
+            Arg::I(int(OP, cols)?),
+            Arg::I(split.into()),
+            Arg::F(LN_EPS),
+        ];
+        self.launch("residual_layer_norm_f32", row_config(rows, cols)?, &args)
     }
 
     /// `x[t] = emb[tokens[t]]` as f32. Token ids must already be checked against `vocab`.

@@ -19,8 +19,10 @@ pub struct BatchPlan {
     /// Per row: the previous row of the same sequence, or -(slot + 1) for a sequence's first
     /// row (its previous token is in the slot's shift state).
     pub row_prev: Vec<i32>,
-    /// Per non-empty sequence: its last row and its slot (for the shift-state update).
-    pub seq_last: Vec<i32>,
+    /// Per row: the last row of its sequence (the shift kernels store that row's value in the
+    /// slot's shift state when they read the first row's previous value).
+    pub row_last: Vec<i32>,
+    /// Per non-empty sequence: its slot (host side only).
     pub seq_slot: Vec<i32>,
     /// Sequences with exactly one token: their row and slot (WKV decode kernel).
     pub dec_row: Vec<i32>,
@@ -43,8 +45,7 @@ pub struct BatchPlan {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackedMeta {
     pub row_prev: Range<usize>,
-    pub seq_last: Range<usize>,
-    pub seq_slot: Range<usize>,
+    pub row_last: Range<usize>,
     pub dec_row: Range<usize>,
     pub dec_slot: Range<usize>,
     pub pre_first: Range<usize>,
@@ -90,7 +91,8 @@ impl BatchPlan {
             plan.tokens.extend_from_slice(step.tokens);
             plan.row_prev.push(-(slot + 1));
             plan.row_prev.extend((first..end - 1).map(|r| r as i32));
-            plan.seq_last.push((end - 1) as i32);
+            plan.row_last
+                .extend(std::iter::repeat_n((end - 1) as i32, n));
             plan.seq_slot.push(slot);
             if n == 1 {
                 plan.dec_row.push(first as i32);
@@ -129,8 +131,7 @@ impl BatchPlan {
         };
         let meta = PackedMeta {
             row_prev: put(&self.row_prev),
-            seq_last: put(&self.seq_last),
-            seq_slot: put(&self.seq_slot),
+            row_last: put(&self.row_last),
             dec_row: put(&self.dec_row),
             dec_slot: put(&self.dec_slot),
             pre_first: put(&self.pre_first),
@@ -177,7 +178,7 @@ mod tests {
         assert_eq!(p.tokens, vec![5, 6, 7, 9, 1, 2]);
         assert_eq!(p.rows(), 6);
         assert_eq!(p.row_prev, vec![-4, 0, 1, -1, -3, 4]);
-        assert_eq!(p.seq_last, vec![2, 3, 5]);
+        assert_eq!(p.row_last, vec![2, 2, 2, 3, 5, 5]);
         assert_eq!(p.seq_slot, vec![3, 0, 2]);
         assert_eq!((p.dec_row.clone(), p.dec_slot.clone()), (vec![3], vec![0]));
         assert_eq!(p.pre_first, vec![0, 4]);
@@ -197,7 +198,7 @@ mod tests {
         let p = BatchPlan::new(&steps).unwrap();
         let (buf, m) = p.packed();
         assert_eq!(&buf[m.row_prev.clone()], p.row_prev.as_slice());
-        assert_eq!(&buf[m.seq_slot.clone()], p.seq_slot.as_slice());
+        assert_eq!(&buf[m.row_last.clone()], &[2, 2, 2, 3]);
         assert_eq!(&buf[m.dec_row.clone()], &[3]);
         assert_eq!(&buf[m.pre_end.clone()], &[3]);
         assert_eq!(&buf[m.head_rows.clone()], &[2, 3]);

@@ -8,15 +8,31 @@ use crate::kernels::{
     Kernels, PoolArg,
 };
 
+/// The row metadata of the token shift: per row, its previous row (or `-(slot + 1)` for a
+/// sequence's first row) and its sequence's last row (see `plan.rs`).
+#[derive(Clone, Copy, Debug)]
+pub struct ShiftRows {
+    pub prev: I32Buf,
+    pub last: I32Buf,
+}
+
+impl ShiftRows {
+    fn need(&self, op: &'static str, rows: usize) -> Result<()> {
+        self.prev.need(op, "row_prev", rows)?;
+        self.last.need(op, "row_last", rows)
+    }
+}
+
 impl Kernels {
-    /// Time-mix token shift: dx = prev - a and the ddlerp LoRA input xm = a + dx * maa_x.
+    /// Time-mix token shift: dx = prev - a and the ddlerp LoRA input xm = a + dx * maa_x; the
+    /// shift state of each sequence's slot becomes its last row of `a` (`row_last`).
     #[allow(clippy::too_many_arguments)]
     pub fn tmix_shift(
         &self,
         a: F32Buf,
         pool: PoolArg,
         shift_off: usize,
-        row_prev: I32Buf,
+        rows_meta: ShiftRows,
         maa_x: F32Buf,
         dx: F32Buf,
         xm: Bf16Buf,
@@ -31,14 +47,15 @@ impl Kernels {
         const OP: &str = "tmix_shift";
         pool.check(OP, shift_off, cols)?;
         a.need(OP, "a", n)?;
-        row_prev.need(OP, "row_prev", rows)?;
+        rows_meta.need(OP, rows)?;
         maa_x.need(OP, "maa_x", cols)?;
         dx.need(OP, "dx", n)?;
         xm.need(OP, "xm", split_factor(split) * n)?;
         let args = [
             p(a),
             p(pool.buf),
-            p(row_prev),
+            p(rows_meta.prev),
+            p(rows_meta.last),
             Arg::L(long(pool.stride)),
             Arg::L(long(shift_off)),
             p(maa_x),
@@ -89,14 +106,15 @@ impl Kernels {
         self.launch("tmix_mix_f32", elementwise_config(n), &args)
     }
 
-    /// Channel-mix token shift and mixes: x_k and x_r as bf16 GEMM inputs.
+    /// Channel-mix token shift and mixes: x_k and x_r as bf16 GEMM inputs; updates the shift
+    /// state like [`Kernels::tmix_shift`].
     #[allow(clippy::too_many_arguments)]
     pub fn cmix_shift(
         &self,
         b: F32Buf,
         pool: PoolArg,
         shift_off: usize,
-        row_prev: I32Buf,
+        rows_meta: ShiftRows,
         maa_k: F32Buf,
         maa_r: F32Buf,
         xk: Bf16Buf,
@@ -112,7 +130,7 @@ impl Kernels {
         const OP: &str = "cmix_shift";
         pool.check(OP, shift_off, cols)?;
         b.need(OP, "b", n)?;
-        row_prev.need(OP, "row_prev", rows)?;
+        rows_meta.need(OP, rows)?;
         maa_k.need(OP, "maa_k", cols)?;
         maa_r.need(OP, "maa_r", cols)?;
         xk.need(OP, "xk", split_factor(split) * n)?;
@@ -120,7 +138,8 @@ impl Kernels {
         let args = [
             p(b),
             p(pool.buf),
-            p(row_prev),
+            p(rows_meta.prev),
+            p(rows_meta.last),
             Arg::L(long(pool.stride)),
             Arg::L(long(shift_off)),
             p(maa_k),
@@ -132,41 +151,6 @@ impl Kernels {
             Arg::I(split.into()),
         ];
         self.launch("cmix_shift_f32", elementwise_config(n), &args)
-    }
-
-    /// `shift[slot[s]] = src[last[s]]` for every sequence s (rows of `cols`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn store_shift(
-        &self,
-        src: F32Buf,
-        src_rows: usize,
-        pool: PoolArg,
-        shift_off: usize,
-        seq_last: I32Buf,
-        seq_slot: I32Buf,
-        seqs: usize,
-        cols: usize,
-    ) -> Result<()> {
-        let n = seqs * cols;
-        if n == 0 {
-            return Ok(());
-        }
-        const OP: &str = "store_shift";
-        pool.check(OP, shift_off, cols)?;
-        src.need(OP, "src", src_rows * cols)?;
-        seq_last.need(OP, "seq_last", seqs)?;
-        seq_slot.need(OP, "seq_slot", seqs)?;
-        let args = [
-            p(src),
-            p(pool.buf),
-            p(seq_last),
-            p(seq_slot),
-            Arg::L(long(pool.stride)),
-            Arg::L(long(shift_off)),
-            Arg::I(int(OP, seqs)?),
-            Arg::I(int(OP, cols)?),
-        ];
-        self.launch("store_shift_f32", elementwise_config(n), &args)
     }
 
     /// WKV for sequences of exactly one token: row `dec_row[b]`, state slot `dec_slot[b]`.

@@ -17,7 +17,7 @@ mod head;
 
 use crate::error::{CudaError, Result};
 use crate::gemm::{BatchStrides, GemmSpec, WeightLayout};
-use crate::kernels::{Act, Bf16Buf, DevBuf, F32Buf, I32Buf, Kernels, PoolArg};
+use crate::kernels::{Act, Bf16Buf, DevBuf, F32Buf, I32Buf, Kernels, PoolArg, ShiftRows};
 use crate::plan::{BatchPlan, PackedMeta};
 use crate::pool::PoolLayout;
 use crate::weights::{Layer, WeightViews};
@@ -201,9 +201,7 @@ struct Bufs {
 
 /// Device views of the packed row metadata.
 struct Meta {
-    row_prev: I32Buf,
-    seq_last: I32Buf,
-    seq_slot: I32Buf,
+    shift: ShiftRows,
     dec_row: I32Buf,
     dec_slot: I32Buf,
     pre_first: I32Buf,
@@ -217,9 +215,10 @@ impl Meta {
     fn new(all: I32Buf, m: &PackedMeta) -> Result<Self> {
         let v = |r: &std::ops::Range<usize>| all.slice(r.start, r.len());
         Ok(Self {
-            row_prev: v(&m.row_prev)?,
-            seq_last: v(&m.seq_last)?,
-            seq_slot: v(&m.seq_slot)?,
+            shift: ShiftRows {
+                prev: v(&m.row_prev)?,
+                last: v(&m.row_last)?,
+            },
             dec_row: v(&m.dec_row)?,
             dec_slot: v(&m.dec_slot)?,
             pre_first: v(&m.pre_first)?,
@@ -308,11 +307,19 @@ impl Step<'_> {
         };
         let meta = Meta::new(self.bufs.meta, &layout)?;
         let c = self.cfg.n_embd;
+        let layers = &self.weights.layers;
         self.kx()
             .embedding(self.weights.emb, vocab, self.bufs.tokens, b.x, rows, c)?;
-        for (l, lw) in self.weights.layers.iter().enumerate() {
+        // Each block leaves the next block's LayerNorm of x in `a` (fused with its residual
+        // update), so only the first one is computed on its own.
+        if let Some(first) = layers.first() {
+            let (w, bias) = first.ln1;
+            self.kx().layer_norm(b.x, w, bias, b.a, rows, c)?;
+        }
+        for (l, lw) in layers.iter().enumerate() {
             self.time_mix(l, lw, &b, &meta, plan)?;
-            self.channel_mix(l, lw, &b, &meta, plan)?;
+            let next_ln1 = layers.get(l + 1).map(|next| next.ln1);
+            self.channel_mix(l, lw, &b, &meta, plan, next_ln1)?;
         }
         if self.part.head {
             self.head(&b, &meta, plan, logits)?;
@@ -363,29 +370,19 @@ impl Step<'_> {
         let pool = self.pool;
         let lay = &self.layout;
 
-        // a = LN(x; ln1); dx = prev - a; LoRA input xm = a + dx * maa_x; shift state <- a.
-        kx.layer_norm(b.x, lw.ln1.0, lw.ln1.1, b.a, rows, c)?;
+        // a = LN(x; ln1) (left by the previous block); dx = prev - a; LoRA input
+        // xm = a + dx * maa_x; shift state <- a.
         kx.tmix_shift(
             b.a,
             pool,
             lay.att_shift(l),
-            m.row_prev,
+            m.shift,
             lw.maa_x,
             b.dx,
             b.gin,
             rows,
             c,
             split,
-        )?;
-        kx.store_shift(
-            b.a,
-            rows,
-            pool,
-            lay.att_shift(l),
-            m.seq_last,
-            m.seq_slot,
-            plan.seqs(),
-            c,
         )?;
 
         // z = tanh(xm @ maa_w1) [rows, 5 Dm]; m_j = z_j @ maa_w2[j] -> tmp [5][S*rows][C].
@@ -423,27 +420,7 @@ impl Step<'_> {
         };
         self.exec
             .gemm(&proj, &proj_strides, lw.kvrg, b.xs.slice(n, 4 * n)?, b.tmp)?;
-        for (i, (out, act)) in [
-            (b.k, Act::None),
-            (b.v, Act::None),
-            (b.r, Act::None),
-            (b.g, Act::Silu),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            kx.gemm_out_f32(
-                b.tmp.slice(i * nh, nh)?,
-                out,
-                None,
-                None,
-                rows,
-                ch,
-                split,
-                act,
-                false,
-            )?;
-        }
+        kx.kvrg_out(b.tmp, [b.k, b.v, b.r, b.g], rows, ch, split)?;
 
         // w = exp(-exp(time_decay + tanh(x_w @ decay_w1) @ decay_w2)), f32, for this part's
         // channels (a shard holds those columns of decay_w2 and entries of time_decay).
@@ -511,21 +488,33 @@ impl Step<'_> {
             b.gin,
             b.tmp,
         )?;
-        self.add_to_residual(b, rows, None)
+        self.add_to_residual(b, rows, None, Some(lw.ln2))
     }
 
-    /// x += the [S*rows, C] GEMM output in `tmp` (times `gate`). A shard's output is a partial
-    /// sum: it is formed in `y`, summed across ranks, then added.
-    fn add_to_residual(&self, b: &Bufs, rows: usize, gate: Option<F32Buf>) -> Result<()> {
+    /// x += the [S*rows, C] GEMM output in `tmp` (times `gate`), then, when the next block's
+    /// LayerNorm is given, a = LN(x) in the same launch. A shard's output is a partial sum: it
+    /// is formed in `y`, summed across ranks, then added.
+    fn add_to_residual(
+        &self,
+        b: &Bufs,
+        rows: usize,
+        gate: Option<F32Buf>,
+        next_ln: Option<(F32Buf, F32Buf)>,
+    ) -> Result<()> {
         let kx = self.kx();
         let (c, split) = (self.cfg.n_embd, self.precision.split());
-        if !self.part.reduce {
-            return kx.gemm_out_f32(b.tmp, b.x, None, gate, rows, c, split, Act::None, true);
+        let (sum, gate, split) = if self.part.reduce {
+            let partial = b.y.slice(0, rows * c)?;
+            kx.gemm_out_f32(b.tmp, partial, None, gate, rows, c, split, Act::None, false)?;
+            self.exec.all_reduce_sum(partial)?;
+            (partial, None, false)
+        } else {
+            (b.tmp, gate, split)
+        };
+        match next_ln {
+            Some(ln) => kx.residual_layer_norm(sum, gate, b.x, ln, b.a, rows, c, split),
+            None => kx.gemm_out_f32(sum, b.x, None, gate, rows, c, split, Act::None, true),
         }
-        let partial = b.y.slice(0, rows * c)?;
-        kx.gemm_out_f32(b.tmp, partial, None, gate, rows, c, split, Act::None, false)?;
-        self.exec.all_reduce_sum(partial)?;
-        kx.gemm_out_f32(partial, b.x, None, None, rows, c, false, Act::None, true)
     }
 
     fn channel_mix(
@@ -535,6 +524,7 @@ impl Step<'_> {
         b: &Bufs,
         m: &Meta,
         plan: &BatchPlan,
+        next_ln1: Option<(F32Buf, F32Buf)>,
     ) -> Result<()> {
         let kx = self.kx();
         let (c, f) = (self.cfg.n_embd, self.part.ffn);
@@ -544,14 +534,13 @@ impl Step<'_> {
         let pool = self.pool;
         let off = self.layout.ffn_shift(l);
 
-        // b = LN(x; ln2); x_k, x_r from the shift; shift state <- b.
-        kx.layer_norm(b.x, lw.ln2.0, lw.ln2.1, b.a, rows, c)?;
+        // b = LN(x; ln2) (left in `a` by the time mix); x_k, x_r from the shift; shift state <- b.
         let (xk, xr) = (b.xs.slice(0, n)?, b.xs.slice(n, n)?);
         kx.cmix_shift(
             b.a,
             pool,
             off,
-            m.row_prev,
+            m.shift,
             lw.ffn_maa_k,
             lw.ffn_maa_r,
             xk,
@@ -560,7 +549,6 @@ impl Step<'_> {
             c,
             split,
         )?;
-        kx.store_shift(b.a, rows, pool, off, m.seq_last, m.seq_slot, plan.seqs(), c)?;
 
         // kk = relu(Wk x_k)^2; rr = sigmoid(Wr x_r); x += rr * (Wv kk).
         self.gemm(
@@ -583,6 +571,6 @@ impl Step<'_> {
             b.gin,
             b.tmp,
         )?;
-        self.add_to_residual(b, rows, Some(b.r))
+        self.add_to_residual(b, rows, Some(b.r), next_ln1)
     }
 }

@@ -17,11 +17,23 @@
 static const std::map<std::string, EmuKernel>& registry() {
     // `true`: the kernel synchronises (barriers or shuffles), so its threads run concurrently.
     static const std::map<std::string, EmuKernel> r = {
-        K(to_bf16_f32, false),    K(to_f32_bf16, false),     K(gemm_out_f32, false),
-        K(gemm_out_bf16, false),  K(embedding_bf16, false),  K(layer_norm_f32, true),
-        K(layer_norm_bf16, true), K(group_norm_gate_f32, true), K(softmax_f32, true),
-        K(topk_f32, true),        K(row_mass_f32, true),        K(tmix_shift_f32, false),  K(tmix_mix_f32, false),
-        K(cmix_shift_f32, false), K(store_shift_f32, false), K(wkv6_decode_f32, true),
+        K(to_bf16_f32, false),
+        K(to_f32_bf16, false),
+        K(gemm_out_f32, false),
+        K(gemm_out_bf16, false),
+        K(kvrg_out_f32, false),
+        K(embedding_bf16, false),
+        K(layer_norm_f32, true),
+        K(layer_norm_bf16, true),
+        K(residual_layer_norm_f32, true),
+        K(group_norm_gate_f32, true),
+        K(softmax_f32, true),
+        K(topk_f32, true),
+        K(row_mass_f32, true),
+        K(tmix_shift_f32, false),
+        K(tmix_mix_f32, false),
+        K(cmix_shift_f32, false),
+        K(wkv6_decode_f32, true),
         K(wkv6_prefill_f32, true),
     };
     return r;

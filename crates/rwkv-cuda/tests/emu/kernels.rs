@@ -326,6 +326,87 @@ fn conversions_and_gemm_epilogues_match_the_host() {
     assert_eq!(out, tmp[..n]);
 }
 
+#[test]
+fn fused_epilogues_equal_the_unfused_kernels_bit_for_bit() {
+    let Some(e) = emu(64) else { return };
+    let kx = host_exec(&e, 64).kernels;
+    let mut rng = Lcg(11);
+    let (rows, cols) = (3, 130);
+    let n = rows * cols;
+    for split in [false, true] {
+        let s = if split { 2 } else { 1 };
+        // k, v, r, silu(g) from the four blocks of the batched projection's output.
+        let tmp = rng.vec(4 * s * n);
+        let mut fused: [Vec<f32>; 4] = std::array::from_fn(|_| vec![f32::NAN; n]);
+        let [k, v, r, g] = fused.each_mut().map(|o| view_mut(o.as_mut_slice()));
+        kx.kvrg_out(view(&tmp), [k, v, r, g], rows, cols, split)
+            .unwrap();
+        for (j, act) in [Act::None, Act::None, Act::None, Act::Silu]
+            .into_iter()
+            .enumerate()
+        {
+            let mut want = vec![f32::NAN; n];
+            let block = &tmp[j * s * n..(j + 1) * s * n];
+            kx.gemm_out_f32(
+                view(block),
+                view_mut(&mut want),
+                None,
+                None,
+                rows,
+                cols,
+                split,
+                act,
+                false,
+            )
+            .unwrap();
+            assert_eq!(fused[j], want, "kvrg block {j}, split {split}");
+        }
+
+        // x += gate * sum, then LN(x): the same x and LN as the two separate kernels.
+        let tmp = rng.vec(s * n);
+        let x0: Vec<f32> = rng.vec(n).iter().map(|v| 2.0 * v + 0.25).collect();
+        let (w, b, gate) = (rng.vec(cols), rng.vec(cols), rng.vec(n));
+        for gate in [None, Some(view(&gate))] {
+            let (mut x_want, mut ln_want) = (x0.clone(), vec![f32::NAN; n]);
+            kx.gemm_out_f32(
+                view(&tmp),
+                view_mut(&mut x_want),
+                None,
+                gate,
+                rows,
+                cols,
+                split,
+                Act::None,
+                true,
+            )
+            .unwrap();
+            kx.layer_norm(
+                view(&x_want),
+                view(&w),
+                view(&b),
+                view_mut(&mut ln_want),
+                rows,
+                cols,
+            )
+            .unwrap();
+            let (mut x, mut ln) = (x0.clone(), vec![f32::NAN; n]);
+            kx.residual_layer_norm(
+                view(&tmp),
+                gate,
+                view_mut(&mut x),
+                (view(&w), view(&b)),
+                view_mut(&mut ln),
+                rows,
+                cols,
+                split,
+            )
+            .unwrap();
+            assert_eq!(x, x_want, "residual, split {split}");
+            assert_eq!(ln, ln_want, "layer norm, split {split}");
+        }
+    }
+}
+
 fn half_bits(x: f32) -> u16 {
     // Round to nearest even, as Tensor::to_bf16_bits does through `half`.
     let u = x.to_bits();
