@@ -13,6 +13,7 @@ use crate::device::Device;
 use crate::error::{CudaError, Result};
 use crate::exec::{CudaExec, Workspace};
 use crate::forward::{GemmPrecision, Part, Step, MAX_DEVICE_CANDIDATES};
+use crate::graph::{self, Graph, GraphCache, GraphPolicy, GRAPH_MAX_ROWS};
 use crate::kernels::{Kernels, MAX_HEAD_SIZE};
 use crate::nccl::NcclComm;
 use crate::plan::BatchPlan;
@@ -20,9 +21,21 @@ use crate::pool::{HostState, PoolLayout, StatePool};
 use crate::weights::{self, DeviceWeights, WeightViews};
 
 /// Options of a [`CudaBackend`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct CudaOptions {
     pub precision: GemmPrecision,
+    /// Replay decode steps of up to [`GRAPH_MAX_ROWS`] sequences from CUDA graphs (`graph.rs`).
+    /// On by default; a rank of a tensor-parallel group always runs eagerly.
+    pub graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            precision: GemmPrecision::default(),
+            graphs: true,
+        }
+    }
 }
 
 /// The k best entries of each row, from [`CudaBackend::top_k_probs`].
@@ -47,6 +60,8 @@ pub struct CudaBackend {
     initial: CudaSlice<f32>,
     pool: StatePool,
     ws: Workspace,
+    /// Captured decode bodies by batch size.
+    graphs: GraphCache<Graph>,
     /// Pinned host memory the logits are downloaded into: from pinned memory the copies run
     /// asynchronously at full link speed, so the head's chunks queue back to back and the step
     /// waits once (a pageable copy blocks per chunk and runs several times slower).
@@ -138,6 +153,7 @@ impl CudaBackend {
             initial,
             pool,
             ws,
+            graphs: GraphCache::default(),
             logits_host: None,
             part,
             comm,
@@ -158,6 +174,19 @@ impl CudaBackend {
 
     pub fn options(&self) -> CudaOptions {
         self.options
+    }
+
+    /// Turns CUDA graphs on or off from the next step (off drops the graphs kept).
+    pub fn set_graphs(&mut self, on: bool) {
+        self.options.graphs = on;
+        if !on {
+            self.graphs = GraphCache::default();
+        }
+    }
+
+    /// How many decode bodies are captured, and why graphs were turned off if a capture failed.
+    pub fn graph_status(&self) -> (usize, Option<&str>) {
+        (self.graphs.len(), self.graphs.disabled())
     }
 
     /// A pinned host buffer the size of one state (reuse it across swaps: pinning is slow).
@@ -342,7 +371,19 @@ impl CudaBackend {
         let mut top = Vec::with_capacity(plan.top_k.iter().sum());
         let mut nucleus = Vec::new();
         let logits = &mut staging.as_mut_slice()?[..len];
-        let ran = step.run(plan, logits, &mut top, &mut nucleus);
+        let policy = GraphPolicy {
+            enabled: self.options.graphs,
+            max_rows: GRAPH_MAX_ROWS,
+        };
+        let generation = self.ws.generation();
+        let graphs = &mut self.graphs;
+        let ran = (|| {
+            if !step.upload(plan, logits.len())? {
+                return Ok(());
+            }
+            graph::run_body(graphs, policy, generation, &self.dev, &step, plan)?;
+            step.finish(plan, logits, &mut top, &mut nucleus)
+        })();
         self.pool.after_compute(&self.dev, plan.slots())?;
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);

@@ -15,6 +15,10 @@ use crate::compile::arch_name;
 use crate::error::{CudaError, Result};
 use crate::kernels::DevBuf;
 
+/// cuBLAS workspace per handle: what the cuBLAS guide recommends for Hopper (32 MiB), more than
+/// enough elsewhere.
+pub const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
 /// Whether the CUDA driver library (libcuda) can be opened. Creating a context without it
 /// would panic inside cudarc, so every entry point probes this first.
 pub fn driver_available() -> bool {
@@ -50,6 +54,10 @@ pub struct Device {
     pub copy: Arc<CudaStream>,
     /// cuBLAS handle bound to `compute`.
     pub blas: CudaBlas,
+    /// The handle's workspace, owned here so that it outlives the handle and never moves: a
+    /// GEMM captured in a CUDA graph keeps using it (cuBLAS would otherwise allocate one
+    /// during the capture).
+    _blas_workspace: CudaSlice<u8>,
     pub ordinal: usize,
     pub name: String,
     pub compute_capability: (i32, i32),
@@ -86,6 +94,25 @@ impl Device {
             });
         }
         let blas = CudaBlas::new(compute.clone()).map_err(CudaError::cublas("create handle"))?;
+        let blas_workspace = compute
+            .alloc_zeros::<u8>(CUBLAS_WORKSPACE_BYTES)
+            .map_err(CudaError::driver("allocate cuBLAS workspace"))?;
+        {
+            let (ptr, _sync) = blas_workspace.device_ptr(&compute);
+            // SAFETY: the handle is live; the buffer holds CUBLAS_WORKSPACE_BYTES bytes and is
+            // kept in the returned Device after the handle (fields drop in order, so the
+            // handle is destroyed first). Nothing sets the handle's stream again, which would
+            // reset the workspace.
+            unsafe {
+                cudarc::cublas::sys::cublasSetWorkspace_v2(
+                    *blas.handle(),
+                    ptr as *mut std::ffi::c_void,
+                    CUBLAS_WORKSPACE_BYTES,
+                )
+            }
+            .result()
+            .map_err(CudaError::cublas("set workspace"))?;
+        }
         let compute_capability = ctx
             .compute_capability()
             .map_err(CudaError::driver("compute capability"))?;
@@ -96,6 +123,7 @@ impl Device {
             compute,
             copy,
             blas,
+            _blas_workspace: blas_workspace,
             ordinal,
             name,
             compute_capability,

@@ -118,6 +118,9 @@ impl Exec for CudaExec<'_> {
 /// Device scratch buffers, grown to the largest step seen.
 pub struct Workspace {
     sizes: ScratchSizes,
+    /// Counts reallocations: CUDA graphs captured with the buffers of one generation must not
+    /// be replayed after the next.
+    generation: u64,
     act: Vec<CudaSlice<f32>>,
     xs: CudaSlice<u16>,
     gin: CudaSlice<u16>,
@@ -161,7 +164,13 @@ impl Workspace {
             tval: alloc(dev, sizes.tval)?,
             tmass: alloc(dev, sizes.tmass)?,
             sizes,
+            generation: 0,
         })
+    }
+
+    /// See the field; grows by one at each reallocation.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Views for a step of `rows` rows, reallocating (to the next power of two) when the step
@@ -175,7 +184,9 @@ impl Workspace {
         rows: usize,
     ) -> Result<StepBufs> {
         if rows > self.sizes.rows {
+            let generation = self.generation + 1;
             *self = Self::new(dev, cfg, split, rows.next_power_of_two().max(16))?;
+            self.generation = generation;
         }
         let mut act = [DevBuf::null(); ACT_BUFFERS];
         for (v, s) in act.iter_mut().zip(&self.act) {

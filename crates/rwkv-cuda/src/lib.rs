@@ -11,6 +11,7 @@
 //! - the forward pass over ragged batches ([`forward`], [`plan`], [`exec`]) behind
 //!   [`CudaBackend`], which implements [`rwkv_model::Backend`].
 //!
+//! - CUDA graphs of the decode body, captured per batch size and replayed ([`graph`]);
 //! - tensor parallelism: one rank per device holding its shard, partial sums added by NCCL
 //!   ([`tp`], [`nccl`]).
 //!
@@ -33,6 +34,7 @@ pub mod error;
 pub mod exec;
 pub mod forward;
 pub mod gemm;
+pub mod graph;
 pub mod kernels;
 pub mod launch;
 pub mod nccl;

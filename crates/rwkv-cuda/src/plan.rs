@@ -121,26 +121,50 @@ impl BatchPlan {
         self.seq_slot.iter().map(|&s| s as usize)
     }
 
+    /// The arrays in upload order (the order of [`PackedMeta`]'s fields).
+    fn device_arrays(&self) -> [&[i32]; 9] {
+        [
+            &self.row_prev,
+            &self.row_last,
+            &self.dec_row,
+            &self.dec_slot,
+            &self.pre_first,
+            &self.pre_end,
+            &self.pre_slot,
+            &self.head_rows,
+            &self.top_rows,
+        ]
+    }
+
+    /// Where each array of [`BatchPlan::packed`] starts in the packed buffer.
+    pub fn layout(&self) -> PackedMeta {
+        let mut at = 0;
+        let [row_prev, row_last, dec_row, dec_slot, pre_first, pre_end, pre_slot, head_rows, top_rows] =
+            self.device_arrays().map(|v| {
+                at += v.len();
+                at - v.len()..at
+            });
+        PackedMeta {
+            row_prev,
+            row_last,
+            dec_row,
+            dec_slot,
+            pre_first,
+            pre_end,
+            pre_slot,
+            head_rows,
+            top_rows,
+        }
+    }
+
     /// All i32 arrays in one buffer (one upload per step) and where each one is.
     pub fn packed(&self) -> (Vec<i32>, PackedMeta) {
-        let mut out = Vec::new();
-        let mut put = |v: &[i32]| {
-            let start = out.len();
+        let layout = self.layout();
+        let mut out = Vec::with_capacity(layout.top_rows.end);
+        for v in self.device_arrays() {
             out.extend_from_slice(v);
-            start..out.len()
-        };
-        let meta = PackedMeta {
-            row_prev: put(&self.row_prev),
-            row_last: put(&self.row_last),
-            dec_row: put(&self.dec_row),
-            dec_slot: put(&self.dec_slot),
-            pre_first: put(&self.pre_first),
-            pre_end: put(&self.pre_end),
-            pre_slot: put(&self.pre_slot),
-            head_rows: put(&self.head_rows),
-            top_rows: put(&self.top_rows),
-        };
-        (out, meta)
+        }
+        (out, layout)
     }
 }
 

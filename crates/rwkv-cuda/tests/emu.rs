@@ -494,6 +494,8 @@ fn emulator_knows_every_kernel() {
     }
 }
 
+#[path = "emu/graph.rs"]
+mod graph;
 #[path = "emu/kernels.rs"]
 mod kernels;
 #[path = "emu/model.rs"]

@@ -203,6 +203,87 @@ fn swapped_out_and_in_slots_continue_bit_identically() {
     assert_eq!(be.save_state(1).unwrap(), be.save_state(2).unwrap());
 }
 
+/// CUDA graphs: decode bodies captured per batch size and replayed for later steps with other
+/// slots, tokens and outputs give exactly what launching kernel by kernel gives (logits,
+/// candidates, states), and the captures did succeed (a failed capture falls back to eager
+/// steps, which would pass the comparison unnoticed).
+#[test]
+#[ignore = "requires a CUDA device"]
+fn graph_replay_equals_eager_steps() {
+    let w = tiny();
+    let vocab = w.config.vocab_size;
+    let mut eager = CudaBackend::new(&w, 6, 0).unwrap();
+    eager.set_graphs(false);
+    let mut graphs = CudaBackend::new(&w, 6, 0).unwrap();
+    let t = |n, seed| tokens(vocab, n, seed);
+    let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
+    let d: Vec<Vec<u32>> = (0..24).map(|i| t(1, 100 + i)).collect();
+    let none: [u32; 0] = [];
+    use OutputRows::{Last, Top};
+    let script: Vec<Vec<SeqStep<'_>>> = vec![
+        vec![step(0, &p0, Last), step(1, &p1, Last), step(2, &p2, Last)],
+        vec![
+            step(0, &d[0], Last),
+            step(1, &d[1], Top(3)),
+            step(2, &d[2], Last),
+        ],
+        vec![
+            step(2, &d[3], Top(5)),
+            step(0, &d[4], Last),
+            step(1, &d[5], OutputRows::All),
+        ],
+        vec![
+            step(3, &d[6], Last),
+            step(4, &d[7], Last),
+            step(5, &d[8], Top(1)),
+        ],
+        vec![step(1, &d[9], Last)],
+        vec![
+            step(5, &d[10], Last),
+            step(1, &d[11], Last),
+            step(0, &d[12], Last),
+        ],
+        vec![step(1, &d[13], Top(2))],
+        vec![
+            step(2, &none, Last),
+            step(3, &d[14], Last),
+            step(4, &d[15], Last),
+        ],
+        vec![step(3, &p0, Last), step(4, &d[16], Last)],
+        vec![
+            step(4, &d[17], Last),
+            step(3, &d[18], Last),
+            step(2, &d[19], Last),
+        ],
+    ];
+    for (i, steps) in script.iter().enumerate() {
+        let want = eager.forward(steps).unwrap();
+        let got = graphs.forward(steps).unwrap();
+        assert!(got.data == want.data, "step {i}: logits differ");
+        assert_eq!(got.top, want.top, "step {i}: candidates");
+        for slot in 0..6 {
+            assert_eq!(
+                graphs.save_state(slot).unwrap(),
+                eager.save_state(slot).unwrap(),
+                "step {i}: state of slot {slot}"
+            );
+        }
+    }
+    // A swap into a slot between replays is ordered before the replay that reads it.
+    let mut host = graphs.swap_out(0).unwrap();
+    graphs.swap_in(5, &mut host).unwrap();
+    let mut host = eager.swap_out(0).unwrap();
+    eager.swap_in(5, &mut host).unwrap();
+    let steps = [
+        step(5, &d[20], Last),
+        step(0, &d[21], Last),
+        step(1, &d[22], Last),
+    ];
+    assert!(graphs.forward(&steps).unwrap().data == eager.forward(&steps).unwrap().data);
+    assert_eq!(graphs.graph_status(), (3, None), "three shapes captured");
+    assert_eq!(eager.graph_status(), (0, None));
+}
+
 /// Greedy decodes ask for candidates: the top-k kernel ranks each row on the device and only
 /// the candidates are downloaded. They must be the best entries of the very rows a step that
 /// downloads them computes (same batch shape, so cuBLAS sums alike), and the fallback for more
@@ -375,7 +456,16 @@ fn timing_report() {
         Checkpoint::from_tensors("synthetic", rwkv_model::synthetic::random_checkpoint(&spec));
     let w = ModelWeights::from_checkpoint(&ckpt).unwrap();
     for precision in [GemmPrecision::Split, GemmPrecision::Bf16] {
-        let mut be = CudaBackend::with_options(&w, 64, 0, CudaOptions { precision }).unwrap();
+        let mut be = CudaBackend::with_options(
+            &w,
+            64,
+            0,
+            CudaOptions {
+                precision,
+                ..CudaOptions::default()
+            },
+        )
+        .unwrap();
         let prompt = tokens(32768, 512, 3);
         let time = |be: &mut CudaBackend, steps: &[SeqStep<'_>]| {
             be.forward(steps).unwrap(); // warm-up (workspace growth)
@@ -595,9 +685,18 @@ fn model_1b6_step_times() {
     let state_bytes = w.config.state_bytes() as f64;
     tensor_parallel_step_times(&w);
     for precision in [GemmPrecision::Split, GemmPrecision::Bf16] {
-        let mut be = CudaBackend::with_options(&w, 256, 0, CudaOptions { precision }).unwrap();
+        let mut be = CudaBackend::with_options(
+            &w,
+            256,
+            0,
+            CudaOptions {
+                precision,
+                ..CudaOptions::default()
+            },
+        )
+        .unwrap();
         let toks = tokens(65536, 4096, 11);
-        let mut time = |steps: &[SeqStep<'_>], reps: u32| {
+        let time = |be: &mut CudaBackend, steps: &[SeqStep<'_>], reps: u32| {
             be.forward(steps).unwrap();
             let t = Instant::now();
             for _ in 0..reps {
@@ -608,18 +707,18 @@ fn model_1b6_step_times() {
         let decode: Vec<SeqStep<'_>> = (0..256)
             .map(|i| step(i, &toks[i..i + 1], OutputRows::Last))
             .collect();
-        let decode_ms = time(&decode, 10);
+        let decode_ms = time(&mut be, &decode, 10);
         // The same step without logits: separates the layers from the head and the download of
         // 256 x 65536 f32 logits to pageable host memory.
         let no_logits: Vec<SeqStep<'_>> = (0..256)
             .map(|i| step(i, &toks[i..i + 1], OutputRows::None))
             .collect();
-        let no_logits_ms = time(&no_logits, 10);
+        let no_logits_ms = time(&mut be, &no_logits, 10);
         // Greedy decoding: each row ranked on the device, 8 candidates downloaded per row.
         let greedy: Vec<SeqStep<'_>> = (0..256)
             .map(|i| step(i, &toks[i..i + 1], OutputRows::Top(8)))
             .collect();
-        let greedy_ms = time(&greedy, 10);
+        let greedy_ms = time(&mut be, &greedy, 10);
         // Sampled decoding: top-p 0.9 decided on the device (a random model's flat rows may
         // still come back whole; the count is printed).
         let nucleus: Vec<SeqStep<'_>> = (0..256)
@@ -631,7 +730,7 @@ fn model_1b6_step_times() {
                 step(i, &toks[i..i + 1], OutputRows::Nucleus(filter))
             })
             .collect();
-        let nucleus_ms = time(&nucleus, 10);
+        let nucleus_ms = time(&mut be, &nucleus, 10);
         // Top-k 40 always decides on the device.
         let top_k: Vec<SeqStep<'_>> = (0..256)
             .map(|i| {
@@ -642,17 +741,22 @@ fn model_1b6_step_times() {
                 step(i, &toks[i..i + 1], OutputRows::Nucleus(filter))
             })
             .collect();
-        let top_k_ms = time(&top_k, 10);
+        let top_k_ms = time(&mut be, &top_k, 10);
         // Floor: weights read once plus every sequence's state read and written once.
         let floor_ms = (weight_bytes + 256.0 * state_bytes * 2.0) / 4.0e12 * 1e3;
         let decode1: Vec<SeqStep<'_>> = (0..1)
             .map(|i| step(i, &toks[i..i + 1], OutputRows::Last))
             .collect();
-        let decode1_ms = time(&decode1, 10);
+        let decode1_ms = time(&mut be, &decode1, 10);
+        // The same two decode steps launched kernel by kernel, for the graphs' share.
+        be.set_graphs(false);
+        let decode1_eager_ms = time(&mut be, &decode1, 10);
+        let no_logits_eager_ms = time(&mut be, &no_logits, 10);
+        be.set_graphs(true);
         let prefill: Vec<SeqStep<'_>> = (0..8)
             .map(|i| step(i, &toks[i * 512..(i + 1) * 512], OutputRows::Last))
             .collect();
-        let prefill_ms = time(&prefill, 3);
+        let prefill_ms = time(&mut be, &prefill, 3);
         let whole_rows = be
             .forward(&nucleus)
             .unwrap()
@@ -663,7 +767,7 @@ fn model_1b6_step_times() {
         let flops_per_token = 2.0 * (w.config.param_count() as f64 - 65536.0 * 2048.0);
         let prefill_tflops = flops_per_token * 4096.0 / (prefill_ms / 1e3) / 1e12;
         eprintln!(
-            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms; greedy, 8 candidates per row {greedy_ms:.2} ms; sampled top-p 0.9 {nucleus_ms:.2} ms with {whole_rows} of 256 rows whole; sampled top-k 40 {top_k_ms:.2} ms), decode B=1 {decode1_ms:.2} ms, prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
+            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms (no graphs {no_logits_eager_ms:.2}); greedy, 8 candidates per row {greedy_ms:.2} ms; sampled top-p 0.9 {nucleus_ms:.2} ms with {whole_rows} of 256 rows whole; sampled top-k 40 {top_k_ms:.2} ms), decode B=1 {decode1_ms:.2} ms (no graphs {decode1_eager_ms:.2}), prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
             256.0 / decode_ms * 1e3,
             4096.0 / prefill_ms * 1e3
         );

@@ -89,17 +89,32 @@ fn open_cuda(
         rwkv_cuda::driver_available(),
         "the CUDA driver library is not installed"
     );
+    let options = rwkv_cuda::CudaOptions {
+        graphs: graphs_wanted(std::env::var("RWKV_CUDA_GRAPHS").ok().as_deref())?,
+        ..rwkv_cuda::CudaOptions::default()
+    };
     let backend: Box<dyn Backend> = match devices {
-        [one] => Box::new(rwkv_cuda::CudaBackend::new(weights, slots, *one)?),
+        [one] => Box::new(rwkv_cuda::CudaBackend::with_options(
+            weights, slots, *one, options,
+        )?),
         several => Box::new(rwkv_cuda::tensor_parallel(
-            weights,
-            slots,
-            several,
-            rwkv_cuda::CudaOptions::default(),
+            weights, slots, several, options,
         )?),
     };
     eprintln!("[rwkv] running on {}", backend.name());
     Ok(backend)
+}
+
+/// `RWKV_CUDA_GRAPHS`: unset, `1`/`on`/`true` replay decode steps from CUDA graphs (the
+/// default); `0`/`off`/`false` launch every kernel one by one (the operator's way out should a
+/// driver misbehave with graphs).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn graphs_wanted(value: Option<&str>) -> anyhow::Result<bool> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "1" | "on" | "true") => Ok(true),
+        Some("0" | "off" | "false") => Ok(false),
+        Some(other) => anyhow::bail!("RWKV_CUDA_GRAPHS={other:?}: expected on or off"),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -109,4 +124,21 @@ fn open_cuda(
     _devices: &[usize],
 ) -> anyhow::Result<Box<dyn Backend>> {
     anyhow::bail!("this binary was built without the `cuda` feature")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_graphs_switch_reads_on_and_off_and_refuses_anything_else() {
+        for on in [None, Some(""), Some("1"), Some("on"), Some("TRUE")] {
+            assert!(graphs_wanted(on).unwrap(), "{on:?}");
+        }
+        for off in [Some("0"), Some("off"), Some(" False ")] {
+            assert!(!graphs_wanted(off).unwrap(), "{off:?}");
+        }
+        let err = graphs_wanted(Some("maybe")).unwrap_err().to_string();
+        assert!(err.contains("RWKV_CUDA_GRAPHS"), "{err}");
+    }
 }

@@ -251,6 +251,10 @@ impl Step<'_> {
     /// candidates of the `Top` rows to `top` and the kept sets (or rows) of the `Nucleus` rows
     /// to `nucleus`. The caller orders the pool's slots against the copy stream around this
     /// call.
+    ///
+    /// The three phases, [`Step::upload`], [`Step::body`] and [`Step::finish`], can also be
+    /// run one by one: the body alone issues device work only, so it can be captured in a
+    /// CUDA graph and replayed (`graph.rs`).
     pub fn run(
         &self,
         plan: &BatchPlan,
@@ -258,6 +262,17 @@ impl Step<'_> {
         top: &mut Vec<Candidate>,
         nucleus: &mut Vec<NucleusRow>,
     ) -> Result<()> {
+        if !self.upload(plan, logits.len())? {
+            return Ok(());
+        }
+        self.body(plan)?;
+        self.finish(plan, logits, top, nucleus)
+    }
+
+    /// Checks the step against the scratch capacity and the logits buffer (`logits_len`
+    /// values) and uploads its tokens and row metadata. Returns false for a step without rows,
+    /// which has nothing more to do.
+    pub fn upload(&self, plan: &BatchPlan, logits_len: usize) -> Result<bool> {
         let rows = plan.rows();
         let vocab = self.cfg.vocab_size;
         let head_len = if self.part.head {
@@ -265,7 +280,7 @@ impl Step<'_> {
         } else {
             0
         };
-        if logits.len() != head_len {
+        if logits_len != head_len {
             return Err(CudaError::shape("forward", "logits buffer size"));
         }
         if let Some(&k) = plan
@@ -279,7 +294,7 @@ impl Step<'_> {
             ));
         }
         if rows == 0 {
-            return Ok(());
+            return Ok(false);
         }
         if rows > self.bufs.rows {
             return Err(CudaError::shape(
@@ -287,9 +302,54 @@ impl Step<'_> {
                 format!("{rows} rows exceed the scratch capacity {}", self.bufs.rows),
             ));
         }
-        let (packed, layout) = plan.packed();
+        let (packed, _) = plan.packed();
         self.exec.upload_u32(&plan.tokens, self.bufs.tokens)?;
         self.exec.upload_i32(&packed, self.bufs.meta)?;
+        Ok(true)
+    }
+
+    /// The embedding and every layer, on the device only: no copies, no host waits. Every
+    /// launch argument is a function of the scratch buffers, the pool, the weights and the
+    /// plan's shape (rows, decode and prefill sequence counts), so a captured body replays
+    /// correctly for any plan of the same shape once its tokens and metadata are uploaded.
+    pub fn body(&self, plan: &BatchPlan) -> Result<()> {
+        let (b, meta) = self.views(plan)?;
+        let (rows, c, vocab) = (plan.rows(), self.cfg.n_embd, self.cfg.vocab_size);
+        let layers = &self.weights.layers;
+        self.kx()
+            .embedding(self.weights.emb, vocab, self.bufs.tokens, b.x, rows, c)?;
+        // Each block leaves the next block's LayerNorm of x in `a` (fused with its residual
+        // update), so only the first one is computed on its own.
+        if let Some(first) = layers.first() {
+            let (w, bias) = first.ln1;
+            self.kx().layer_norm(b.x, w, bias, b.a, rows, c)?;
+        }
+        for (l, lw) in layers.iter().enumerate() {
+            self.time_mix(l, lw, &b, &meta, plan)?;
+            let next_ln1 = layers.get(l + 1).map(|next| next.ln1);
+            self.channel_mix(l, lw, &b, &meta, plan, next_ln1)?;
+        }
+        Ok(())
+    }
+
+    /// The head (where this part has it) and its downloads, then waits for the device.
+    pub fn finish(
+        &self,
+        plan: &BatchPlan,
+        logits: &mut [f32],
+        top: &mut Vec<Candidate>,
+        nucleus: &mut Vec<NucleusRow>,
+    ) -> Result<()> {
+        if self.part.head {
+            let (b, meta) = self.views(plan)?;
+            self.head(&b, &meta, plan, logits)?;
+            self.head_candidates(&b, &meta, plan, top, nucleus)?;
+        }
+        self.exec.synchronize()
+    }
+
+    /// The named scratch buffers and the device views of the plan's metadata.
+    fn views(&self, plan: &BatchPlan) -> Result<(Bufs, Meta)> {
         let [x, a, dx, r, k, v, w, g, y] = self.bufs.act;
         let b = Bufs {
             x,
@@ -305,27 +365,7 @@ impl Step<'_> {
             gin: self.bufs.gin,
             tmp: self.bufs.tmp,
         };
-        let meta = Meta::new(self.bufs.meta, &layout)?;
-        let c = self.cfg.n_embd;
-        let layers = &self.weights.layers;
-        self.kx()
-            .embedding(self.weights.emb, vocab, self.bufs.tokens, b.x, rows, c)?;
-        // Each block leaves the next block's LayerNorm of x in `a` (fused with its residual
-        // update), so only the first one is computed on its own.
-        if let Some(first) = layers.first() {
-            let (w, bias) = first.ln1;
-            self.kx().layer_norm(b.x, w, bias, b.a, rows, c)?;
-        }
-        for (l, lw) in layers.iter().enumerate() {
-            self.time_mix(l, lw, &b, &meta, plan)?;
-            let next_ln1 = layers.get(l + 1).map(|next| next.ln1);
-            self.channel_mix(l, lw, &b, &meta, plan, next_ln1)?;
-        }
-        if self.part.head {
-            self.head(&b, &meta, plan, logits)?;
-            self.head_candidates(&b, &meta, plan, top, nucleus)?;
-        }
-        self.exec.synchronize()
+        Ok((b, Meta::new(self.bufs.meta, &plan.layout())?))
     }
 
     fn kx(&self) -> &Kernels {

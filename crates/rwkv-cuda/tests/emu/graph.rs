@@ -1,0 +1,341 @@
+//! CUDA-graph replay, emulated: a decode body is recorded once per batch size (nothing runs
+//! while recording, as in a stream capture) and replayed for later steps of the same shape with
+//! other slots, tokens and outputs. Logits, candidates and every state must equal launching
+//! the same steps one kernel at a time, bit for bit. This checks the two facts CUDA graphs rely
+//! on: the body issues device work only, and its launch arguments depend on the plan's shape
+//! alone.
+
+use super::model::{fixture, step, tokens};
+use super::*;
+use rwkv_cuda::graph::{GraphCache, GraphKey, GRAPH_MAX_ROWS};
+
+/// One captured operation.
+enum Op {
+    Launch(&'static str, LaunchConfig, Vec<Arg>),
+    Gemm(GemmSpec, BatchStrides, Bf16Buf, Bf16Buf, F32Buf),
+}
+
+/// The operations issued while a capture is open (`Some`).
+type Tape = Arc<Mutex<Option<Vec<Op>>>>;
+
+struct RecLauncher {
+    inner: EmuLauncher,
+    tape: Tape,
+}
+
+impl Launcher for RecLauncher {
+    fn launch(&self, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> rwkv_cuda::Result<()> {
+        if let Some(ops) = self.tape.lock().unwrap().as_mut() {
+            ops.push(Op::Launch(name, cfg, args.to_vec()));
+            return Ok(());
+        }
+        self.inner.launch(name, cfg, args)
+    }
+}
+
+/// The host machine, with a capture mode like a CUDA stream's: launches and GEMMs are
+/// recorded instead of run, and a copy or a wait is an error (a capture would fail on it).
+struct RecExec {
+    host: HostExec,
+    replayer: EmuLauncher,
+    tape: Tape,
+}
+
+impl RecExec {
+    fn capturing(&self) -> bool {
+        self.tape.lock().unwrap().is_some()
+    }
+
+    fn no_host_work(&self, what: &str) {
+        assert!(!self.capturing(), "{what} inside a captured body");
+    }
+
+    fn capture(&self, body: impl FnOnce() -> rwkv_cuda::Result<()>) -> Vec<Op> {
+        *self.tape.lock().unwrap() = Some(Vec::new());
+        let issued = body();
+        let ops = self.tape.lock().unwrap().take().unwrap();
+        issued.unwrap();
+        ops
+    }
+
+    fn replay(&self, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::Launch(name, cfg, args) => self.replayer.launch(name, *cfg, args).unwrap(),
+                Op::Gemm(spec, strides, w, x, y) => {
+                    self.host.gemm(spec, strides, *w, *x, *y).unwrap()
+                }
+            }
+        }
+    }
+}
+
+impl Exec for RecExec {
+    fn kernels(&self) -> &Kernels {
+        &self.host.kernels
+    }
+
+    fn gemm(
+        &self,
+        spec: &GemmSpec,
+        strides: &BatchStrides,
+        w: Bf16Buf,
+        x: Bf16Buf,
+        y: F32Buf,
+    ) -> rwkv_cuda::Result<()> {
+        if let Some(ops) = self.tape.lock().unwrap().as_mut() {
+            ops.push(Op::Gemm(*spec, *strides, w, x, y));
+            return Ok(());
+        }
+        self.host.gemm(spec, strides, w, x, y)
+    }
+
+    fn upload_u32(&self, src: &[u32], dst: DevBuf<u32>) -> rwkv_cuda::Result<()> {
+        self.no_host_work("an upload");
+        self.host.upload_u32(src, dst)
+    }
+
+    fn upload_i32(&self, src: &[i32], dst: I32Buf) -> rwkv_cuda::Result<()> {
+        self.no_host_work("an upload");
+        self.host.upload_i32(src, dst)
+    }
+
+    fn download_f32(&self, src: F32Buf, dst: &mut [f32]) -> rwkv_cuda::Result<()> {
+        self.no_host_work("a download");
+        self.host.download_f32(src, dst)
+    }
+
+    fn download_i32(&self, src: I32Buf, dst: &mut [i32]) -> rwkv_cuda::Result<()> {
+        self.no_host_work("a download");
+        self.host.download_i32(src, dst)
+    }
+
+    fn synchronize(&self) -> rwkv_cuda::Result<()> {
+        self.no_host_work("a wait for the device");
+        Ok(())
+    }
+}
+
+/// Scratch allocated once, like the backend's workspace, so that recorded pointers stay valid.
+struct Scratch {
+    act: Vec<Vec<f32>>,
+    bf16: [Vec<u16>; 3],
+    f32s: [Vec<f32>; 6],
+    tokens: Vec<u32>,
+    ints: [Vec<i32>; 2],
+}
+
+impl Scratch {
+    fn new(s: &ScratchSizes) -> Self {
+        Self {
+            act: (0..ACT_BUFFERS).map(|_| vec![f32::NAN; s.act]).collect(),
+            bf16: [s.xs, s.gin, s.hx].map(|n| vec![NAN_BF16; n]),
+            f32s: [s.tmp, s.htmp, s.hout, s.tval, s.tmass, 0].map(|n| vec![f32::NAN; n]),
+            tokens: vec![u32::MAX; s.tokens],
+            ints: [s.meta, s.tidx].map(|n| vec![i32::MIN; n]),
+        }
+    }
+
+    fn bufs(&mut self, rows: usize) -> StepBufs {
+        let mut act = [DevBuf::null(); ACT_BUFFERS];
+        for (v, a) in act.iter_mut().zip(&mut self.act) {
+            *v = view_mut(a);
+        }
+        let [xs, gin, hx] = &mut self.bf16;
+        let [tmp, htmp, hout, tval, tmass, _] = &mut self.f32s;
+        let [meta, tidx] = &mut self.ints;
+        StepBufs {
+            rows,
+            act,
+            xs: view_mut(xs),
+            gin: view_mut(gin),
+            tmp: view_mut(tmp),
+            tokens: view_mut(&mut self.tokens),
+            meta: view_mut(meta),
+            hx: view_mut(hx),
+            htmp: view_mut(htmp),
+            hout: view_mut(hout),
+            tidx: view_mut(tidx),
+            tval: view_mut(tval),
+            tmass: view_mut(tmass),
+        }
+    }
+}
+
+struct GraphModel {
+    cfg: ModelConfig,
+    _weights: Weights<Vec<f32>, Vec<u16>>,
+    views: WeightViews,
+    pool: Vec<f32>,
+    layout: PoolLayout,
+    exec: RecExec,
+    bufs: StepBufs,
+    _scratch: Scratch,
+    /// Recorded bodies (None: every step runs launch by launch).
+    graphs: Option<GraphCache<Vec<Op>>>,
+    captures: usize,
+}
+
+const CAPACITY: usize = 16;
+
+impl GraphModel {
+    fn new(e: &Arc<Emu>, w: &ModelWeights, slots: usize, graphs: bool) -> Self {
+        let cfg = w.config.clone();
+        let host =
+            weights::convert(w, None, &mut |v| Ok(v.clone()), &mut |v| Ok(v.clone())).unwrap();
+        let views = weights::host_views(&host);
+        let layout = PoolLayout::new(&cfg, slots);
+        let tape = Tape::default();
+        let launcher = RecLauncher {
+            inner: EmuLauncher(e.clone()),
+            tape: tape.clone(),
+        };
+        let exec = RecExec {
+            host: HostExec {
+                kernels: Kernels::with_launcher(Box::new(launcher), cfg.head_size),
+                comm: None,
+                fail_after_reduces: None,
+                reduces: Default::default(),
+            },
+            replayer: EmuLauncher(e.clone()),
+            tape,
+        };
+        let mut scratch = Scratch::new(&ScratchSizes::new(&cfg, true, CAPACITY));
+        Self {
+            pool: w.initial_state().as_flat().repeat(slots),
+            bufs: scratch.bufs(CAPACITY),
+            _scratch: scratch,
+            cfg,
+            _weights: host,
+            views,
+            layout,
+            exec,
+            graphs: graphs.then(GraphCache::default),
+            captures: 0,
+        }
+    }
+
+    fn forward(&mut self, steps: &[SeqStep<'_>]) -> Logits {
+        validate_steps(&self.cfg, self.layout.slots, steps).unwrap();
+        let plan = BatchPlan::new(steps).unwrap();
+        let mut logits = vec![0.0; plan.head_rows.len() * self.cfg.vocab_size];
+        let step = Step {
+            exec: &self.exec,
+            cfg: &self.cfg,
+            weights: &self.views,
+            pool: PoolArg {
+                buf: view_mut(&mut self.pool),
+                stride: self.layout.state_len(),
+                slots: self.layout.slots,
+            },
+            layout: self.layout,
+            bufs: self.bufs,
+            precision: GemmPrecision::Split,
+            part: Part::whole(&self.cfg),
+        };
+        let (mut top, mut nucleus) = (Vec::new(), Vec::new());
+        match (&mut self.graphs, GraphKey::of(&plan, GRAPH_MAX_ROWS)) {
+            (Some(graphs), Some(key)) => {
+                assert!(step.upload(&plan, logits.len()).unwrap());
+                graphs.sync(0);
+                if graphs.get(key).is_none() {
+                    let ops = self.exec.capture(|| step.body(&plan));
+                    graphs.insert(key, ops);
+                    self.captures += 1;
+                }
+                self.exec.replay(graphs.get(key).unwrap());
+                step.finish(&plan, &mut logits, &mut top, &mut nucleus)
+                    .unwrap();
+            }
+            _ => step
+                .run(&plan, &mut logits, &mut top, &mut nucleus)
+                .unwrap(),
+        }
+        Logits {
+            vocab: self.cfg.vocab_size,
+            data: logits,
+            top,
+            nucleus,
+        }
+    }
+}
+
+#[test]
+fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
+    let w = ModelWeights::load(fixture("rwkv6-tiny-c128-l2.safetensors")).unwrap();
+    let Some(e) = emu(w.config.head_size) else {
+        return;
+    };
+    let v = w.config.vocab_size;
+    let mut eager = GraphModel::new(&e, &w, 6, false);
+    let mut replay = GraphModel::new(&e, &w, 6, true);
+    let t = |n, seed| tokens(v, n, seed);
+    let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
+    let d: Vec<Vec<u32>> = (0..24).map(|i| t(1, 100 + i)).collect();
+    let none: [u32; 0] = [];
+    use OutputRows::{Last, Top};
+    let script: Vec<Vec<SeqStep<'_>>> = vec![
+        // Prefill (mixed lengths): eager in both.
+        vec![step(0, &p0, Last), step(1, &p1, Last), step(2, &p2, Last)],
+        // Three decodes: the first is captured, the next two replay it with other slots, in
+        // another order, with other tokens and outputs, one on slots never used before.
+        vec![
+            step(0, &d[0], Last),
+            step(1, &d[1], Top(3)),
+            step(2, &d[2], Last),
+        ],
+        vec![
+            step(2, &d[3], Top(5)),
+            step(0, &d[4], Last),
+            step(1, &d[5], OutputRows::All),
+        ],
+        vec![
+            step(3, &d[6], Last),
+            step(4, &d[7], Last),
+            step(5, &d[8], Top(1)),
+        ],
+        // A new shape (one row) is captured, then the three-row graph is replayed again.
+        vec![step(1, &d[9], Last)],
+        vec![
+            step(5, &d[10], Last),
+            step(1, &d[11], Last),
+            step(0, &d[12], Last),
+        ],
+        vec![step(1, &d[13], Top(2))],
+        // An empty sequence adds no row: a two-row shape.
+        vec![
+            step(2, &none, Last),
+            step(3, &d[14], Last),
+            step(4, &d[15], Last),
+        ],
+        // Prefill again between decodes, then a replay.
+        vec![step(3, &p0, Last), step(4, &d[16], Last)],
+        vec![
+            step(4, &d[17], Last),
+            step(3, &d[18], Last),
+            step(2, &d[19], Last),
+        ],
+    ];
+    for (i, steps) in script.iter().enumerate() {
+        let want = eager.forward(steps);
+        let got = replay.forward(steps);
+        assert!(
+            got.data == want.data,
+            "step {i}: logits differ by up to {}",
+            max_abs(&got.data, &want.data)
+        );
+        assert_eq!(got.top, want.top, "step {i}: candidates");
+        assert!(got.data.iter().all(|x| x.is_finite()), "step {i}");
+        assert!(
+            got.data.len() + got.top.len() > 0,
+            "step {i} returns something"
+        );
+        assert!(
+            replay.pool == eager.pool,
+            "step {i}: states differ by up to {}",
+            max_abs(&replay.pool, &eager.pool)
+        );
+    }
+    // Captured once per shape: three rows, one row, two rows.
+    assert_eq!(replay.captures, 3);
+}
