@@ -7,8 +7,8 @@ use cudarc::driver::LaunchConfig;
 use crate::device::Device;
 use crate::error::{CudaError, Result};
 pub use crate::launch::{
-    elementwise_config, group_config, row_config, sampling_config, wkv_config, Arg, Bf16Buf,
-    CudaLauncher, DevBuf, F32Buf, I32Buf, Launcher, PoolArg, ELEMENTWISE_MAX_BLOCKS,
+    elementwise_config, group_config, row_config, sampling_config, wkv_config, wkv_prefill_config,
+    Arg, Bf16Buf, CudaLauncher, DevBuf, F32Buf, I32Buf, Launcher, PoolArg, ELEMENTWISE_MAX_BLOCKS,
     ELEMENTWISE_THREADS, MAX_HEAD_SIZE, SAMPLING_THREADS,
 };
 pub use crate::recurrent::ShiftRows;

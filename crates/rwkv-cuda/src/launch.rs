@@ -158,6 +158,24 @@ pub fn wkv_config(seqs: usize, heads: usize, head_size: usize) -> Result<LaunchC
     })
 }
 
+/// Threads per value column of the WKV prefill kernel (`WKV_Q` in wkv6.cu): 4 where the block
+/// is then whole warps (the partial sums are added with warp shuffles), else 1.
+pub fn wkv_prefill_split(head_size: usize) -> usize {
+    if head_size % 8 == 0 {
+        4
+    } else {
+        1
+    }
+}
+
+/// The WKV prefill kernel: one block per (sequence, head) of `head_size` columns times
+/// [`wkv_prefill_split`] threads each.
+pub fn wkv_prefill_config(seqs: usize, heads: usize, head_size: usize) -> Result<LaunchConfig> {
+    let mut cfg = wkv_config(seqs, heads, head_size)?;
+    cfg.block_dim.0 *= wkv_prefill_split(head_size) as u32;
+    Ok(cfg)
+}
+
 /// Row-wise sampling kernels: one block per row.
 pub fn sampling_config(rows: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
@@ -302,6 +320,13 @@ mod tests {
         let w = wkv_config(7, 32, 64).unwrap();
         assert_eq!((w.grid_dim.0, w.block_dim.0), (224, 64));
         assert!(wkv_config(1, 1, MAX_HEAD_SIZE + 1).is_err());
+        let p = wkv_prefill_config(7, 32, 64).unwrap();
+        assert_eq!((p.grid_dim.0, p.block_dim.0), (224, 256));
+        for n in [8, 64, MAX_HEAD_SIZE] {
+            let t = wkv_prefill_config(1, 1, n).unwrap().block_dim.0;
+            assert!(t % 32 == 0 && t <= 1024, "head size {n}: {t} threads");
+        }
+        assert_eq!(wkv_prefill_config(1, 1, 6).unwrap().block_dim.0, 6);
         assert!(wkv_config(1, 1, 0).is_err());
     }
 

@@ -4,8 +4,8 @@
 
 use crate::error::{CudaError, Result};
 use crate::kernels::{
-    elementwise_config, int, long, p, split_factor, wkv_config, Arg, Bf16Buf, F32Buf, I32Buf,
-    Kernels, PoolArg,
+    elementwise_config, int, long, p, split_factor, wkv_config, wkv_prefill_config, Arg, Bf16Buf,
+    F32Buf, I32Buf, Kernels, PoolArg,
 };
 
 /// The row metadata of the token shift: per row, its previous row (or `-(slot + 1)` for a
@@ -170,6 +170,7 @@ impl Kernels {
     ) -> Result<()> {
         self.wkv6(
             "wkv6_decode_f32",
+            wkv_config,
             pool,
             wkv_off,
             &[dec_row, dec_slot],
@@ -200,6 +201,7 @@ impl Kernels {
     ) -> Result<()> {
         self.wkv6(
             "wkv6_prefill_f32",
+            wkv_prefill_config,
             pool,
             wkv_off,
             &[pre_first, pre_end, pre_slot],
@@ -216,6 +218,7 @@ impl Kernels {
     fn wkv6(
         &self,
         name: &'static str,
+        config: fn(usize, usize, usize) -> Result<cudarc::driver::LaunchConfig>,
         pool: PoolArg,
         wkv_off: usize,
         meta: &[I32Buf],
@@ -260,6 +263,6 @@ impl Kernels {
             p(u),
             p(y),
         ]);
-        self.launch(name, wkv_config(seqs, heads, n)?, &args)
+        self.launch(name, config(seqs, heads, n)?, &args)
     }
 }
