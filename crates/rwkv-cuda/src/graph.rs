@@ -12,14 +12,16 @@
 //! count, and the tokens, slots and row metadata are read from device buffers that
 //! [`Step::upload`] fills before each replay.
 //!
-//! A capture that fails (a driver without graph support for something the body does) turns
-//! graphs off for the backend, with a warning, and the step runs eagerly.
+//! A capture or a replay that fails without corrupting the context (a driver without graph
+//! support for something the body does) turns graphs off for the backend, with a warning, and
+//! the step runs eagerly.
 
 use std::collections::HashMap;
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
 
+use crate::backend::is_sticky;
 use crate::device::Device;
 use crate::error::{CudaError, Result};
 use crate::forward::Step;
@@ -177,9 +179,22 @@ pub fn run_body(
             }
         }
     }
-    match cache.get(key) {
-        Some(Graph(graph)) => graph.launch().map_err(CudaError::driver("launch graph")),
-        None => step.body(plan),
+    let Some(Graph(graph)) = cache.get(key) else {
+        return step.body(plan);
+    };
+    match graph.launch().map_err(CudaError::driver("launch graph")) {
+        Ok(()) => Ok(()),
+        // A launch that fails without corrupting the context ran nothing: turn graphs off and
+        // run this step eagerly rather than fail every decode step from now on.
+        Err(e) if !is_sticky(&e) => {
+            tracing::warn!(
+                error = %e,
+                "launching a CUDA graph failed; CUDA graphs are off for this backend"
+            );
+            cache.disable(e.to_string());
+            step.body(plan)
+        }
+        Err(e) => Err(e),
     }
 }
 
