@@ -18,6 +18,7 @@ use crate::kernels::{Kernels, MAX_HEAD_SIZE};
 use crate::nccl::NcclComm;
 use crate::plan::BatchPlan;
 use crate::pool::{HostState, PoolLayout, StatePool};
+use crate::profile::KernelTime;
 use crate::weights::{self, DeviceWeights, WeightViews};
 
 /// Options of a [`CudaBackend`].
@@ -182,6 +183,23 @@ impl CudaBackend {
         if !on {
             self.graphs = GraphCache::default();
         }
+    }
+
+    /// Runs one step like [`Backend::forward`], without CUDA graphs, and returns with its output
+    /// the device time of each kernel and GEMM shape in it (`profile.rs`), largest first.
+    pub fn profile_step(
+        &mut self,
+        steps: &[SeqStep<'_>],
+    ) -> Result<(Logits, Vec<KernelTime>), BackendError> {
+        let graphs = self.options.graphs;
+        self.options.graphs = false;
+        self.dev.profile.start();
+        let out = self.forward(steps);
+        self.dev.profile.stop();
+        self.options.graphs = graphs;
+        let logits = out?;
+        let report = self.dev.profile.report();
+        Ok((logits, self.watch(report)?))
     }
 
     /// How many decode bodies are captured, and why graphs were turned off if a capture failed.

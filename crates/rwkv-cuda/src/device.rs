@@ -14,6 +14,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
 use crate::compile::arch_name;
 use crate::error::{CudaError, Result};
 use crate::kernels::DevBuf;
+use crate::profile::Profile;
 
 /// cuBLAS workspace per handle: what the cuBLAS guide recommends for Hopper (32 MiB), more than
 /// enough elsewhere.
@@ -52,6 +53,8 @@ pub struct Device {
     pub compute: Arc<CudaStream>,
     /// State swaps between the pool and pinned host memory run here.
     pub copy: Arc<CudaStream>,
+    /// Per-kernel timing of the compute stream, when switched on (`profile.rs`).
+    pub profile: Arc<Profile>,
     /// cuBLAS handle bound to `compute`.
     pub blas: CudaBlas,
     /// The handle's workspace, owned here so that it outlives the handle and never moves: a
@@ -122,6 +125,7 @@ impl Device {
             ctx,
             compute,
             copy,
+            profile: Arc::default(),
             blas,
             _blas_workspace: blas_workspace,
             ordinal,

@@ -42,7 +42,21 @@ impl Exec for CudaExec<'_> {
         x: Bf16Buf,
         y: F32Buf,
     ) -> Result<()> {
-        gemm_batched(&self.dev.blas, spec, strides, w, x, y)
+        let name = || {
+            let batch = if strides.count > 1 {
+                format!("{}x ", strides.count)
+            } else {
+                String::new()
+            };
+            format!(
+                "gemm {batch}{}x{} ({} rows)",
+                spec.out_features, spec.in_features, spec.rows
+            )
+            .into()
+        };
+        self.dev.profile.span(&self.dev.compute, name, || {
+            gemm_batched(&self.dev.blas, spec, strides, w, x, y)
+        })
     }
 
     fn upload_u32(&self, src: &[u32], dst: DevBuf<u32>) -> Result<()> {
@@ -104,7 +118,11 @@ impl Exec for CudaExec<'_> {
         let comm = self.comm.ok_or_else(|| {
             CudaError::Unsupported("an all-reduce without a tensor-parallel group".into())
         })?;
-        comm.all_reduce_sum(buf, self.dev.compute.cu_stream())
+        self.dev.profile.span(
+            &self.dev.compute,
+            || "nccl all-reduce".into(),
+            || comm.all_reduce_sum(buf, self.dev.compute.cu_stream()),
+        )
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -15,6 +15,7 @@ use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use crate::compile::{self, KERNEL_FILES};
 use crate::device::Device;
 use crate::error::{CudaError, Result};
+use crate::profile::Profile;
 
 /// A device pointer and its length in elements of `T`.
 #[derive(Debug)]
@@ -208,6 +209,7 @@ pub trait Launcher: Send + Sync {
 pub struct CudaLauncher {
     funcs: HashMap<&'static str, CudaFunction>,
     stream: Arc<CudaStream>,
+    profile: Arc<Profile>,
 }
 
 impl CudaLauncher {
@@ -231,6 +233,7 @@ impl CudaLauncher {
         Ok(Self {
             funcs,
             stream: dev.compute.clone(),
+            profile: dev.profile.clone(),
         })
     }
 }
@@ -250,12 +253,19 @@ impl Launcher for CudaLauncher {
                 Arg::F(v) => b.arg(v),
             };
         }
-        // SAFETY: every `Kernels` wrapper passes the arguments in the order and C types the
-        // kernel declares (reviewed against kernels/*.cu, and exercised by the host emulation
-        // test), and has checked that every buffer holds the elements the kernel touches for the
-        // given sizes. Row-metadata values (row and slot indices) are built and bounds-checked
-        // on the host by `plan::BatchPlan`.
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver(name))?;
+        self.profile.span(
+            &self.stream,
+            || name.into(),
+            || {
+                // SAFETY: every `Kernels` wrapper passes the arguments in the order and C
+                // types the kernel declares (reviewed against kernels/*.cu, and exercised by
+                // the host emulation test), and has checked that every buffer holds the
+                // elements the kernel touches for the given sizes. Row-metadata values (row
+                // and slot indices) are built and bounds-checked on the host by
+                // `plan::BatchPlan`.
+                unsafe { b.launch(cfg) }.map_err(CudaError::driver(name))
+            },
+        )?;
         Ok(())
     }
 }

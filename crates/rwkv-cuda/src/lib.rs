@@ -40,6 +40,7 @@ pub mod launch;
 pub mod nccl;
 pub mod plan;
 pub mod pool;
+pub mod profile;
 mod recurrent;
 pub mod tp;
 pub mod weights;

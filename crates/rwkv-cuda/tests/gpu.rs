@@ -757,6 +757,18 @@ fn model_1b6_step_times() {
             .map(|i| step(i, &toks[i * 512..(i + 1) * 512], OutputRows::Last))
             .collect();
         let prefill_ms = time(&mut be, &prefill, 3);
+        // Where the time goes: device time per kernel and GEMM shape, one step each.
+        for (what, steps) in [
+            ("decode B=256 without logits", &no_logits),
+            ("decode B=1", &decode1),
+            ("prefill 8x512", &prefill),
+        ] {
+            let (_, times) = be.profile_step(steps).unwrap();
+            eprintln!(
+                "profile 1.6B-shape {precision:?} {what} (device time, largest first):\n{}",
+                rwkv_cuda::profile::format_report(&times, 14)
+            );
+        }
         let whole_rows = be
             .forward(&nucleus)
             .unwrap()
