@@ -12,11 +12,14 @@
 //! count, and the tokens, slots and row metadata are read from device buffers that
 //! [`Step::upload`] fills before each replay.
 //!
+//! A batch size is captured the second time it is seen, so sizes that come once (a burst of
+//! arrivals) cost no capture.
+//!
 //! A capture or a replay that fails without corrupting the context (a driver without graph
 //! support for something the body does) turns graphs off for the backend, with a warning, and
 //! the step runs eagerly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::CudaGraph;
@@ -27,12 +30,13 @@ use crate::error::{CudaError, Result};
 use crate::forward::Step;
 use crate::plan::BatchPlan;
 
-/// Graphs kept at most (one per decode batch size); the least recently used is dropped first.
-pub const MAX_GRAPHS: usize = 64;
-
-/// Largest decode batch captured. Beyond it a step is bound by weights and state traffic, and
-/// launches already overlap with device work.
+/// Largest decode batch captured (the engine's usual slot counts fit).
 pub const GRAPH_MAX_ROWS: usize = 256;
+
+/// Graphs kept at most: one per batch size up to [`GRAPH_MAX_ROWS`], so a server whose batch
+/// size wanders never evicts and recaptures. (A graph of ~600 kernel nodes holds well under a
+/// megabyte; the least recently used goes first should a caller use larger keys.)
+pub const MAX_GRAPHS: usize = GRAPH_MAX_ROWS;
 
 /// The shape a captured body is valid for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -55,6 +59,8 @@ impl GraphKey {
 #[derive(Debug)]
 pub struct GraphCache<G> {
     graphs: HashMap<GraphKey, (G, u64)>,
+    /// Shapes seen once and not captured yet.
+    seen: HashSet<GraphKey>,
     /// Use counter: each `get` or `insert` stamps its entry.
     clock: u64,
     /// The workspace generation the graphs were captured with.
@@ -67,6 +73,7 @@ impl<G> Default for GraphCache<G> {
     fn default() -> Self {
         Self {
             graphs: HashMap::new(),
+            seen: HashSet::new(),
             clock: 0,
             generation: 0,
             disabled: None,
@@ -91,6 +98,11 @@ impl<G> GraphCache<G> {
             *used = clock;
             &*g
         })
+    }
+
+    /// Whether a shape without a graph should be captured now: the second time it is seen.
+    pub fn should_capture(&mut self, key: GraphKey) -> bool {
+        !self.seen.insert(key)
     }
 
     /// Keeps `graph` for `key`, dropping the least recently used graph when full.
@@ -165,6 +177,9 @@ pub fn run_body(
     };
     cache.sync(generation);
     if cache.get(key).is_none() {
+        if !cache.should_capture(key) {
+            return step.body(plan);
+        }
         match capture(dev, || step.body(plan)) {
             Ok(graph) => {
                 cache.insert(key, graph);
@@ -276,6 +291,9 @@ mod tests {
         assert_eq!(*cache.insert(key(1), 10), 10);
         assert_eq!(cache.get(key(1)), Some(&10));
         assert_eq!(cache.get(key(2)), None);
+        // Captured the second time a shape is seen.
+        assert!(!cache.should_capture(key(2)));
+        assert!(cache.should_capture(key(2)));
         // Same generation: kept. A reallocated workspace: dropped.
         cache.sync(0);
         assert_eq!(cache.len(), 1);
@@ -285,6 +303,9 @@ mod tests {
         for rows in 1..=MAX_GRAPHS {
             cache.insert(key(rows), rows);
         }
+        // One graph per batch size fits without eviction.
+        assert_eq!(cache.get(key(GRAPH_MAX_ROWS)), Some(&GRAPH_MAX_ROWS));
+        assert_eq!(cache.get(key(1)), Some(&1));
         assert_eq!(cache.len(), MAX_GRAPHS);
         // Using the oldest makes the second oldest the one to go.
         assert_eq!(cache.get(key(1)), Some(&1));

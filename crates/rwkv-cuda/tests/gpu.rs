@@ -217,7 +217,7 @@ fn graph_replay_equals_eager_steps() {
     let mut graphs = CudaBackend::new(&w, 6, 0).unwrap();
     let t = |n, seed| tokens(vocab, n, seed);
     let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
-    let d: Vec<Vec<u32>> = (0..24).map(|i| t(1, 100 + i)).collect();
+    let d: Vec<Vec<u32>> = (0..32).map(|i| t(1, 100 + i)).collect();
     let none: [u32; 0] = [];
     use OutputRows::{Last, Top};
     let script: Vec<Vec<SeqStep<'_>>> = vec![
@@ -255,6 +255,12 @@ fn graph_replay_equals_eager_steps() {
             step(3, &d[18], Last),
             step(2, &d[19], Last),
         ],
+        vec![
+            step(3, &d[24], Last),
+            step(2, &none, Last),
+            step(4, &d[25], Top(4)),
+        ],
+        vec![step(0, &d[26], Last), step(5, &d[27], Last)],
     ];
     for (i, steps) in script.iter().enumerate() {
         let want = eager.forward(steps).unwrap();

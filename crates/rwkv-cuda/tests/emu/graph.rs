@@ -1,6 +1,6 @@
-//! CUDA-graph replay, emulated: a decode body is recorded once per batch size (nothing runs
-//! while recording, as in a stream capture) and replayed for later steps of the same shape with
-//! other slots, tokens and outputs. Logits, candidates and every state must equal launching
+//! CUDA-graph replay, emulated: a decode body is recorded once per batch size, the second time
+//! that size is seen (nothing runs while recording, as in a stream capture), and replayed for
+//! later steps of the same shape with other slots, tokens and outputs. Logits, candidates and every state must equal launching
 //! the same steps one kernel at a time, bit for bit. This checks the two facts CUDA graphs rely
 //! on: the body issues device work only, and its launch arguments depend on the plan's shape
 //! alone.
@@ -238,12 +238,15 @@ impl GraphModel {
             (Some(graphs), Some(key)) => {
                 assert!(step.upload(&plan, logits.len()).unwrap());
                 graphs.sync(0);
-                if graphs.get(key).is_none() {
+                if graphs.get(key).is_none() && graphs.should_capture(key) {
                     let ops = self.exec.capture(|| step.body(&plan));
                     graphs.insert(key, ops);
                     self.captures += 1;
                 }
-                self.exec.replay(graphs.get(key).unwrap());
+                match graphs.get(key) {
+                    Some(ops) => self.exec.replay(ops),
+                    None => step.body(&plan).unwrap(),
+                }
                 step.finish(&plan, &mut logits, &mut top, &mut nucleus)
                     .unwrap();
             }
@@ -271,14 +274,15 @@ fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
     let mut replay = GraphModel::new(&e, &w, 6, true);
     let t = |n, seed| tokens(v, n, seed);
     let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
-    let d: Vec<Vec<u32>> = (0..24).map(|i| t(1, 100 + i)).collect();
+    let d: Vec<Vec<u32>> = (0..32).map(|i| t(1, 100 + i)).collect();
     let none: [u32; 0] = [];
     use OutputRows::{Last, Top};
     let script: Vec<Vec<SeqStep<'_>>> = vec![
         // Prefill (mixed lengths): eager in both.
         vec![step(0, &p0, Last), step(1, &p1, Last), step(2, &p2, Last)],
-        // Three decodes: the first is captured, the next two replay it with other slots, in
-        // another order, with other tokens and outputs, one on slots never used before.
+        // Three decodes of three rows: the first runs eagerly (a shape seen once), the second is
+        // captured, the third replays it; other slots, order, tokens and outputs each time,
+        // the last on slots never used before.
         vec![
             step(0, &d[0], Last),
             step(1, &d[1], Top(3)),
@@ -294,7 +298,7 @@ fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
             step(4, &d[7], Last),
             step(5, &d[8], Top(1)),
         ],
-        // A new shape (one row) is captured, then the three-row graph is replayed again.
+        // A new shape (one row), the three-row graph replayed again, the one-row shape captured.
         vec![step(1, &d[9], Last)],
         vec![
             step(5, &d[10], Last),
@@ -302,7 +306,7 @@ fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
             step(0, &d[12], Last),
         ],
         vec![step(1, &d[13], Top(2))],
-        // An empty sequence adds no row: a two-row shape.
+        // An empty sequence adds no row: a two-row shape, captured and replayed at the end.
         vec![
             step(2, &none, Last),
             step(3, &d[14], Last),
@@ -315,6 +319,12 @@ fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
             step(3, &d[18], Last),
             step(2, &d[19], Last),
         ],
+        vec![
+            step(3, &d[24], Last),
+            step(2, &none, Last),
+            step(4, &d[25], Top(4)),
+        ],
+        vec![step(0, &d[26], Last), step(5, &d[27], Last)],
     ];
     for (i, steps) in script.iter().enumerate() {
         let want = eager.forward(steps);
@@ -336,6 +346,6 @@ fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
             max_abs(&replay.pool, &eager.pool)
         );
     }
-    // Captured once per shape: three rows, one row, two rows.
+    // Captured once per shape, at its second step: three rows, one row, two rows.
     assert_eq!(replay.captures, 3);
 }
