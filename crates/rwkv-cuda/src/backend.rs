@@ -13,7 +13,7 @@ use crate::device::Device;
 use crate::error::{CudaError, Result};
 use crate::exec::{CudaExec, Workspace};
 use crate::forward::{GemmPrecision, Part, Step, MAX_DEVICE_CANDIDATES};
-use crate::graph::{self, Graph, GraphCache, GraphPolicy, GRAPH_MAX_ROWS};
+use crate::graph::{self, Graph, GraphCache, GraphPolicy, StreamRecorder, GRAPH_MAX_ROWS};
 use crate::kernels::{Kernels, MAX_HEAD_SIZE};
 use crate::nccl::NcclComm;
 use crate::plan::BatchPlan;
@@ -399,7 +399,14 @@ impl CudaBackend {
             if !step.upload(plan, logits.len())? {
                 return Ok(());
             }
-            graph::run_body(graphs, policy, generation, &self.dev, &step, plan)?;
+            graph::run_body(
+                graphs,
+                policy,
+                generation,
+                &StreamRecorder(&self.dev),
+                &step,
+                plan,
+            )?;
             step.finish(plan, logits, &mut top, &mut nucleus)
         })();
         self.pool.after_compute(&self.dev, plan.slots())?;

@@ -161,13 +161,53 @@ pub struct GraphPolicy {
     pub max_rows: usize,
 }
 
+/// What captures and replays bodies: the device's compute stream ([`StreamRecorder`]), or a
+/// stand-in in tests (the kernel emulator records launches instead of running them).
+pub trait Recorder {
+    type Graph;
+    /// Captures what `issue` queues, without running it.
+    fn capture(&self, issue: &mut dyn FnMut() -> Result<()>) -> Result<Self::Graph>;
+    /// Runs a captured graph.
+    fn launch(&self, graph: &Self::Graph) -> Result<()>;
+}
+
+/// Captures on a device's compute stream.
+pub struct StreamRecorder<'a>(pub &'a Device);
+
+impl Recorder for StreamRecorder<'_> {
+    type Graph = Graph;
+
+    /// The capture is local to this thread, so work other threads issue meanwhile (a swap on
+    /// the copy stream) is neither captured nor refused.
+    fn capture(&self, issue: &mut dyn FnMut() -> Result<()>) -> Result<Graph> {
+        let stream = &self.0.compute;
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(CudaError::driver("begin graph capture"))?;
+        let issued = issue();
+        // End the capture whatever happened, so the stream leaves capture mode.
+        let ended = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(CudaError::driver("end graph capture"));
+        issued?;
+        ended?
+            .map(Graph)
+            .ok_or_else(|| CudaError::Unsupported("graph capture returned no graph".into()))
+    }
+
+    fn launch(&self, graph: &Graph) -> Result<()> {
+        graph.0.launch().map_err(CudaError::driver("launch graph"))
+    }
+}
+
 /// Runs `step`'s body for `plan` (already uploaded): replayed from a graph where the plan's
-/// shape allows one (captured on first use), else issued launch by launch.
-pub fn run_body(
-    cache: &mut GraphCache<Graph>,
+/// shape allows one (captured the second time the shape is seen), else issued launch by
+/// launch.
+pub fn run_body<R: Recorder>(
+    cache: &mut GraphCache<R::Graph>,
     policy: GraphPolicy,
     generation: u64,
-    dev: &Device,
+    recorder: &R,
     step: &Step<'_>,
     plan: &BatchPlan,
 ) -> Result<()> {
@@ -180,7 +220,7 @@ pub fn run_body(
         if !cache.should_capture(key) {
             return step.body(plan);
         }
-        match capture(dev, || step.body(plan)) {
+        match recorder.capture(&mut || step.body(plan)) {
             Ok(graph) => {
                 cache.insert(key, graph);
             }
@@ -194,10 +234,10 @@ pub fn run_body(
             }
         }
     }
-    let Some(Graph(graph)) = cache.get(key) else {
+    let Some(graph) = cache.get(key) else {
         return step.body(plan);
     };
-    match graph.launch().map_err(CudaError::driver("launch graph")) {
+    match recorder.launch(graph) {
         Ok(()) => Ok(()),
         // A launch that fails without corrupting the context ran nothing: turn graphs off and
         // run this step eagerly rather than fail every decode step from now on.
@@ -211,25 +251,6 @@ pub fn run_body(
         }
         Err(e) => Err(e),
     }
-}
-
-/// Captures what `issue` queues on the compute stream, without running it. The capture is
-/// local to this thread, so work other threads issue meanwhile (a swap on the copy stream) is
-/// neither captured nor refused.
-fn capture(dev: &Device, issue: impl FnOnce() -> Result<()>) -> Result<Graph> {
-    dev.compute
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .map_err(CudaError::driver("begin graph capture"))?;
-    let issued = issue();
-    // End the capture whatever happened, so the stream leaves capture mode.
-    let ended = dev
-        .compute
-        .end_capture(CUgraphInstantiate_flags(0))
-        .map_err(CudaError::driver("end graph capture"));
-    issued?;
-    ended?
-        .map(Graph)
-        .ok_or_else(|| CudaError::Unsupported("graph capture returned no graph".into()))
 }
 
 #[cfg(test)]

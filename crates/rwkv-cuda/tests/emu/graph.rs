@@ -1,4 +1,4 @@
-//! CUDA-graph replay, emulated: a decode body is recorded once per batch size, the second time
+//! CUDA-graph replay, emulated, through the backend's own `graph::run_body`: a decode body is recorded once per batch size, the second time
 //! that size is seen (nothing runs while recording, as in a stream capture), and replayed for
 //! later steps of the same shape with other slots, tokens and outputs. Logits, candidates and every state must equal launching
 //! the same steps one kernel at a time, bit for bit. This checks the two facts CUDA graphs rely
@@ -7,7 +7,7 @@
 
 use super::model::{fixture, step, tokens};
 use super::*;
-use rwkv_cuda::graph::{GraphCache, GraphKey, GRAPH_MAX_ROWS};
+use rwkv_cuda::graph::{run_body, GraphCache, GraphPolicy, Recorder, GRAPH_MAX_ROWS};
 
 /// One captured operation.
 enum Op {
@@ -50,12 +50,14 @@ impl RecExec {
         assert!(!self.capturing(), "{what} inside a captured body");
     }
 
-    fn capture(&self, body: impl FnOnce() -> rwkv_cuda::Result<()>) -> Vec<Op> {
+    fn capture(
+        &self,
+        body: &mut dyn FnMut() -> rwkv_cuda::Result<()>,
+    ) -> rwkv_cuda::Result<Vec<Op>> {
         *self.tape.lock().unwrap() = Some(Vec::new());
         let issued = body();
         let ops = self.tape.lock().unwrap().take().unwrap();
-        issued.unwrap();
-        ops
+        issued.map(|()| ops)
     }
 
     fn replay(&self, ops: &[Op]) {
@@ -112,6 +114,36 @@ impl Exec for RecExec {
 
     fn synchronize(&self) -> rwkv_cuda::Result<()> {
         self.no_host_work("a wait for the device");
+        Ok(())
+    }
+}
+
+/// The emulator's stand-in for a stream capture, optionally failing like a driver without graph
+/// support.
+struct TapeRecorder<'a> {
+    exec: &'a RecExec,
+    captures: &'a std::cell::Cell<usize>,
+    fail: bool,
+}
+
+impl Recorder for TapeRecorder<'_> {
+    type Graph = Vec<Op>;
+
+    fn capture(
+        &self,
+        issue: &mut dyn FnMut() -> rwkv_cuda::Result<()>,
+    ) -> rwkv_cuda::Result<Vec<Op>> {
+        if self.fail {
+            return Err(rwkv_cuda::CudaError::Unsupported(
+                "emulated: this driver cannot capture".into(),
+            ));
+        }
+        self.captures.set(self.captures.get() + 1);
+        self.exec.capture(issue)
+    }
+
+    fn launch(&self, ops: &Vec<Op>) -> rwkv_cuda::Result<()> {
+        self.exec.replay(ops);
         Ok(())
     }
 }
@@ -173,7 +205,9 @@ struct GraphModel {
     _scratch: Scratch,
     /// Recorded bodies (None: every step runs launch by launch).
     graphs: Option<GraphCache<Vec<Op>>>,
-    captures: usize,
+    captures: std::cell::Cell<usize>,
+    /// Every capture fails (a driver without graph support).
+    fail_captures: bool,
 }
 
 const CAPACITY: usize = 16;
@@ -211,7 +245,8 @@ impl GraphModel {
             layout,
             exec,
             graphs: graphs.then(GraphCache::default),
-            captures: 0,
+            captures: Default::default(),
+            fail_captures: false,
         }
     }
 
@@ -234,23 +269,25 @@ impl GraphModel {
             part: Part::whole(&self.cfg),
         };
         let (mut top, mut nucleus) = (Vec::new(), Vec::new());
-        match (&mut self.graphs, GraphKey::of(&plan, GRAPH_MAX_ROWS)) {
-            (Some(graphs), Some(key)) => {
+        match &mut self.graphs {
+            // The backend's own sequence (`CudaBackend::run_prepared`), with the recorder
+            // standing in for the stream.
+            Some(graphs) => {
+                let recorder = TapeRecorder {
+                    exec: &self.exec,
+                    captures: &self.captures,
+                    fail: self.fail_captures,
+                };
+                let policy = GraphPolicy {
+                    enabled: true,
+                    max_rows: GRAPH_MAX_ROWS,
+                };
                 assert!(step.upload(&plan, logits.len()).unwrap());
-                graphs.sync(0);
-                if graphs.get(key).is_none() && graphs.should_capture(key) {
-                    let ops = self.exec.capture(|| step.body(&plan));
-                    graphs.insert(key, ops);
-                    self.captures += 1;
-                }
-                match graphs.get(key) {
-                    Some(ops) => self.exec.replay(ops),
-                    None => step.body(&plan).unwrap(),
-                }
+                run_body(graphs, policy, 0, &recorder, &step, &plan).unwrap();
                 step.finish(&plan, &mut logits, &mut top, &mut nucleus)
                     .unwrap();
             }
-            _ => step
+            None => step
                 .run(&plan, &mut logits, &mut top, &mut nucleus)
                 .unwrap(),
         }
@@ -263,15 +300,16 @@ impl GraphModel {
     }
 }
 
-#[test]
-fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
+/// Runs the same script of prefills and decodes through an eager model and one that replays
+/// graphs (captures failing when `fail_captures`), checks every step's outputs and states are
+/// equal bit for bit, and returns the replaying model. None without g++.
+fn replay_script(fail_captures: bool) -> Option<GraphModel> {
     let w = ModelWeights::load(fixture("rwkv6-tiny-c128-l2.safetensors")).unwrap();
-    let Some(e) = emu(w.config.head_size) else {
-        return;
-    };
+    let e = emu(w.config.head_size)?;
     let v = w.config.vocab_size;
     let mut eager = GraphModel::new(&e, &w, 6, false);
     let mut replay = GraphModel::new(&e, &w, 6, true);
+    replay.fail_captures = fail_captures;
     let t = |n, seed| tokens(v, n, seed);
     let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
     let d: Vec<Vec<u32>> = (0..32).map(|i| t(1, 100 + i)).collect();
@@ -346,6 +384,28 @@ fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
             max_abs(&replay.pool, &eager.pool)
         );
     }
+    Some(replay)
+}
+
+#[test]
+fn replayed_decode_bodies_equal_eager_steps_bit_for_bit() {
+    let Some(replay) = replay_script(false) else {
+        return;
+    };
     // Captured once per shape, at its second step: three rows, one row, two rows.
-    assert_eq!(replay.captures, 3);
+    assert_eq!(replay.captures.get(), 3);
+    let graphs = replay.graphs.as_ref().unwrap();
+    assert_eq!((graphs.len(), graphs.disabled()), (3, None));
+}
+
+#[test]
+fn a_driver_that_cannot_capture_gets_eager_steps_and_graphs_turned_off() {
+    let Some(replay) = replay_script(true) else {
+        return;
+    };
+    assert_eq!(replay.captures.get(), 0);
+    let graphs = replay.graphs.as_ref().unwrap();
+    assert!(graphs.is_empty());
+    let why = graphs.disabled().expect("graphs turned off");
+    assert!(why.contains("cannot capture"), "{why}");
 }
