@@ -1,9 +1,9 @@
-//! CUDA-graph replay, emulated, through the backend's own `graph::run_body`: a decode body is recorded once per batch size, the second time
-//! that size is seen (nothing runs while recording, as in a stream capture), and replayed for
-//! later steps of the same shape with other slots, tokens and outputs. Logits, candidates and every state must equal launching
-//! the same steps one kernel at a time, bit for bit. This checks the two facts CUDA graphs rely
-//! on: the body issues device work only, and its launch arguments depend on the plan's shape
-//! alone.
+//! CUDA-graph replay, emulated, through the backend's own `graph::run_body`: a decode body is
+//! recorded once per batch size, the second time that size is seen (nothing runs while
+//! recording, as in a stream capture), and replayed for later steps of the same shape with
+//! other slots, tokens and outputs. Logits, candidates and every state must equal launching the
+//! same steps one kernel at a time, bit for bit. This checks the two facts CUDA graphs rely on:
+//! the body issues device work only, and its launch arguments depend on the plan's shape alone.
 
 use super::model::{fixture, step, tokens};
 use super::*;
