@@ -496,6 +496,8 @@ fn emulator_knows_every_kernel() {
 
 #[path = "emu/graph.rs"]
 mod graph;
+#[path = "common/graph_script.rs"]
+mod graph_script;
 #[path = "emu/kernels.rs"]
 mod kernels;
 #[path = "emu/model.rs"]

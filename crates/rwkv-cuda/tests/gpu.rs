@@ -10,6 +10,10 @@ use rwkv_cuda::pool::PoolLayout;
 use rwkv_cuda::{CudaBackend, CudaOptions, GemmPrecision};
 use rwkv_model::{Backend, Checkpoint, ModelWeights, OutputRows, SeqStep};
 
+#[path = "common/graph_script.rs"]
+mod graph_script;
+use graph_script::{graph_script, ScriptTokens};
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures")
@@ -215,53 +219,8 @@ fn graph_replay_equals_eager_steps() {
     let mut eager = CudaBackend::new(&w, 6, 0).unwrap();
     eager.set_graphs(false);
     let mut graphs = CudaBackend::new(&w, 6, 0).unwrap();
-    let t = |n, seed| tokens(vocab, n, seed);
-    let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
-    let d: Vec<Vec<u32>> = (0..32).map(|i| t(1, 100 + i)).collect();
-    let none: [u32; 0] = [];
-    use OutputRows::{Last, Top};
-    let script: Vec<Vec<SeqStep<'_>>> = vec![
-        vec![step(0, &p0, Last), step(1, &p1, Last), step(2, &p2, Last)],
-        vec![
-            step(0, &d[0], Last),
-            step(1, &d[1], Top(3)),
-            step(2, &d[2], Last),
-        ],
-        vec![
-            step(2, &d[3], Top(5)),
-            step(0, &d[4], Last),
-            step(1, &d[5], OutputRows::All),
-        ],
-        vec![
-            step(3, &d[6], Last),
-            step(4, &d[7], Last),
-            step(5, &d[8], Top(1)),
-        ],
-        vec![step(1, &d[9], Last)],
-        vec![
-            step(5, &d[10], Last),
-            step(1, &d[11], Last),
-            step(0, &d[12], Last),
-        ],
-        vec![step(1, &d[13], Top(2))],
-        vec![
-            step(2, &none, Last),
-            step(3, &d[14], Last),
-            step(4, &d[15], Last),
-        ],
-        vec![step(3, &p0, Last), step(4, &d[16], Last)],
-        vec![
-            step(4, &d[17], Last),
-            step(3, &d[18], Last),
-            step(2, &d[19], Last),
-        ],
-        vec![
-            step(3, &d[24], Last),
-            step(2, &none, Last),
-            step(4, &d[25], Top(4)),
-        ],
-        vec![step(0, &d[26], Last), step(5, &d[27], Last)],
-    ];
+    let toks = ScriptTokens::new(|n, seed| tokens(vocab, n, seed));
+    let script = graph_script(&toks);
     for (i, steps) in script.iter().enumerate() {
         let want = eager.forward(steps).unwrap();
         let got = graphs.forward(steps).unwrap();
@@ -280,10 +239,11 @@ fn graph_replay_equals_eager_steps() {
     graphs.swap_in(5, &mut host).unwrap();
     let mut host = eager.swap_out(0).unwrap();
     eager.swap_in(5, &mut host).unwrap();
+    let d = &toks.decodes;
     let steps = [
-        step(5, &d[20], Last),
-        step(0, &d[21], Last),
-        step(1, &d[22], Last),
+        step(5, &d[20], OutputRows::Last),
+        step(0, &d[21], OutputRows::Last),
+        step(1, &d[22], OutputRows::Last),
     ];
     assert!(graphs.forward(&steps).unwrap().data == eager.forward(&steps).unwrap().data);
     assert_eq!(graphs.graph_status(), (3, None), "three shapes captured");

@@ -5,7 +5,8 @@
 //! same steps one kernel at a time, bit for bit. This checks the two facts CUDA graphs rely on:
 //! the body issues device work only, and its launch arguments depend on the plan's shape alone.
 
-use super::model::{fixture, step, tokens};
+use super::graph_script::{graph_script, ScriptTokens};
+use super::model::{fixture, tokens};
 use super::*;
 use rwkv_cuda::graph::{run_body, GraphCache, GraphPolicy, Recorder, GRAPH_MAX_ROWS};
 
@@ -310,60 +311,8 @@ fn replay_script(fail_captures: bool) -> Option<GraphModel> {
     let mut eager = GraphModel::new(&e, &w, 6, false);
     let mut replay = GraphModel::new(&e, &w, 6, true);
     replay.fail_captures = fail_captures;
-    let t = |n, seed| tokens(v, n, seed);
-    let (p0, p1, p2) = (t(5, 1), t(3, 2), t(1, 3));
-    let d: Vec<Vec<u32>> = (0..32).map(|i| t(1, 100 + i)).collect();
-    let none: [u32; 0] = [];
-    use OutputRows::{Last, Top};
-    let script: Vec<Vec<SeqStep<'_>>> = vec![
-        // Prefill (mixed lengths): eager in both.
-        vec![step(0, &p0, Last), step(1, &p1, Last), step(2, &p2, Last)],
-        // Three decodes of three rows: the first runs eagerly (a shape seen once), the second is
-        // captured, the third replays it; other slots, order, tokens and outputs each time,
-        // the last on slots never used before.
-        vec![
-            step(0, &d[0], Last),
-            step(1, &d[1], Top(3)),
-            step(2, &d[2], Last),
-        ],
-        vec![
-            step(2, &d[3], Top(5)),
-            step(0, &d[4], Last),
-            step(1, &d[5], OutputRows::All),
-        ],
-        vec![
-            step(3, &d[6], Last),
-            step(4, &d[7], Last),
-            step(5, &d[8], Top(1)),
-        ],
-        // A new shape (one row), the three-row graph replayed again, the one-row shape captured.
-        vec![step(1, &d[9], Last)],
-        vec![
-            step(5, &d[10], Last),
-            step(1, &d[11], Last),
-            step(0, &d[12], Last),
-        ],
-        vec![step(1, &d[13], Top(2))],
-        // An empty sequence adds no row: a two-row shape, captured and replayed at the end.
-        vec![
-            step(2, &none, Last),
-            step(3, &d[14], Last),
-            step(4, &d[15], Last),
-        ],
-        // Prefill again between decodes, then a replay.
-        vec![step(3, &p0, Last), step(4, &d[16], Last)],
-        vec![
-            step(4, &d[17], Last),
-            step(3, &d[18], Last),
-            step(2, &d[19], Last),
-        ],
-        vec![
-            step(3, &d[24], Last),
-            step(2, &none, Last),
-            step(4, &d[25], Top(4)),
-        ],
-        vec![step(0, &d[26], Last), step(5, &d[27], Last)],
-    ];
+    let toks = ScriptTokens::new(|n, seed| tokens(v, n, seed));
+    let script = graph_script(&toks);
     for (i, steps) in script.iter().enumerate() {
         let want = eager.forward(steps);
         let got = replay.forward(steps);
