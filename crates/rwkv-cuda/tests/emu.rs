@@ -286,6 +286,55 @@ fn host_exec(e: &Arc<Emu>, head_size: usize) -> HostExec {
     }
 }
 
+/// Host scratch for a step, every buffer starting as NaN (or an impossible index) so that reading
+/// anything a step did not write shows up. Kept alive by its owner: the views point into it (the
+/// graph test keeps one for all steps, like the backend's workspace, so recorded pointers stay
+/// valid).
+struct Scratch {
+    act: Vec<Vec<f32>>,
+    bf16: [Vec<u16>; 3],
+    f32s: [Vec<f32>; 5],
+    tokens: Vec<u32>,
+    ints: [Vec<i32>; 2],
+}
+
+impl Scratch {
+    fn new(s: &ScratchSizes) -> Self {
+        Self {
+            act: (0..ACT_BUFFERS).map(|_| vec![f32::NAN; s.act]).collect(),
+            bf16: [s.xs, s.gin, s.hx].map(|n| vec![NAN_BF16; n]),
+            f32s: [s.tmp, s.htmp, s.hout, s.tval, s.tmass].map(|n| vec![f32::NAN; n]),
+            tokens: vec![u32::MAX; s.tokens],
+            ints: [s.meta, s.tidx].map(|n| vec![i32::MIN; n]),
+        }
+    }
+
+    fn bufs(&mut self, rows: usize) -> StepBufs {
+        let mut act = [DevBuf::null(); ACT_BUFFERS];
+        for (v, a) in act.iter_mut().zip(&mut self.act) {
+            *v = view_mut(a);
+        }
+        let [xs, gin, hx] = &mut self.bf16;
+        let [tmp, htmp, hout, tval, tmass] = &mut self.f32s;
+        let [meta, tidx] = &mut self.ints;
+        StepBufs {
+            rows,
+            act,
+            xs: view_mut(xs),
+            gin: view_mut(gin),
+            tmp: view_mut(tmp),
+            tokens: view_mut(&mut self.tokens),
+            meta: view_mut(meta),
+            hx: view_mut(hx),
+            htmp: view_mut(htmp),
+            hout: view_mut(hout),
+            tidx: view_mut(tidx),
+            tval: view_mut(tval),
+            tmass: view_mut(tmass),
+        }
+    }
+}
+
 /// The model run through `forward::Step` on the host, with its own state pool.
 struct EmuModel {
     cfg: ModelConfig,
@@ -388,40 +437,8 @@ impl EmuModel {
         };
         let mut logits = vec![0.0; head_rows * self.cfg.vocab_size];
         let s = ScratchSizes::new(&self.cfg, self.precision.split(), plan.rows().max(1));
-        // Scratch starts as NaN, so reading anything not written in this step shows up.
-        let mut act: Vec<Vec<f32>> = (0..ACT_BUFFERS).map(|_| vec![f32::NAN; s.act]).collect();
-        let (mut xs, mut gin, mut hx) = (
-            vec![NAN_BF16; s.xs],
-            vec![NAN_BF16; s.gin],
-            vec![NAN_BF16; s.hx],
-        );
-        let (mut tmp, mut htmp, mut hout) = (
-            vec![f32::NAN; s.tmp],
-            vec![f32::NAN; s.htmp],
-            vec![f32::NAN; s.hout],
-        );
-        let (mut tokens, mut meta) = (vec![u32::MAX; s.tokens], vec![i32::MIN; s.meta]);
-        let (mut tidx, mut tval) = (vec![i32::MIN; s.tidx], vec![f32::NAN; s.tval]);
-        let mut tmass = vec![f32::NAN; s.tmass];
-        let mut act_views = [DevBuf::null(); ACT_BUFFERS];
-        for (v, a) in act_views.iter_mut().zip(&mut act) {
-            *v = view_mut(a);
-        }
-        let bufs = StepBufs {
-            rows: s.rows,
-            act: act_views,
-            xs: view_mut(&mut xs),
-            gin: view_mut(&mut gin),
-            tmp: view_mut(&mut tmp),
-            tokens: view_mut(&mut tokens),
-            meta: view_mut(&mut meta),
-            hx: view_mut(&mut hx),
-            htmp: view_mut(&mut htmp),
-            hout: view_mut(&mut hout),
-            tidx: view_mut(&mut tidx),
-            tval: view_mut(&mut tval),
-            tmass: view_mut(&mut tmass),
-        };
+        let mut scratch = Scratch::new(&s);
+        let bufs = scratch.bufs(s.rows);
         let step = Step {
             exec: &self.exec,
             cfg: &self.cfg,

@@ -149,52 +149,6 @@ impl Recorder for TapeRecorder<'_> {
     }
 }
 
-/// Scratch allocated once, like the backend's workspace, so that recorded pointers stay valid.
-struct Scratch {
-    act: Vec<Vec<f32>>,
-    bf16: [Vec<u16>; 3],
-    f32s: [Vec<f32>; 6],
-    tokens: Vec<u32>,
-    ints: [Vec<i32>; 2],
-}
-
-impl Scratch {
-    fn new(s: &ScratchSizes) -> Self {
-        Self {
-            act: (0..ACT_BUFFERS).map(|_| vec![f32::NAN; s.act]).collect(),
-            bf16: [s.xs, s.gin, s.hx].map(|n| vec![NAN_BF16; n]),
-            f32s: [s.tmp, s.htmp, s.hout, s.tval, s.tmass, 0].map(|n| vec![f32::NAN; n]),
-            tokens: vec![u32::MAX; s.tokens],
-            ints: [s.meta, s.tidx].map(|n| vec![i32::MIN; n]),
-        }
-    }
-
-    fn bufs(&mut self, rows: usize) -> StepBufs {
-        let mut act = [DevBuf::null(); ACT_BUFFERS];
-        for (v, a) in act.iter_mut().zip(&mut self.act) {
-            *v = view_mut(a);
-        }
-        let [xs, gin, hx] = &mut self.bf16;
-        let [tmp, htmp, hout, tval, tmass, _] = &mut self.f32s;
-        let [meta, tidx] = &mut self.ints;
-        StepBufs {
-            rows,
-            act,
-            xs: view_mut(xs),
-            gin: view_mut(gin),
-            tmp: view_mut(tmp),
-            tokens: view_mut(&mut self.tokens),
-            meta: view_mut(meta),
-            hx: view_mut(hx),
-            htmp: view_mut(htmp),
-            hout: view_mut(hout),
-            tidx: view_mut(tidx),
-            tval: view_mut(tval),
-            tmass: view_mut(tmass),
-        }
-    }
-}
-
 struct GraphModel {
     cfg: ModelConfig,
     _weights: Weights<Vec<f32>, Vec<u16>>,
