@@ -52,7 +52,7 @@ K8S_VERSIONS = os.environ.get("K8S_VERSIONS", f"1.30.0 {kv.latest_version()}").s
 # used only if the sources cannot be read that way (with a warning).
 FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "worker_overcommit", "request_timeout",
                         "max_prompt_tokens", "max_tokens_limit", "max_body_bytes"}
-FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "slots",
+FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "gpu_precision", "slots",
                         "max_batch_tokens", "prefill_chunk", "host_tier_mb", "prefix_cache_mb",
                         "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus"}
 FALLBACK_ETCD_KEYS = {"etcd", "etcd_prefix", "lease_ttl"}
@@ -250,6 +250,9 @@ def check_value(key: str, value, where: str, from_env: bool = False) -> list[str
     elif key == "cpu_precision":
         if value not in {"f32", "bf16", "int8"}:
             return [f"{err} is not f32, bf16 or int8"]
+    elif key == "gpu_precision":
+        if value not in {"split", "bf16"}:
+            return [f"{err} is not split or bf16"]
     elif key in {"model", "model_id", "tokenizer", "worker_id", "default_model"}:
         if not (isinstance(value, str) and value):
             return [f"{err} is not a non-empty string"]

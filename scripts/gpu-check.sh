@@ -134,20 +134,32 @@ if [ -x .carry/cli/rwkv ] && [ "${GPU_CHECK_SKIP_TESTS:-0}" != 1 ]; then
     m=tests/fixtures/rwkv6-tiny-c256-l3.safetensors
     toks=1,5,9,200,31,77,400,12,999,3
     cli_rc=0
-    .carry/cli/rwkv forward --backend cuda --model $m --tokens $toks --output "$LOGS/fwd-cuda.safetensors" || cli_rc=1
-    .carry/cli/rwkv forward --backend cpu --model $m --tokens $toks --output "$LOGS/fwd-cpu.safetensors" || cli_rc=1
-    python3 - "$LOGS" <<'PY' || cli_rc=1
+    # compare NAME: fwd-NAME-cuda vs fwd-NAME-cpu, every tensor within 2e-3 relative L2.
+    compare() {
+        python3 - "$LOGS" "$1" <<'PY'
 import sys
-from safetensors.numpy import load_file
-a = load_file(sys.argv[1] + "/fwd-cuda.safetensors"); b = load_file(sys.argv[1] + "/fwd-cpu.safetensors")
 import numpy as np
+from safetensors.numpy import load_file
+d, name = sys.argv[1], sys.argv[2]
+a = load_file(f"{d}/fwd-{name}-cuda.safetensors"); b = load_file(f"{d}/fwd-{name}-cpu.safetensors")
 worst = max(float(np.linalg.norm(a[k] - b[k]) / max(np.linalg.norm(b[k]), 1e-30)) for k in b)
-print(f"cli forward cuda vs cpu: worst relative L2 over {len(b)} tensors {worst:.2e}")
+print(f"cli forward {name} cuda vs cpu: worst relative L2 over {len(b)} tensors {worst:.2e}")
 sys.exit(0 if worst <= 2e-3 else 1)
 PY
+    }
+    .carry/cli/rwkv forward --backend cuda --model $m --tokens $toks --output "$LOGS/fwd-split-cuda.safetensors" || cli_rc=1
+    .carry/cli/rwkv forward --backend cpu --model $m --tokens $toks --output "$LOGS/fwd-split-cpu.safetensors" || cli_rc=1
+    compare split || cli_rc=1
+    # --gpu-precision bf16 on the trained model ("The cat sat" as it was trained: a 0 after
+    # each byte), where rounded GEMM inputs should stay within the same 2e-3.
+    real=tests/fixtures/real/tiny-rwkv-6v0-1m.safetensors
+    text=84,0,104,0,101,0,32,0,99,0,97,0,116,0,32,0,115,0,97,0,116,0
+    .carry/cli/rwkv forward --backend cuda --gpu-precision bf16 --model $real --tokens $text --output "$LOGS/fwd-bf16-cuda.safetensors" || cli_rc=1
+    .carry/cli/rwkv forward --backend cpu --model $real --tokens $text --output "$LOGS/fwd-bf16-cpu.safetensors" || cli_rc=1
+    compare bf16 || cli_rc=1
     .carry/cli/rwkv generate --backend cuda --model $m --prompt a --max-tokens 16 --temperature 0 || cli_rc=1
     [ "$cli_rc" -ne 0 ] && failed=1
-    summary+=("$(printf '%-8s %4s %6ss  %s' cli "$cli_rc" - "forward cuda vs cpu, generate --backend cuda")")
+    summary+=("$(printf '%-8s %4s %6ss  %s' cli "$cli_rc" - "forward cuda vs cpu (split; bf16 on the trained model), generate --backend cuda")")
 fi
 
 # Serving on the GPU: `rwkv serve --backend cuda` on a random-weight 1.6B-shaped model, loaded

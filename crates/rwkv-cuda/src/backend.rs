@@ -441,7 +441,8 @@ impl Backend for CudaBackend {
     }
 
     fn name(&self) -> String {
-        format!("cuda:{}", self.dev.ordinal)
+        let suffix = self.options.precision.name_suffix();
+        format!("cuda{suffix}:{}", self.dev.ordinal)
     }
 
     fn num_slots(&self) -> usize {

@@ -64,7 +64,8 @@ pub fn tensor_parallel(
         })
         .collect::<Result<Vec<_>>>()?;
     let name = format!(
-        "cuda-tp:{}",
+        "cuda-tp{}:{}",
+        options.precision.name_suffix(),
         devices
             .iter()
             .map(ToString::to_string)

@@ -10,7 +10,7 @@ use rwkv_tokenizer::Tokenizer;
 use rwkv_worker::WorkerIdentity;
 use serde::Deserialize;
 
-use super::backend::{BackendKind, CpuPrecision};
+use super::backend::{BackendKind, CpuPrecision, GpuPrecision, Precisions};
 
 /// Model, backend and engine settings: flags, `RWKV_*` environment variables, or keys of the
 /// TOML file given with `--config` (flags win over the environment, which wins over the file).
@@ -33,6 +33,10 @@ pub struct EngineArgs {
     /// Weight precision on the CPU [default: bf16].
     #[arg(long, value_enum, env = "RWKV_CPU_PRECISION")]
     pub cpu_precision: Option<CpuPrecision>,
+    /// How the CUDA backend feeds its bf16 GEMMs: `split` (f32-class accuracy) or `bf16`
+    /// (~1.5x faster prefill, ~1e-3 relative logit error) [default: split].
+    #[arg(long, value_enum, env = "RWKV_GPU_PRECISION")]
+    pub gpu_precision: Option<GpuPrecision>,
     /// Sequences that run at once (device state slots) [default: 64 on a GPU, 16 on the CPU].
     #[arg(long, env = "RWKV_SLOTS")]
     pub slots: Option<usize>,
@@ -74,6 +78,7 @@ impl EngineArgs {
             tokenizer: self.tokenizer.or(file.tokenizer),
             backend: self.backend.or(file.backend),
             cpu_precision: self.cpu_precision.or(file.cpu_precision),
+            gpu_precision: self.gpu_precision.or(file.gpu_precision),
             slots: self.slots.or(file.slots),
             max_batch_tokens: self.max_batch_tokens.or(file.max_batch_tokens),
             prefill_chunk: self.prefill_chunk.or(file.prefill_chunk),
@@ -157,7 +162,10 @@ pub fn start_engine(
     worker_id: &str,
 ) -> anyhow::Result<(Engine, WorkerIdentity)> {
     let kind = args.backend.unwrap_or(BackendKind::Auto);
-    let precision = args.cpu_precision.unwrap_or(CpuPrecision::Bf16);
+    let precisions = Precisions {
+        cpu: args.cpu_precision.unwrap_or_default(),
+        gpu: args.gpu_precision.unwrap_or_default(),
+    };
     let default_slots = if super::backend::gpu_likely(kind) {
         64
     } else {
@@ -166,7 +174,7 @@ pub fn start_engine(
     let slots = args.slots.unwrap_or(default_slots);
     anyhow::ensure!(slots > 0, "--slots must be at least 1");
     let devices = gpu_devices(args.gpus.as_deref())?;
-    let backend = super::backend::open_on(&model.weights, slots, kind, precision, &devices)?;
+    let backend = super::backend::open_on(&model.weights, slots, kind, precisions, &devices)?;
     let backend_name = backend.name();
     let vocab = model.weights.config.vocab_size;
     let frequency_exempt = (0..vocab as u32)
@@ -312,7 +320,31 @@ pub async fn serve_api(
 
 #[cfg(test)]
 mod tests {
-    use super::gpu_devices;
+    use super::{gpu_devices, EngineArgs, GpuPrecision};
+
+    #[test]
+    fn gpu_precision_comes_from_the_file_unless_a_flag_sets_it() {
+        let file: EngineArgs = toml::from_str("gpu_precision = \"bf16\"").unwrap();
+        assert_eq!(file.gpu_precision, Some(GpuPrecision::Bf16));
+        let flags = EngineArgs {
+            gpu_precision: Some(GpuPrecision::Split),
+            ..EngineArgs::default()
+        };
+        assert_eq!(
+            flags.or(file.clone()).gpu_precision,
+            Some(GpuPrecision::Split)
+        );
+        assert_eq!(
+            EngineArgs::default().or(file).gpu_precision,
+            Some(GpuPrecision::Bf16)
+        );
+        assert_eq!(
+            EngineArgs::default().gpu_precision.unwrap_or_default(),
+            GpuPrecision::Split
+        );
+        let bad = toml::from_str::<EngineArgs>("gpu_precision = \"fp8\"").unwrap_err();
+        assert!(bad.to_string().contains("gpu_precision"), "{bad}");
+    }
 
     #[test]
     fn gpu_lists_parse_into_distinct_devices() {

@@ -36,6 +36,15 @@ impl GemmPrecision {
     pub fn split(self) -> bool {
         self == GemmPrecision::Split
     }
+
+    /// What a backend's name carries for this precision: nothing for the default, `-bf16` for
+    /// rounded inputs (their results differ, so caches and reports keyed by name must tell).
+    pub fn name_suffix(self) -> &'static str {
+        match self {
+            GemmPrecision::Split => "",
+            GemmPrecision::Bf16 => "-bf16",
+        }
+    }
 }
 
 /// The part of the model a step computes: all of it, or one tensor-parallel rank's shard

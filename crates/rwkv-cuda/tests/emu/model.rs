@@ -159,14 +159,18 @@ fn forward_matches_the_cpu_backend_on_every_fixture() {
     }
 }
 
+/// `--gpu-precision bf16`: random weights amplify the rounding of GEMM inputs (a loose bound),
+/// trained weights do not: on the real model it stays within the tolerance `split` meets.
 #[test]
 fn bf16_gemm_inputs_stay_close_to_the_reference() {
-    let w = ModelWeights::load(fixture(FIXTURES[1])).unwrap();
-    let Some(e) = emu(w.config.head_size) else {
-        return;
-    };
-    let err = ragged(&e, FIXTURES[1], &w, GemmPrecision::Bf16, 5e-2);
-    eprintln!("{}: bf16 GEMM inputs, ragged batch {err:.2e}", FIXTURES[1]);
+    for (name, tol) in [(FIXTURES[1], 5e-2), (FIXTURES[4], TOL)] {
+        let w = ModelWeights::load(fixture(name)).unwrap();
+        let Some(e) = emu(w.config.head_size) else {
+            return;
+        };
+        let err = ragged(&e, name, &w, GemmPrecision::Bf16, tol);
+        eprintln!("{name}: bf16 GEMM inputs, ragged batch {err:.2e}");
+    }
 }
 
 /// Greedy decodes ask for candidates (`OutputRows::Top`): the head's logits stay on the

@@ -23,7 +23,7 @@ use super::progress::{format_duration, Progress};
 use super::prompt::{Prompt, PromptBuilder, SharedPrefix, FORMAT_VERSION};
 use super::report;
 use super::scorer::{Http, InProcess, Scored, Scorer};
-use crate::cmd::backend::{BackendKind, CpuPrecision};
+use crate::cmd::backend::{BackendKind, CpuPrecision, GpuPrecision};
 use crate::cmd::server::{self, EngineArgs};
 
 #[derive(clap::Args, Debug)]
@@ -79,6 +79,9 @@ pub struct Args {
     /// In-process CPU weight precision [default: bf16].
     #[arg(long, value_enum)]
     cpu_precision: Option<CpuPrecision>,
+    /// In-process CUDA GEMM inputs: split (f32-class) or bf16 (faster) [default: split].
+    #[arg(long, value_enum)]
+    gpu_precision: Option<GpuPrecision>,
     /// In-process state slots [default: 64 on a GPU, 16 on the CPU].
     #[arg(long)]
     slots: Option<usize>,
@@ -162,6 +165,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tokenizer: Some(args.tokenizer.clone()),
         backend: args.backend,
         cpu_precision: args.cpu_precision,
+        gpu_precision: args.gpu_precision,
         slots: args.slots,
         prefix_cache_mb: args.prefix_cache_mb,
         ..EngineArgs::default()
