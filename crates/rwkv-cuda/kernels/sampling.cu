@@ -6,9 +6,8 @@
 //              (NaN counts as -inf and +inf as the largest finite float, as the host sampler
 //              cleans a row), for deciding a nucleus from the row's best candidates.
 // topk_f32:    the k largest entries of each row, in order (ties: lower index first; NaN counts
-//              as -inf). Round r picks the best entry that ranks after the pick of round r-1,
-//              so no per-row mask is needed; cost k * cols / blockDim per thread, meant for
-//              k up to a few hundred.
+//              as -inf), in rounds of TOPK_ROUND picks (see the kernel): ceil(k / TOPK_ROUND)
+//              passes over the row.
 
 extern "C" __global__ void softmax_f32(const float* __restrict__ x, float* __restrict__ out, int cols,
                                        float inv_temp) {
@@ -72,6 +71,36 @@ __device__ __forceinline__ void warp_best(float* v, int* i) {
     }
 }
 
+// Picks per round of topk_f32: the size of each thread's candidate list (registers).
+#define TOPK_ROUND 16
+
+// Inserts (v, c) into a list sorted best first, dropping its last entry. Every index is a
+// compile-time constant once unrolled, so the list stays in registers.
+__device__ __forceinline__ void topk_insert(float (&lv)[TOPK_ROUND], int (&li)[TOPK_ROUND], float v,
+                                            int c) {
+#pragma unroll
+    for (int j = TOPK_ROUND - 1; j > 0; j--) {
+        if (ranks_before(v, c, lv[j - 1], li[j - 1])) {
+            lv[j] = lv[j - 1];
+            li[j] = li[j - 1];
+        } else if (ranks_before(v, c, lv[j], li[j])) {
+            lv[j] = v;
+            li[j] = c;
+        }
+    }
+    if (ranks_before(v, c, lv[0], li[0])) {
+        lv[0] = v;
+        li[0] = c;
+    }
+}
+
+// One block per row. A round finds the next TOPK_ROUND entries after the previous round's last
+// pick: each thread keeps the TOPK_ROUND best of its own entries (c = threadIdx.x + j *
+// blockDim.x) that rank after that pick, then the block merges the lists by repeated arg-max of
+// their heads, the owner of each pick popping it. The round's entries are all in the lists (an
+// entry missing from its thread's list ranks after TOPK_ROUND entries that are in it), and a
+// round takes at most TOPK_ROUND picks, so no list runs dry before the round ends. The row is
+// read ceil(k / TOPK_ROUND) times instead of k times.
 extern "C" __global__ void topk_f32(const float* __restrict__ x, int* __restrict__ out_idx,
                                     float* __restrict__ out_val, int cols, int k) {
     __shared__ float sv[32];
@@ -82,40 +111,61 @@ extern "C" __global__ void topk_f32(const float* __restrict__ x, int* __restrict
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int warps = blockDim.x >> 5;
+    const int none = 0x7fffffff; // with -inf: ranks after every entry, -inf ones included
     float prev_v = __int_as_float(0x7f800000); // +inf with index -1 ranks before everything
     int prev_i = -1;
-    for (int round = 0; round < k; round++) {
-        float bv = NEG_INF;
-        int bi = 0x7fffffff;
+    for (int done = 0; done < k; done += TOPK_ROUND) {
+        float lv[TOPK_ROUND];
+        int li[TOPK_ROUND];
+#pragma unroll
+        for (int j = 0; j < TOPK_ROUND; j++) {
+            lv[j] = NEG_INF;
+            li[j] = none;
+        }
         for (int c = threadIdx.x; c < cols; c += blockDim.x) {
             float v = xr[c];
             if (v != v) {
                 v = NEG_INF;
             }
-            if (ranks_before(prev_v, prev_i, v, c) && ranks_before(v, c, bv, bi)) {
-                bv = v;
-                bi = c;
+            if (ranks_before(v, c, lv[TOPK_ROUND - 1], li[TOPK_ROUND - 1]) &&
+                ranks_before(prev_v, prev_i, v, c)) {
+                topk_insert(lv, li, v, c);
             }
         }
-        warp_best(&bv, &bi);
-        __syncthreads();
-        if (lane == 0) {
-            sv[warp] = bv;
-            si[warp] = bi;
-        }
-        __syncthreads();
-        if (warp == 0) {
-            bv = lane < warps ? sv[lane] : NEG_INF;
-            bi = lane < warps ? si[lane] : 0x7fffffff;
+        const int picks = k - done < TOPK_ROUND ? k - done : TOPK_ROUND;
+        for (int p = 0; p < picks; p++) {
+            float bv = lv[0];
+            int bi = li[0];
             warp_best(&bv, &bi);
+            __syncthreads(); // the previous pick's sv, si and pick_* have been read
             if (lane == 0) {
-                out_idx[(i64)blockIdx.x * k + round] = bi;
-                out_val[(i64)blockIdx.x * k + round] = bv;
-                pick_v = bv;
-                pick_i = bi;
+                sv[warp] = bv;
+                si[warp] = bi;
+            }
+            __syncthreads();
+            if (warp == 0) {
+                bv = lane < warps ? sv[lane] : NEG_INF;
+                bi = lane < warps ? si[lane] : none;
+                warp_best(&bv, &bi);
+                if (lane == 0) {
+                    out_idx[(i64)blockIdx.x * k + done + p] = bi;
+                    out_val[(i64)blockIdx.x * k + done + p] = bv;
+                    pick_v = bv;
+                    pick_i = bi;
+                }
+            }
+            __syncthreads();
+            // Indices are unique to their thread, so only the pick's owner pops.
+            if (li[0] == pick_i) {
+#pragma unroll
+                for (int j = 0; j < TOPK_ROUND - 1; j++) {
+                    lv[j] = lv[j + 1];
+                    li[j] = li[j + 1];
+                }
+                lv[TOPK_ROUND - 1] = NEG_INF;
+                li[TOPK_ROUND - 1] = none;
             }
         }
-        __syncthreads();
         prev_v = pick_v;
         prev_i = pick_i;
     }

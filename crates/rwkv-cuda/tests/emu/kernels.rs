@@ -498,6 +498,83 @@ fn softmax_and_top_k_match_the_host() {
     assert_eq!(&idx[..2], &[5, 17]);
 }
 
+/// The k best entries of each row by the host's rule: larger first, ties by lower index, NaN
+/// as -inf; the kernel must return exactly these, in this order.
+fn host_top_k(row: &[f32], k: usize) -> Vec<(i32, f32)> {
+    let clean: Vec<f32> = row
+        .iter()
+        .map(|v| if v.is_nan() { f32::NEG_INFINITY } else { *v })
+        .collect();
+    let mut order: Vec<usize> = (0..row.len()).collect();
+    order.sort_by(|&a, &b| clean[b].total_cmp(&clean[a]).then(a.cmp(&b)));
+    order[..k].iter().map(|&j| (j as i32, clean[j])).collect()
+}
+
+/// Rows that defeat shortcuts in the top-k kernel's rounds: the best entries all owned by one
+/// thread (its candidate list must refill round after round), long runs of ties across threads,
+/// -inf and NaN entries among the picks, k equal to the row length, and k = 1.
+#[test]
+fn top_k_rounds_match_the_host_on_adversarial_rows() {
+    let Some(e) = emu(64) else { return };
+    let kx = host_exec(&e, 64).kernels;
+    let threads = rwkv_cuda::launch::SAMPLING_THREADS as usize;
+    let mut rng = Lcg(11);
+    // 5000 columns give each thread ~20 entries, more than its 16-entry list holds.
+    let one_thread: Vec<f32> = (0..5000)
+        .map(|c| {
+            if c % threads == 7 {
+                100.0 + c as f32
+            } else {
+                rng.next()
+            }
+        })
+        .collect();
+    let ties: Vec<f32> = (0..3000).map(|c| (c % 3) as f32).collect();
+    let mut special: Vec<f32> = rng.vec(300);
+    for c in (0..300).step_by(5) {
+        special[c] = f32::NEG_INFINITY;
+    }
+    for c in (1..300).step_by(7) {
+        special[c] = f32::NAN;
+    }
+    special[299] = f32::INFINITY;
+    let random: Vec<f32> = rng.vec(3000).iter().map(|v| 8.0 * v).collect();
+    for (what, row, ks) in [
+        (
+            "one thread owns the best",
+            &one_thread,
+            &[1, 16, 17, 40][..],
+        ),
+        ("ties across threads", &ties, &[33][..]),
+        ("-inf, NaN and +inf", &special, &[1, 300][..]),
+        ("random", &random, &[64][..]),
+    ] {
+        let (rows, cols) = (2, row.len());
+        let x: Vec<f32> = row.iter().chain(row.iter().rev()).copied().collect();
+        for &k in ks {
+            let (mut idx, mut val) = (vec![-1i32; rows * k], vec![f32::NAN; rows * k]);
+            kx.top_k(
+                view(&x),
+                view_mut(&mut idx),
+                view_mut(&mut val),
+                rows,
+                cols,
+                k,
+            )
+            .unwrap();
+            for r in 0..rows {
+                let want = host_top_k(&x[r * cols..(r + 1) * cols], k);
+                let got: Vec<(i32, f32)> = idx[r * k..(r + 1) * k]
+                    .iter()
+                    .zip(&val[r * k..(r + 1) * k])
+                    .map(|(&i, &v)| (i, v))
+                    .collect();
+                assert_eq!(got, want, "{what}: row {r}, k = {k}");
+            }
+        }
+    }
+}
+
 #[test]
 fn row_mass_is_the_softmax_max_and_denominator() {
     let Some(e) = emu(64) else { return };
