@@ -244,7 +244,7 @@ pub(crate) fn start_choices(
     top_logprobs: Option<u32>,
 ) -> mpsc::Receiver<(usize, GenerationEvent)> {
     let (tx, rx) = mpsc::channel(64);
-    let deadline = Instant::now() + state.cfg.request_timeout;
+    let deadline = state.cfg.deadline();
     for (p, prompt) in prompts.iter().enumerate() {
         let specs = (0..v.n)
             .map(|i| {
@@ -819,7 +819,7 @@ pub(crate) async fn prompt_scores(
             context: tokens[..1].to_vec(),
             continuations: vec![tokens[1..].to_vec()],
             top_logprobs: top,
-            deadline: Instant::now() + state.cfg.request_timeout,
+            deadline: state.cfg.deadline(),
             trace: current_trace(),
         };
         let response = scoring::score(&state.pool, &spec).await?;

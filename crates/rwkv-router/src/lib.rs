@@ -74,6 +74,16 @@ impl Default for RouterConfig {
     }
 }
 
+impl RouterConfig {
+    /// When a request arriving now must be done: `request_timeout` from now, or a century from
+    /// now for a timeout too large to add (an `Instant` overflow would panic the handler).
+    pub fn deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        now.checked_add(self.request_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+    }
+}
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct Router {
@@ -138,5 +148,22 @@ impl std::fmt::Debug for Router {
             .field("cfg", &self.cfg)
             .field("pool", &self.pool)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_large_to_add_gives_a_far_deadline_not_a_panic() {
+        let cfg = RouterConfig {
+            request_timeout: Duration::from_secs(u64::MAX),
+            ..RouterConfig::default()
+        };
+        let far = cfg.deadline();
+        assert!(far > tokio::time::Instant::now() + Duration::from_secs(50 * 365 * 86_400));
+        let usual = RouterConfig::default().deadline();
+        assert!(usual <= tokio::time::Instant::now() + generation::DEFAULT_TIMEOUT);
     }
 }

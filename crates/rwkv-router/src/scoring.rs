@@ -84,7 +84,7 @@ pub async fn score_inputs(
         context,
         continuations: lists.clone(),
         top_logprobs: top,
-        deadline: Instant::now() + state.cfg.request_timeout,
+        deadline: state.cfg.deadline(),
         trace: current_trace(),
     };
     let response = score(&state.pool, &spec).await?;

@@ -238,6 +238,15 @@ fn read_file(path: &Path) -> Result<(TenantsFile, Option<SystemTime>), String> {
                 t.name
             ));
         }
+        if let Some(rate) = t.requests_per_second {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(format!(
+                    "tenant `{}`: requests_per_second = {rate} must be a number above 0 \
+                     (leave it out for no limit)",
+                    t.name
+                ));
+            }
+        }
         if let Some(bad) = t
             .api_key_sha256
             .iter()
@@ -418,6 +427,23 @@ mod tests {
         }));
         assert!(rate.admit().is_ok() && rate.admit().is_ok());
         assert_eq!(rate.admit().unwrap_err().status, 429);
+    }
+
+    #[test]
+    fn a_request_rate_that_is_not_above_zero_is_refused() {
+        let dir = std::env::temp_dir().join(format!("rwkv-tenants-rate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tenants.toml");
+        for rate in ["0.0", "-1.0", "nan", "inf"] {
+            let text = format!(
+                "[[tenants]]\nname = \"a\"\napi_key_sha256 = [\"{}\"]\nrequests_per_second = {rate}\n",
+                key_digest("k")
+            );
+            std::fs::write(&path, text).unwrap();
+            let err = Tenants::from_file(&path).unwrap_err();
+            assert!(err.contains("requests_per_second"), "{rate}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let pool = WorkerPool::new(pool_config);
         pool.follow(&registry).await?;
-        let cfg = router_args.router_config(default_model);
+        let cfg = router_args.router_config(default_model)?;
         let router = router_args.build_router(cfg, pool, Arc::new(tokenizer), prometheus)?;
         let listen = router_args
             .listen

@@ -109,9 +109,13 @@ impl RouterArgs {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8000)))
     }
 
-    pub fn router_config(&self, default_model: Option<String>) -> RouterConfig {
+    pub fn router_config(&self, default_model: Option<String>) -> anyhow::Result<RouterConfig> {
         let d = RouterConfig::default();
-        RouterConfig {
+        anyhow::ensure!(
+            self.request_timeout != Some(0),
+            "--request-timeout must be at least 1 second"
+        );
+        Ok(RouterConfig {
             default_model,
             max_prompt_tokens: self.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),
             max_tokens_limit: self.max_tokens_limit.unwrap_or(d.max_tokens_limit),
@@ -120,7 +124,7 @@ impl RouterArgs {
                 .request_timeout
                 .map_or(d.request_timeout, Duration::from_secs),
             ..d
-        }
+        })
     }
 
     pub fn pool_config(&self) -> anyhow::Result<PoolConfig> {
@@ -185,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let pool = WorkerPool::new(router_args.pool_config()?);
         pool.follow(&registry).await?;
         let router = router_args.build_router(
-            router_args.router_config(Some(identity.model_id.clone())),
+            router_args.router_config(Some(identity.model_id.clone()))?,
             pool,
             Arc::new(tokenizer),
             prometheus,

@@ -45,11 +45,14 @@ impl SessionAddr {
         if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 512 {
             return Err(not_found());
         }
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
-            .collect::<Result<Vec<u8>, _>>()
-            .map_err(|_| not_found())?;
+        // By bytes: a client's id may hold any UTF-8, and slicing a str between the bytes of
+        // one character would panic.
+        let digit = |b: u8| char::from(b).to_digit(16).ok_or_else(not_found);
+        let bytes = hex
+            .as_bytes()
+            .chunks_exact(2)
+            .map(|pair| Ok((digit(pair[0])? * 16 + digit(pair[1])?) as u8))
+            .collect::<Result<Vec<u8>, ApiError>>()?;
         let worker = String::from_utf8(bytes).map_err(|_| not_found())?;
         Ok(Self { worker, id })
     }
@@ -192,6 +195,10 @@ mod tests {
             "sess_6869_x",
             "chatcmpl-1",
             "sess_ff_1",
+            // Non-ASCII where hex digits go (it panicked once, slicing inside a character).
+            "sess_a\u{e9}0_1",
+            "sess_\u{e9}_1",
+            "sess_+1_1",
         ] {
             let e = SessionAddr::parse(bad).unwrap_err();
             assert_eq!(e.status, 404, "{bad}");

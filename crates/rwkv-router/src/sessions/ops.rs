@@ -379,7 +379,7 @@ pub fn send(
         // Trims the separator (and anything after it) from the text; the worker ends the turn.
         stop: vec![chat::TURN_END.to_owned()],
         top_logprobs: msg.top_logprobs,
-        deadline: tokio::time::Instant::now() + state.cfg.request_timeout,
+        deadline: state.cfg.deadline(),
         session: Some(SessionTurn {
             worker: addr.worker.clone(),
             id: addr.id,
