@@ -125,15 +125,41 @@ pub fn start(
     rx
 }
 
+/// Runs `work` until it ends or every sender in `txs` is closed (the client left: nobody reads
+/// the events), whichever comes first; `None` for the latter. Dropping `work` then gives back
+/// its place in the queue or its worker call (which cancels the sequence on the worker), so a
+/// request the client gave up on, such as the other choices of a request already answered
+/// with an error, runs nothing.
+pub(crate) async fn unless_client_leaves<T>(
+    txs: &[&mpsc::Sender<GenerationEvent>],
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let all_closed = async {
+        for tx in txs {
+            tx.closed().await;
+        }
+    };
+    tokio::select! {
+        out = work => Some(out),
+        () = all_closed => None,
+    }
+}
+
 /// Forwards a generation's events into `into`, tagged with its choice index, until either side
-/// ends (when `into` closes, `events` is dropped, which cancels the generation).
+/// ends. When `into` closes, at once rather than at the next event (a generation still waiting
+/// for a worker has none), `events` is dropped, which cancels the generation.
 pub fn forward_tagged(
     mut events: mpsc::Receiver<GenerationEvent>,
     index: usize,
     into: mpsc::Sender<(usize, GenerationEvent)>,
 ) {
     tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
+        loop {
+            let event = tokio::select! {
+                event = events.recv() => event,
+                () = into.closed() => return,
+            };
+            let Some(event) = event else { return };
             if into.send((index, event)).await.is_err() {
                 return;
             }
@@ -250,15 +276,20 @@ async fn resume(
             tenant: &spec.tenant,
             weight: spec.weight,
         };
-        let acquired = match &spec.session {
-            Some(s) => {
-                pool.acquire_on(&spec.model, &who, &s.worker, spec.deadline)
-                    .await
+        let acquiring = async {
+            match &spec.session {
+                Some(s) => {
+                    pool.acquire_on(&spec.model, &who, &s.worker, spec.deadline)
+                        .await
+                }
+                None => {
+                    pool.acquire(&spec.model, &who, &context, &tried, spec.deadline)
+                        .await
+                }
             }
-            None => {
-                pool.acquire(&spec.model, &who, &context, &tried, spec.deadline)
-                    .await
-            }
+        };
+        let Some(acquired) = unless_client_leaves(&[tx], acquiring).await else {
+            return Err(ApiError::client_gone());
         };
         let lease = match acquired {
             Ok(lease) => lease,
@@ -270,7 +301,11 @@ async fn resume(
             Err(e) => return Err(e.into()),
         };
         let worker_id = lease.worker.record.id.clone();
-        match attempt(tokenizer, spec, &lease, &context, progress, tx).await {
+        let attempted = attempt(tokenizer, spec, &lease, &context, progress, tx);
+        let Some(attempted) = unless_client_leaves(&[tx], attempted).await else {
+            return Err(ApiError::client_gone());
+        };
+        match attempted {
             Ok(ended) => {
                 pool.record_success(&lease.worker);
                 let done = conclude(pool, spec, progress, &ended, &worker_id, started);

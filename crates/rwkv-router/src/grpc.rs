@@ -23,7 +23,9 @@ use crate::sessions::SessionView;
 use crate::tenants::{Admission, Tenant};
 use crate::Router;
 
-/// Largest message either way: a session export of a large model (see the HTTP import limit).
+/// Largest message of the sessions service either way: a session export of a large model (see
+/// the HTTP import limit). The inference service takes requests up to `max_body_bytes`, as the
+/// HTTP API does.
 const MAX_MESSAGE_BYTES: usize = http::MAX_IMPORT_BYTES;
 /// Events buffered per stream before the generation waits for the client.
 const STREAM_BUFFER: usize = 64;
@@ -36,10 +38,11 @@ pub struct PublicApi {
 
 /// The gRPC routes, to be merged into the HTTP router.
 pub fn routes(state: Router) -> axum::Router {
+    let max_request = state.cfg.max_body_bytes;
     let api = PublicApi { state };
     tonic::service::Routes::new(
         InferenceServer::new(api.clone())
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(max_request)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
     )
     .add_service(

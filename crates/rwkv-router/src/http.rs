@@ -184,6 +184,19 @@ fn strip_colon_space(text: &str) -> Option<String> {
     (trimmed.len() < text.len() && trimmed.ends_with(':')).then(|| trimmed.to_owned())
 }
 
+/// `prompts` x `n` choices are more than one request may hold.
+fn too_many_choices(state: &Router, prompts: usize, n: usize) -> ApiError {
+    ApiError::invalid(
+        if n > 1 { "n" } else { "prompt" },
+        format!(
+            "{prompts} prompt(s) x n = {n} is {} choices; a request may hold at most {} \
+             (send the rest as further requests)",
+            prompts * n,
+            state.cfg.max_choices
+        ),
+    )
+}
+
 fn prepare_prompts(
     state: &Router,
     prompt: Option<Prompt>,
@@ -209,6 +222,15 @@ fn prepare_prompts(
         let text = String::from_utf8_lossy(&state.tokenizer.decode_bytes_lossy(&tokens)).into();
         Ok(PreparedPrompt { text, tokens })
     };
+    let listed = match &prompt {
+        Some(Prompt::Texts(v)) => v.len(),
+        Some(Prompt::TokenLists(v)) => v.len(),
+        _ => 1,
+    };
+    // Before any tokenizing: a list longer than a request may run is refused whole.
+    if listed > state.cfg.max_choices {
+        return Err(too_many_choices(state, listed, 1));
+    }
     match prompt {
         None => Err(ApiError::invalid("prompt", "`prompt` is required")),
         Some(Prompt::Text(t)) => Ok(vec![from_text(t, "prompt", warnings)?]),
@@ -652,6 +674,9 @@ async fn completions(
     resolve_model(&state, &mut v.model)?;
     let mut warnings = Vec::new();
     let prompts = prepare_prompts(&state, req.prompt, &mut warnings)?;
+    if prompts.len() * v.n > state.cfg.max_choices {
+        return Err(too_many_choices(&state, prompts.len(), v.n));
+    }
     let id = new_id("cmpl");
     // lm-eval style scoring: `echo` with `logprobs` reports the prompt's own log-probabilities.
     let mut echo_logprobs = Vec::new();

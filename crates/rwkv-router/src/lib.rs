@@ -48,6 +48,9 @@ pub struct RouterConfig {
     pub default_chat_max_tokens: u32,
     /// Largest `n`.
     pub max_n: usize,
+    /// Most choices per request: prompts x `n` (each holds a place in the queue and, running,
+    /// a state slot).
+    pub max_choices: usize,
     /// Most stop strings per request.
     pub max_stop: usize,
     /// Largest `logprobs` / `top_logprobs`.
@@ -66,6 +69,7 @@ impl Default for RouterConfig {
             max_tokens_limit: 8192,
             default_chat_max_tokens: 512,
             max_n: 16,
+            max_choices: 128,
             max_stop: 16,
             max_logprobs: 20,
             max_body_bytes: 4 << 20,

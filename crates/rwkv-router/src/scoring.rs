@@ -75,6 +75,18 @@ pub async fn score_inputs(
         check_prompt(state, &tokens, &field)?;
         lists.push(tokens);
     }
+    // Every continuation token comes back with its log-probability and alternatives, so the
+    // response grows with the total: it is held to one prompt's worth.
+    let total: usize = lists.iter().map(Vec::len).sum();
+    if total > state.cfg.max_prompt_tokens {
+        return Err(ApiError::invalid(
+            "continuations",
+            format!(
+                "the continuations hold {total} tokens together; at most {} per request",
+                state.cfg.max_prompt_tokens
+            ),
+        ));
+    }
     let tenant = admission.tenant();
     let spec = ScoreSpec {
         request_id: new_id("score"),

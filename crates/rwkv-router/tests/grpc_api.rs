@@ -492,3 +492,29 @@ async fn scoring_tokenize_choices_and_echo_match_the_http_api() {
         }
     }
 }
+
+/// The inference service takes messages up to `max_body_bytes`, like the HTTP API (it allowed
+/// the sessions service's 256 MiB before: one Tokenize call of 200 MiB of text cost 700 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inference_requests_over_the_body_limit_are_refused() {
+    let cfg = RouterConfig {
+        max_body_bytes: 4096,
+        ..RouterConfig::default()
+    };
+    let c = start(cfg, 1).await;
+    let mut inference = InferenceClient::new(channel(&c).await);
+    let small = inference
+        .tokenize(av1::TokenizeRequest {
+            text: "hello".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!small.into_inner().ids.is_empty());
+    let err = inference
+        .tokenize(av1::TokenizeRequest {
+            text: "x".repeat(10_000),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+}

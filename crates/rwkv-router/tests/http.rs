@@ -312,6 +312,113 @@ async fn a_full_queue_answers_429_with_retry_after_and_a_client_leaving_frees_th
     assert_eq!(status, 200);
 }
 
+/// A request answered with an error while some of its choices wait for a worker: those choices
+/// leave the queue at once and never run (they used to run their prefill and a token each, for
+/// nobody, while holding the queue's places). Each generation the engine admits looks up its
+/// prefix cache once, so hits + misses counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choices_of_a_request_that_already_failed_never_run() {
+    let c = start_with_queue(RouterConfig::default(), 1, 2).await;
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| vec![300 + i; 8]).collect();
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompts, "max_tokens": 50}),
+        )
+        .await;
+    // One choice runs, two wait in the queue of 2, the fourth finds it full.
+    assert_eq!(status, 429, "{body}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cache = c.engine.stats().unwrap().cache;
+    assert!(
+        cache.hits + cache.misses <= 1,
+        "{} generations ran for a request already answered",
+        cache.hits + cache.misses
+    );
+    // The queue is empty again: a new request runs at once.
+    let (status, _) = c
+        .post("/v1/completions", json!({"prompt": "b", "max_tokens": 1}))
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_times_n_is_capped_before_anything_runs() {
+    let c = start(RouterConfig::default(), 2).await;
+    let many: Vec<Vec<u32>> = (0..129).map(|_| vec![300]).collect();
+    let (status, body) = c
+        .post("/v1/completions", json!({"prompt": many, "max_tokens": 0}))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "prompt");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 128"),
+        "{body}"
+    );
+    let nine: Vec<&str> = vec!["a"; 9];
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": nine, "n": 16, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "n");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("144 choices"),
+        "{body}"
+    );
+    let eight: Vec<&str> = vec!["a"; 8];
+    let (status, body) = c
+        .post(
+            "/v1/completions",
+            json!({"prompt": eight, "n": 16, "max_tokens": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"].as_array().unwrap().len(), 128);
+}
+
+/// Every continuation token comes back with its log-probabilities, so together they are held
+/// to `max_prompt_tokens` (one 4 MiB request could otherwise ask for a 2.5 GB answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_continuations_of_one_score_request_are_capped_together() {
+    let cfg = RouterConfig {
+        max_prompt_tokens: 10,
+        ..RouterConfig::default()
+    };
+    let c = start(cfg, 1).await;
+    let six = vec![300u32; 6];
+    let (status, body) = c
+        .post(
+            "/v1/score",
+            json!({"context": [1], "continuations": [six, six]}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "continuations");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("12 tokens"),
+        "{body}"
+    );
+    let (status, body) = c
+        .post(
+            "/v1/score",
+            json!({"context": [1], "continuations": [[300, 301], [302]]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scoring_equals_the_engine_and_echo_logprobs_agree_with_it() {
     let c = start(RouterConfig::default(), 4).await;

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::{
-    conclude, next_event_of, open_stream, resume, warn_failover, AttemptError, Ended,
-    GenerationEvent, GenerationSpec, Progress, EVENT_BUFFER,
+    conclude, next_event_of, open_stream, resume, unless_client_leaves, warn_failover,
+    AttemptError, Ended, GenerationEvent, GenerationSpec, Progress, EVENT_BUFFER,
 };
 use crate::error::ApiError;
 use crate::pool::{Lease, Requester, WorkerPool};
@@ -72,22 +72,29 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
         tenant: &first.tenant,
         weight: first.weight,
     };
-    let leased = pool
-        .acquire_units(
-            &first.model,
-            &who,
-            &first.prompt,
-            &[],
-            first.deadline,
-            choices.len(),
-        )
-        .await;
+    let txs: Vec<mpsc::Sender<GenerationEvent>> = choices.iter().map(|c| c.tx.clone()).collect();
+    let txs: Vec<&mpsc::Sender<GenerationEvent>> = txs.iter().collect();
+    let leasing = pool.acquire_units(
+        &first.model,
+        &who,
+        &first.prompt,
+        &[],
+        first.deadline,
+        choices.len(),
+    );
+    let Some(leased) = unless_client_leaves(&txs, leasing).await else {
+        return;
+    };
     let lease = match leased {
         Ok(lease) => lease,
         Err(e) => return fail_open(&choices, ApiError::from(e)).await,
     };
     let worker_id = lease.worker.record.id.clone();
-    match attempt(&pool, &tokenizer, &lease, &mut choices, started).await {
+    let attempted = attempt(&pool, &tokenizer, &lease, &mut choices, started);
+    let Some(attempted) = unless_client_leaves(&txs, attempted).await else {
+        return;
+    };
+    match attempted {
         Ok(()) => pool.record_success(&lease.worker),
         Err(AttemptError::Fatal(e)) => fail_open(&choices, e).await,
         Err(AttemptError::Retry(status)) => {
