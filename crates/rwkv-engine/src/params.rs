@@ -31,6 +31,11 @@ pub struct SamplingParams {
     pub penalty_decay: f32,
     /// Token ids whose logit is forced to -inf before penalties and sampling.
     pub token_ban: Vec<u32>,
+    /// Ids at or above this are banned like `token_ban` (the caller's tokenizer has no text for
+    /// them: World has 65530 ids, the models 65536); `None`, or the vocabulary size or more,
+    /// bans none. Kept apart from `token_ban` so that a backend can still decide a sampled
+    /// row's kept set ([`rwkv_model::Nucleus::below`]).
+    pub sample_below: Option<u32>,
     /// Token ids that end the generation when sampled; the stop token is neither recorded nor emitted.
     pub stop_tokens: Vec<u32>,
     /// Token ids that end the generation after being emitted: they are recorded, sent and stay
@@ -55,6 +60,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.2,
             penalty_decay: 0.996,
             token_ban: Vec::new(),
+            sample_below: None,
             stop_tokens: Vec::new(),
             end_tokens: Vec::new(),
             stop_strings: Vec::new(),
@@ -87,6 +93,9 @@ pub enum SamplerError {
     /// The sampler was built for a model without logits.
     #[error("`vocab_size` must be at least 1")]
     EmptyVocab,
+    /// `sample_below` of 0 bans every token.
+    #[error("`sample_below` must be at least 1 (0 bans every token)")]
+    NothingToSample,
 }
 
 impl SamplerError {
@@ -96,6 +105,7 @@ impl SamplerError {
             Self::OutOfRange { field, .. } | Self::TokenOutOfVocab { field, .. } => field,
             Self::EmptyStopString { .. } => "stop_strings",
             Self::EmptyVocab => "vocab_size",
+            Self::NothingToSample => "sample_below",
         }
     }
 
@@ -106,6 +116,7 @@ impl SamplerError {
             Self::TokenOutOfVocab { .. } => "token_out_of_vocab",
             Self::EmptyStopString { .. } => "empty_stop_string",
             Self::EmptyVocab => "empty_vocab",
+            Self::NothingToSample => "nothing_to_sample",
         }
     }
 }
@@ -136,6 +147,9 @@ impl SamplingParams {
             "[-2, 2]",
         )?;
         check("penalty_decay", self.penalty_decay, 0.0, 1.0, "[0, 1]")?;
+        if self.sample_below == Some(0) {
+            return Err(SamplerError::NothingToSample);
+        }
         match self.stop_strings.iter().position(String::is_empty) {
             Some(index) => Err(SamplerError::EmptyStopString { index }),
             None => Ok(()),

@@ -92,8 +92,20 @@ impl Sampler {
         let p = &self.params;
         let greedy = p.temperature == 0.0 || p.top_p <= 0.0;
         let no_penalties = p.presence_penalty == 0.0 && p.frequency_penalty == 0.0;
-        (greedy && no_penalties && p.token_ban.len() < MAX_BANS_FOR_CANDIDATES)
-            .then(|| (1 + p.token_ban.len()).min(self.vocab_size))
+        let bans = p.token_ban.len() + (self.vocab_size - self.below());
+        (greedy && no_penalties && bans < MAX_BANS_FOR_CANDIDATES)
+            .then(|| (1 + bans).min(self.vocab_size))
+    }
+
+    /// Ids from here to the end of the vocabulary are banned ([`SamplingParams::sample_below`]).
+    fn below(&self) -> usize {
+        self.params
+            .sample_below
+            .map_or(self.vocab_size, |b| (b as usize).min(self.vocab_size))
+    }
+
+    fn is_banned(&self, token: u32) -> bool {
+        token as usize >= self.below() || self.params.token_ban.contains(&token)
     }
 
     /// The token [`Self::sample`] would pick from the whole row, given the row's best tokens
@@ -101,9 +113,7 @@ impl Sampler {
     /// or token 0 if nothing can be chosen (every allowed logit is -inf or NaN), as greedy
     /// sampling of the row answers.
     pub fn pick_from_candidates(&self, candidates: &[Candidate]) -> u32 {
-        let allowed = candidates
-            .iter()
-            .find(|c| !self.params.token_ban.contains(&c.token));
+        let allowed = candidates.iter().find(|c| !self.is_banned(c.token));
         match allowed {
             Some(c) if !c.logit.is_nan() && c.logit != f32::NEG_INFINITY => c.token,
             _ => 0,
@@ -122,6 +132,7 @@ impl Sampler {
         let filter = Nucleus {
             top_p: p.top_p,
             top_k: p.top_k,
+            below: self.below(),
         };
         (sampled && plain && filter.can_be_small(self.vocab_size)).then_some(filter)
     }
@@ -168,6 +179,8 @@ impl Sampler {
                 *logit = f32::NEG_INFINITY;
             }
         }
+        let below = self.below().min(logits.len());
+        logits[below..].fill(f32::NEG_INFINITY);
         self.penalties.apply(logits);
     }
 }
@@ -374,11 +387,11 @@ mod tests {
     /// What a GPU does for a `Nucleus` row, on the host: rank the best candidates, compute the
     /// row's softmax denominator, decide the kept set.
     fn kept_by_backend(row: &[f32], filter: Nucleus) -> Option<Vec<Candidate>> {
-        use rwkv_model::nucleus::{kept_prefix, NUCLEUS_CANDIDATES};
+        use rwkv_model::nucleus::{kept_set, NUCLEUS_CANDIDATES};
         let cands = rwkv_model::backend::top_candidates(row, NUCLEUS_CANDIDATES);
         let max = cands[0].logit;
         let sum: f64 = row.iter().map(|&l| f64::from((l - max).exp())).sum();
-        kept_prefix(&cands, max, sum as f32, filter, row.len()).map(|n| cands[..n].to_vec())
+        kept_set(&cands, max, sum as f32, filter, row.len())
     }
 
     #[test]
@@ -395,10 +408,14 @@ mod tests {
             let top_p = [0.3, 0.7, 0.95][(i / 3 % 3) as usize];
             let top_k = [0, 5, 40][(i / 9 % 3) as usize];
             let temperature = [0.7, 1.0, 1.3][(i / 27 % 3) as usize];
+            // Half the rows ban their last ids, as a tokenizer with fewer ids than the model
+            // asks: the backend drops them from its candidates and decides, or returns the row.
+            let sample_below = [None, Some(vocab as u32 - 6)][(i % 2) as usize];
             let p = SamplingParams {
                 temperature,
                 top_p,
                 top_k,
+                sample_below,
                 presence_penalty: 0.0,
                 frequency_penalty: 0.0,
                 ..params(100 + i)
@@ -420,6 +437,61 @@ mod tests {
         assert!(
             decided > 100 && undecided > 10,
             "{decided} decided, {undecided} not"
+        );
+    }
+
+    /// `sample_below` bans the ids from it on: never sampled, skipped among greedy candidates
+    /// (which grow to cover them), and carried to the backend with the nucleus filter.
+    #[test]
+    fn ids_from_sample_below_on_are_never_chosen() {
+        let vocab = 10;
+        let row: Vec<f32> = (0..vocab).map(|i| i as f32).collect();
+        let mut hot = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                sample_below: Some(7),
+                ..params(3)
+            },
+            vocab,
+        )
+        .unwrap();
+        for _ in 0..50 {
+            assert!(hot.sample(&mut row.clone()) < 7);
+        }
+        let mut greedy = Sampler::new(
+            SamplingParams {
+                temperature: 0.0,
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                sample_below: Some(7),
+                ..params(3)
+            },
+            vocab,
+        )
+        .unwrap();
+        assert_eq!(greedy.candidates_needed(), Some(4));
+        let best = rwkv_model::backend::top_candidates(&row, 4);
+        assert_eq!(greedy.pick_from_candidates(&best), 6);
+        assert_eq!(greedy.sample(&mut row.clone()), 6);
+        let plain = Sampler::new(
+            SamplingParams {
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                sample_below: Some(7),
+                ..params(1)
+            },
+            vocab,
+        )
+        .unwrap();
+        assert_eq!(plain.nucleus_filter().map(|f| f.below), Some(7));
+        let zero = SamplingParams {
+            sample_below: Some(0),
+            ..params(1)
+        };
+        assert_eq!(
+            Sampler::new(zero, vocab).unwrap_err().field(),
+            "sample_below"
         );
     }
 

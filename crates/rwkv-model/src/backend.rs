@@ -386,6 +386,7 @@ mod tests {
                 output: OutputRows::Nucleus(Nucleus {
                     top_p: 0.5,
                     top_k: 0,
+                    below: usize::MAX,
                 }),
             },
         ];

@@ -19,11 +19,13 @@ use crate::backend::Candidate;
 pub const NUCLEUS_CANDIDATES: usize = 64;
 
 /// The filters of a sampled row: `top_p` in (0, 1] (1 = no nucleus filter), `top_k` 0 or the
-/// vocabulary size for none.
+/// vocabulary size for none; ids at or above `below` are banned (the caller's tokenizer has no
+/// text for them), the vocabulary size or more for none.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Nucleus {
     pub top_p: f32,
     pub top_k: usize,
+    pub below: usize,
 }
 
 impl Nucleus {
@@ -41,6 +43,50 @@ pub enum NucleusRow {
     Kept(Vec<Candidate>),
     /// The whole logits row: its best candidates did not decide the kept set.
     Row(Vec<f32>),
+}
+
+/// The tokens the filters keep, best first, from a row's best `candidates` (best first: logit
+/// descending, NaN last, ties by lower id), its largest logit `max` and its softmax denominator
+/// `sum` over all `vocab` tokens; `None` when they do not decide it (see [`kept_prefix`]).
+///
+/// Ids at or above `filter.below` are banned: they count as -inf, as the sampler bans them. A
+/// banned candidate is dropped and its exact share taken out of `sum`. A banned id that is not
+/// a candidate ranks after the last candidate, so its share is at most the last candidate's;
+/// the kept set is decided only when it comes out the same with none and with all of that
+/// unknown share removed. A banned best token leaves the denominator unknown: `None`.
+pub fn kept_set(
+    candidates: &[Candidate],
+    max: f32,
+    sum: f32,
+    filter: Nucleus,
+    vocab: usize,
+) -> Option<Vec<Candidate>> {
+    let below = filter.below.min(vocab);
+    if below == vocab {
+        return kept_prefix(candidates, max, sum, filter, vocab).map(|n| candidates[..n].to_vec());
+    }
+    let banned = |c: &&Candidate| c.token as usize >= below;
+    if banned(&candidates.first()?) {
+        return None;
+    }
+    let share = |c: &Candidate| (c.logit - max).exp();
+    let known: f32 = candidates.iter().filter(banned).map(share).sum();
+    let seen_banned = candidates.iter().filter(banned).count();
+    let unseen_banned = (vocab - below).saturating_sub(seen_banned);
+    let last = candidates.last()?;
+    let bound = if candidates.len() >= vocab || unseen_banned == 0 {
+        0.0
+    } else {
+        unseen_banned as f32 * share(last)
+    };
+    let allowed: Vec<Candidate> = candidates.iter().filter(|c| !banned(c)).copied().collect();
+    let plain = Nucleus { below, ..filter };
+    let most = sum - known;
+    let n = kept_prefix(&allowed, max, most, plain, below)?;
+    if bound > 0.0 && kept_prefix(&allowed, max, most - bound, plain, below) != Some(n) {
+        return None;
+    }
+    Some(allowed[..n].to_vec())
 }
 
 /// How many of a row's best `candidates` (best first: logit descending, NaN last, ties by lower
@@ -121,7 +167,11 @@ mod tests {
     }
 
     fn filter(top_p: f32, top_k: usize) -> Nucleus {
-        Nucleus { top_p, top_k }
+        Nucleus {
+            top_p,
+            top_k,
+            below: usize::MAX,
+        }
     }
 
     #[test]
@@ -184,6 +234,91 @@ mod tests {
             kept_prefix(&cands(&tied), f32::NEG_INFINITY, 0.0, filter(0.5, 0), 6),
             None
         );
+    }
+
+    /// The row's `n` best, as a backend ranks them (logit descending, ties by lower id).
+    fn best(row: &[f32], n: usize) -> Vec<Candidate> {
+        let mut all = cands(row);
+        all.sort_by(|a, b| b.logit.total_cmp(&a.logit).then(a.token.cmp(&b.token)));
+        all.truncate(n);
+        all
+    }
+
+    /// What the sampler keeps on the whole row with ids >= `below` banned (-inf).
+    fn reference(row: &[f32], f: Nucleus) -> Vec<Candidate> {
+        let allowed = &row[..f.below];
+        let (max, sum) = mass(allowed);
+        let all = best(allowed, allowed.len());
+        let n = kept_prefix(&all, max, sum, f, allowed.len()).unwrap();
+        all[..n].to_vec()
+    }
+
+    fn banned_tail(top_p: f32, top_k: usize, below: usize) -> Nucleus {
+        Nucleus {
+            below,
+            ..filter(top_p, top_k)
+        }
+    }
+
+    #[test]
+    fn banned_ids_are_dropped_with_their_share_or_leave_the_set_undecided() {
+        // Ten allowed ids, then two banned ones.
+        let mut row: Vec<f32> = (0..12).map(|i| -(i as f32) * 0.5).collect();
+        let f = banned_tail(0.7, 0, 10);
+        // Banned ids far below everything (untrained rows of a real head): decided, and the
+        // same as the sampler's, from 6 candidates that do not include them.
+        row[10] = -40.0;
+        row[11] = -41.0;
+        let (max, sum) = mass(&row);
+        let got = kept_set(&best(&row, 6), max, sum, f, 12);
+        assert_eq!(got.as_deref(), Some(&reference(&row, f)[..]));
+        // A banned id among the candidates: dropped, its exact share taken out.
+        row[10] = -0.25;
+        let (max, sum) = mass(&row);
+        let cands = best(&row, 12);
+        assert!(cands[..3].iter().any(|c| c.token == 10));
+        let got = kept_set(&cands, max, sum, f, 12).unwrap();
+        assert_eq!(got, reference(&row, f));
+        assert!(got.iter().all(|c| c.token < 10));
+        // Unseen banned ids that may hold enough to move the cutoff: undecided. With the two
+        // at -3 (below the 6 best), the best token's probability is 0.381 counting them and
+        // at most 0.407 without: a top_p of 0.39 keeps 2 tokens or 1.
+        row[10] = -3.0;
+        row[11] = -3.0;
+        let (max, sum) = mass(&row);
+        let f = banned_tail(0.39, 0, 10);
+        assert_eq!(kept_set(&best(&row, 6), max, sum, f, 12), None);
+        // All of them among the candidates: their shares are known, so it is decided.
+        let got = kept_set(&best(&row, 12), max, sum, f, 12);
+        assert_eq!(got.as_deref(), Some(&reference(&row, f)[..]));
+        // A banned best token: its row's denominator over the allowed ids is unknown.
+        row[11] = 5.0;
+        let (max, sum) = mass(&row);
+        assert_eq!(kept_set(&best(&row, 6), max, sum, f, 12), None);
+    }
+
+    #[test]
+    fn a_decided_set_with_banned_ids_is_always_the_samplers() {
+        let mut x = 7u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let (mut decided, vocab) = (0, 200);
+        for trial in 0..400 {
+            let scale = [1.0, 4.0, 12.0][trial % 3];
+            let row: Vec<f32> = (0..vocab).map(|_| scale * next()).collect();
+            let below = vocab - 1 - trial % 20;
+            let f = banned_tail([0.3, 0.6, 0.9][trial % 3], [0, 5, 40][trial % 3], below);
+            let (max, sum) = mass(&row);
+            if let Some(got) = kept_set(&best(&row, 64), max, sum, f, vocab) {
+                assert_eq!(got, reference(&row, f), "trial {trial}");
+                decided += 1;
+            }
+        }
+        assert!(decided > 100, "only {decided} of 400 decided");
     }
 
     #[test]

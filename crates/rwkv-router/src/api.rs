@@ -210,6 +210,8 @@ impl Sampling {
             token_ban: Vec::new(),
             stop_tokens: Vec::new(),
             end_tokens: Vec::new(),
+            // Set with the bans, from the tokenizer, when the request is sent.
+            sample_below: None,
             // Negative seeds (some clients send them) are as good as any: reinterpret the bits.
             seed: self.seed.map(|s| s as u64),
             max_tokens: Some(max_tokens),

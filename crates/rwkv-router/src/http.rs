@@ -273,6 +273,7 @@ pub(crate) fn start_choices(
                 let index = p * v.n + i;
                 let mut params = v.params.clone();
                 params.token_ban = state.unusable_tokens.to_vec();
+                params.sample_below = Some(state.sample_below);
                 match dialect {
                     // End-of-text ends a completion (as in `rwkv generate`)...
                     Dialect::Completion => params.stop_tokens = vec![0],

@@ -96,9 +96,13 @@ pub struct Router {
     pub tokenizer: Arc<rwkv_tokenizer::Tokenizer>,
     /// Renders `/metrics`; `None` when no Prometheus recorder is installed.
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Token ids the tokenizer cannot turn into text (World's 65530..65535): never sampled, as
-    /// in `rwkv generate`, since the reference decoder would fail on them.
+    /// Token ids of the World tokenizer without text (none today; 0, end of text, is handled
+    /// apart): never sampled, as in `rwkv generate`, since the reference decoder would fail on
+    /// them. Other tokenizers decode every id of their vocabulary their own way.
     pub unusable_tokens: Arc<Vec<u32>>,
+    /// The tokenizer's vocabulary size: generations never sample ids at or above it (the
+    /// models' vocabulary is larger: World has 65530 ids, the models 65536).
+    pub sample_below: u32,
     /// API keys and per-tenant limits; open (one tenant, no key) unless configured.
     pub tenants: Arc<tenants::Tenants>,
     /// Tokens whose text contains the chat turn separator `\n\n`: a session's turn ends on
@@ -115,9 +119,13 @@ impl Router {
         tokenizer: Arc<rwkv_tokenizer::Tokenizer>,
         prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Self {
-        let unusable = (1..tokenizer.vocab_size() as u32)
-            .filter(|&t| tokenizer.token_bytes(t).is_none())
-            .collect();
+        let vocab = u32::try_from(tokenizer.vocab_size()).unwrap_or(u32::MAX);
+        let unusable = match &*tokenizer {
+            rwkv_tokenizer::Tokenizer::World(_) => (1..vocab)
+                .filter(|&t| tokenizer.token_bytes(t).is_none())
+                .collect(),
+            rwkv_tokenizer::Tokenizer::Hf(_) => Vec::new(),
+        };
         let separator = chat::TURN_END.as_bytes();
         let turn_end_tokens = (1..tokenizer.vocab_size() as u32)
             .filter(|&t| {
@@ -133,6 +141,7 @@ impl Router {
             tokenizer,
             prometheus,
             unusable_tokens: Arc::new(unusable),
+            sample_below: vocab,
             tenants: Arc::new(tenants::Tenants::open()),
             turn_end_tokens: Arc::new(turn_end_tokens),
             turn_separator: Arc::new(turn_separator),
@@ -169,5 +178,27 @@ mod tests {
         assert!(far > tokio::time::Instant::now() + Duration::from_secs(50 * 365 * 86_400));
         let usual = RouterConfig::default().deadline();
         assert!(usual <= tokio::time::Instant::now() + generation::DEFAULT_TIMEOUT);
+    }
+
+    fn router_with(tokenizer: rwkv_tokenizer::Tokenizer) -> Router {
+        let pool = WorkerPool::new(pool::PoolConfig::default());
+        Router::new(RouterConfig::default(), pool, Arc::new(tokenizer), None)
+    }
+
+    /// Generations never sample past the tokenizer's vocabulary (World: 65530 ids, the models
+    /// 65536), and a tokenizer that is not byte-level (no bytes for any id) has nothing banned:
+    /// it decodes its ids its own way (everything but 0 was banned once, so replies were empty).
+    #[test]
+    fn sampling_stops_at_the_tokenizer_vocabulary_and_bans_nothing_else() {
+        let world = router_with(rwkv_tokenizer::Tokenizer::world());
+        assert_eq!(world.sample_below, 65530);
+        assert!(world.unusable_tokens.is_empty());
+        let json = br#"{"version": "1.0", "model": {"type": "WordLevel",
+            "vocab": {"[UNK]": 0, "hello": 1, "world": 2}, "unk_token": "[UNK]"},
+            "pre_tokenizer": {"type": "Whitespace"}}"#;
+        let hf = rwkv_tokenizer::HfTokenizer::from_json_bytes(json, "word-level").unwrap();
+        let hf = router_with(rwkv_tokenizer::Tokenizer::Hf(Arc::new(hf)));
+        assert_eq!(hf.sample_below, 3);
+        assert!(hf.unusable_tokens.is_empty());
     }
 }

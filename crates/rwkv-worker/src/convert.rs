@@ -28,6 +28,7 @@ pub(crate) fn sampling_params(p: Option<wv1::SamplingParams>) -> Result<Sampling
             params.max_tokens = n as usize;
         }
         params.token_ban = p.token_ban;
+        params.sample_below = p.sample_below;
         params.stop_tokens = p.stop_tokens;
         params.end_tokens = p.end_tokens;
         params.seed = p.seed;

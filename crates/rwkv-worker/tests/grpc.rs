@@ -446,3 +446,39 @@ async fn scores_over_grpc_equal_the_engine() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 }
+
+/// `sample_below` bans every id from it to the end of the model's vocabulary: with 3, a
+/// sampled generation at a high temperature only ever picks 0, 1 or 2; at or above the
+/// vocabulary it limits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_at_or_above_sample_below_are_never_sampled() {
+    let mut fx = start().await;
+    let vocab = fx.engine.model().vocab_size as u32;
+    let hot = |below: Option<u32>| wv1::SamplingParams {
+        temperature: Some(2.0),
+        top_p: Some(1.0),
+        seed: Some(5),
+        max_tokens: Some(40),
+        sample_below: below,
+        ..Default::default()
+    };
+    let (tokens, _) = collect(&mut fx.client, generate_request(&[1, 2], hot(Some(3))))
+        .await
+        .unwrap();
+    assert_eq!(tokens.len(), 40);
+    assert!(tokens.iter().all(|&t| t < 3), "{tokens:?}");
+    let (free, _) = collect(&mut fx.client, generate_request(&[1, 2], hot(None)))
+        .await
+        .unwrap();
+    assert!(free.iter().any(|&t| t >= 3), "{free:?}");
+    let (unlimited, _) = collect(
+        &mut fx.client,
+        generate_request(&[1, 2], hot(Some(vocab + 5))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        unlimited, free,
+        "a limit above the vocabulary limits nothing"
+    );
+}

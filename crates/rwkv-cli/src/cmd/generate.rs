@@ -119,18 +119,21 @@ fn step(tokens: &[u32]) -> SeqStep<'_> {
     }
 }
 
-/// Token 0 (end of text) stops the generation; ids the tokenizer cannot decode (World's
-/// 65530..65535) are banned, as the reference would fail on them.
+/// Token 0 (end of text) stops the generation; ids the tokenizer cannot decode (past its
+/// vocabulary: World's 65530..65535, and any World id without bytes) are banned, as the
+/// reference would fail on them.
 fn sampling_params(
     args: &Args,
     tokenizer: &Tokenizer,
     vocab: usize,
 ) -> anyhow::Result<SamplingParams> {
     let mut token_ban = super::parse_ids(&args.ban).context("--ban")?;
+    let known = tokenizer.vocab_size().min(vocab) as u32;
     if matches!(tokenizer, Tokenizer::World(_)) {
-        token_ban.extend((1..vocab as u32).filter(|&t| tokenizer.token_bytes(t).is_none()));
+        token_ban.extend((1..known).filter(|&t| tokenizer.token_bytes(t).is_none()));
     }
     Ok(SamplingParams {
+        sample_below: Some(known),
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,

@@ -2,7 +2,7 @@
 //! of [`HEAD_CHUNK`] rows, and the device-side ranking of the rows that need only their best
 //! tokens (`Top`) or their nucleus (`Nucleus`).
 
-use rwkv_model::nucleus::kept_prefix;
+use rwkv_model::nucleus::kept_set;
 use rwkv_model::{Candidate, NucleusRow};
 
 use super::{Bufs, Meta, Step, HEAD_CHUNK};
@@ -102,8 +102,8 @@ impl Step<'_> {
                 };
                 let cands = cands.collect::<Result<Vec<_>>>()?;
                 let (max, sum) = (mass[row], mass[pc + row]);
-                match kept_prefix(&cands, max, sum, *filter, v) {
-                    Some(n) => nucleus.push(NucleusRow::Kept(cands[..n].to_vec())),
+                match kept_set(&cands, max, sum, *filter, v) {
+                    Some(kept) => nucleus.push(NucleusRow::Kept(kept)),
                     None => {
                         let mut full = vec![0f32; v];
                         self.exec.download_f32(hout.slice(row * v, v)?, &mut full)?;

@@ -364,6 +364,7 @@ pub fn send(
     check_prompt(state, &tokens, "content")?;
     let mut params = v.params.clone();
     params.token_ban = state.unusable_tokens.to_vec();
+    params.sample_below = Some(state.sample_below);
     // End-of-text is banned as in chat completions; the turn ends on a token that writes the
     // turn separator, which stays in the session.
     params.token_ban.push(0);
