@@ -228,7 +228,16 @@ fn read_pth(path: &Path, src: Backing<'_>) -> Result<BTreeMap<String, Tensor>> {
         .strip_suffix("data.pkl")
         .unwrap_or_default()
         .to_owned();
-    let pkl = read_entry(&mut archive, &pkl_name).map_err(zip_err)?;
+    let pkl = read_entry(&mut archive, &pkl_name, MAX_PICKLE_BYTES + 1).map_err(zip_err)?;
+    if pkl.len() as u64 > MAX_PICKLE_BYTES {
+        return Err(ModelError::format(
+            path,
+            format!(
+                "data.pkl is larger than {} MiB; a state dict's pickle is a few MiB at most",
+                MAX_PICKLE_BYTES >> 20
+            ),
+        ));
+    }
     let dict = pickle::read_state_dict(&pkl).map_err(|reason| ModelError::Pickle {
         path: path.to_owned(),
         reason,
@@ -241,18 +250,27 @@ fn read_pth(path: &Path, src: Backing<'_>) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
+/// Largest `data.pkl` read (a 14B model's has a few thousand entries, well under 1 MiB).
+const MAX_PICKLE_BYTES: u64 = 64 << 20;
+
+/// The first `limit` bytes of an entry, decompressed: no more, so a small deflated entry that
+/// expands to gigabytes (a zip bomb) costs only what the caller needs of it.
 fn read_entry(
     archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
     name: &str,
+    limit: u64,
 ) -> zip::result::ZipResult<Vec<u8>> {
     use std::io::Read;
-    let mut entry = archive.by_name(name)?;
+    let entry = archive.by_name(name)?;
     // The declared size is only a hint that a hostile header can set to anything: the buffer
     // starts no larger than the compressed bytes actually present (at least a few KiB, so small
     // entries read in one go) and grows with what is really decompressed.
-    let hint = entry.size().min(entry.compressed_size().max(1 << 16));
+    let hint = entry
+        .size()
+        .min(entry.compressed_size().max(1 << 16))
+        .min(limit);
     let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
-    entry.read_to_end(&mut buf)?;
+    entry.take(limit).read_to_end(&mut buf)?;
     Ok(buf)
 }
 
@@ -315,7 +333,8 @@ fn load_storage_view(
         return Err(bounds_err(start, len, size));
     }
     if compressed {
-        let bytes = read_entry(archive, &entry_name)
+        // Only the bytes up to this tensor's end are needed.
+        let bytes = read_entry(archive, &entry_name, end)
             .map_err(|e| ModelError::format(path, e.to_string()))?;
         // The entry may decompress to fewer bytes than its header declares.
         let range = (usize::try_from(start).ok(), usize::try_from(end).ok());
@@ -433,6 +452,35 @@ mod tests {
             assert_eq!(ckpt.require("w").unwrap().shape(), [2, 3]);
             assert_eq!(ckpt.require("w").unwrap().bytes(), [1; 12]);
         }
+    }
+
+    /// A deflated entry that expands far beyond what is needed: a storage is read only up to
+    /// its tensor's end, and a pickle over the cap is refused before it is parsed.
+    #[test]
+    fn deflated_entries_are_read_only_as_far_as_needed() {
+        let mut storage = vec![0u8; 32 << 20];
+        storage[..12].fill(1);
+        let bytes = pth(
+            &pickle(6, 0, &[2, 3], &[3, 1]),
+            &storage,
+            zip::CompressionMethod::Deflated,
+        );
+        assert!(bytes.len() < 1 << 20, "{} bytes", bytes.len());
+        let ckpt = Checkpoint::from_bytes("t.pth", &bytes).unwrap();
+        assert_eq!(ckpt.require("w").unwrap().bytes(), [1; 12]);
+
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        w.start_file("archive/data.pkl", opts).unwrap();
+        w.write_all(&vec![b'N'; (MAX_PICKLE_BYTES + 1) as usize])
+            .unwrap();
+        let bomb = w.finish().unwrap().into_inner();
+        let err = Checkpoint::from_bytes("bomb.pth", &bomb).unwrap_err();
+        assert!(
+            err.to_string().contains("data.pkl is larger than 64 MiB"),
+            "{err}"
+        );
     }
 
     /// Regression (found writing the `pth` fuzz target): shape products and offsets overflowed
