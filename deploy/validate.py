@@ -54,7 +54,8 @@ FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "worker_overcommit", "request_tim
                         "max_prompt_tokens", "max_tokens_limit", "max_body_bytes"}
 FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "gpu_precision", "slots",
                         "max_batch_tokens", "prefill_chunk", "host_tier_mb", "prefix_cache_mb",
-                        "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus"}
+                        "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus",
+                        "max_session_tokens"}
 FALLBACK_ETCD_KEYS = {"etcd", "etcd_prefix", "lease_ttl"}
 FALLBACK_KEYS = {
     "serve": FALLBACK_ROUTER_KEYS | FALLBACK_ENGINE_KEYS,
@@ -213,7 +214,7 @@ URL = re.compile(r"^https?://[^\s/]+(:\d{1,5})?/?$")
 INT_KEYS = {"max_queue", "request_timeout", "max_prompt_tokens", "max_tokens_limit",
             "max_body_bytes", "slots", "max_batch_tokens", "prefill_chunk", "host_tier_mb",
             "prefix_cache_mb", "preempt_after_steps", "disk_tier_mb", "lease_ttl",
-            "drain_timeout"}
+            "drain_timeout", "max_session_tokens"}
 ZERO_OK = {"prefix_cache_mb", "preempt_after_steps", "drain_timeout"}
 # Settings that are numbers >= 1, not necessarily whole.
 AT_LEAST_ONE = {"worker_overcommit"}

@@ -62,7 +62,13 @@ pub struct EngineConfig {
     /// Token ids exempt from the frequency penalty (whitespace and digits in the reference); the
     /// engine has no tokenizer, so whoever has one computes this list once.
     pub frequency_exempt: Vec<u32>,
+    /// Most tokens one session's conversation may hold when a turn starts (its history, kept
+    /// to rebuild a lost state, grows with every turn; a turn's own reply may go past it).
+    pub max_session_tokens: usize,
 }
+
+/// The default [`EngineConfig::max_session_tokens`]: 1 Mi tokens, 4 MiB of history.
+pub const DEFAULT_MAX_SESSION_TOKENS: usize = 1 << 20;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -78,6 +84,7 @@ impl Default for EngineConfig {
             cache_generation_end: true,
             preempt_after_steps: DEFAULT_PREEMPT_AFTER_STEPS,
             frequency_exempt: Vec::new(),
+            max_session_tokens: DEFAULT_MAX_SESSION_TOKENS,
         }
     }
 }

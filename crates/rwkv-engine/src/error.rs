@@ -32,6 +32,13 @@ pub enum EngineError {
     /// No session with this id exists for the caller's tenant.
     #[error("session {id} not found")]
     SessionNotFound { id: u64 },
+
+    /// The session's conversation would grow past [`crate::EngineConfig::max_session_tokens`].
+    #[error(
+        "the session would hold {tokens} tokens, over this worker's limit of {limit}: rewind \
+         it to an earlier turn, or start a new session"
+    )]
+    SessionFull { tokens: usize, limit: usize },
     /// The session is generating; it cannot be continued, forked, exported or deleted now.
     #[error("session {id} is busy with a running generation")]
     SessionBusy { id: u64 },
@@ -72,6 +79,7 @@ impl EngineError {
             Self::Choices { .. } => "invalid_choices",
             Self::Overloaded { .. } => "overloaded",
             Self::SessionNotFound { .. } => "session_not_found",
+            Self::SessionFull { .. } => "session_full",
             Self::SessionBusy { .. } => "session_busy",
             Self::StateUnavailable { .. } => "state_unavailable",
             Self::NoSuchTurn { .. } => "no_such_turn",

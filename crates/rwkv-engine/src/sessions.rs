@@ -130,8 +130,16 @@ impl<B: Backend> Core<B> {
                 tokens,
                 reply,
             } => {
-                let id = self.new_session(&tenant, Session::starting_with(tokens));
-                let _ = reply.send(Ok(id));
+                let limit = self.cfg.max_session_tokens;
+                let created = if tokens.len() > limit {
+                    Err(EngineError::SessionFull {
+                        tokens: tokens.len(),
+                        limit,
+                    })
+                } else {
+                    Ok(self.new_session(&tenant, Session::starting_with(tokens)))
+                };
+                let _ = reply.send(created);
             }
             SessionCommand::Info { key, reply } => {
                 let info = self
@@ -182,17 +190,23 @@ impl<B: Backend> Core<B> {
             .is_some_and(|last| !end_tokens.contains(&last))
     }
 
-    /// Locks a session for generation `id`. `no_new_tokens`: the request appends nothing, so the
-    /// session must have pending tokens to predict from.
+    /// Locks a session for generation `id`, which appends `new_tokens`: with none, the session
+    /// must have pending tokens to predict from; with them, it must stay within
+    /// `max_session_tokens`.
     pub(crate) fn claim_session(
         &mut self,
         key: &SessionKey,
         id: SeqId,
-        no_new_tokens: bool,
+        new_tokens: usize,
     ) -> Result<(), EngineError> {
+        let limit = self.cfg.max_session_tokens;
         let session = self.idle_session(key)?;
-        if no_new_tokens && session.pending.is_empty() {
+        if new_tokens == 0 && session.pending.is_empty() {
             return Err(EngineError::EmptyInput);
+        }
+        let tokens = session.len().saturating_add(new_tokens);
+        if tokens > limit {
+            return Err(EngineError::SessionFull { tokens, limit });
         }
         if let Some(s) = self.sessions.get_mut(key) {
             s.busy = Some(id);
@@ -413,6 +427,13 @@ impl<B: Backend> Core<B> {
     /// swaps it in.
     fn import(&mut self, tenant: &str, bytes: &[u8]) -> Result<SessionId, EngineError> {
         let snap = export::decode(&self.cfg.model_hash, self.backend.config(), bytes)?;
+        let tokens = snap.history.len() + snap.pending.len();
+        if tokens > self.cfg.max_session_tokens {
+            return Err(EngineError::Import(format!(
+                "the session holds {tokens} tokens, over this worker's limit of {}",
+                self.cfg.max_session_tokens
+            )));
+        }
         let session = Session {
             turns: vec![snap.history.len() + snap.pending.len()],
             history: snap.history,

@@ -170,6 +170,7 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::EmptyScore(_)
         | EngineError::TokenOutOfVocab { .. }
         | EngineError::Choices { .. }
+        | EngineError::SessionFull { .. }
         | EngineError::Import(_) => Status::invalid_argument(message),
         EngineError::Overloaded { .. } => Status::resource_exhausted(message),
         EngineError::SessionNotFound { .. } => Status::not_found(message),

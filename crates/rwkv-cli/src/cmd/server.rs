@@ -63,6 +63,10 @@ pub struct EngineArgs {
     /// swapped out to host memory and resumes later, exactly. 0 never preempts [default: 256].
     #[arg(long, env = "RWKV_PREEMPT_AFTER_STEPS")]
     pub preempt_after_steps: Option<u64>,
+    /// Most tokens a session's conversation may hold when a turn starts; a longer one must be
+    /// rewound or replaced [default: 1048576].
+    #[arg(long, env = "RWKV_MAX_SESSION_TOKENS")]
+    pub max_session_tokens: Option<usize>,
     /// GPUs to run on [default: 0]. One GPU (`0`) runs the whole model; several (`0,1`) shard it
     /// over them, tensor parallel over NCCL (their number must divide the model's heads).
     #[arg(long, env = "RWKV_GPUS")]
@@ -85,6 +89,7 @@ impl EngineArgs {
             host_tier_mb: self.host_tier_mb.or(file.host_tier_mb),
             prefix_cache_mb: self.prefix_cache_mb.or(file.prefix_cache_mb),
             preempt_after_steps: self.preempt_after_steps.or(file.preempt_after_steps),
+            max_session_tokens: self.max_session_tokens.or(file.max_session_tokens),
             disk_tier_dir: self.disk_tier_dir.or(file.disk_tier_dir),
             disk_tier_mb: self.disk_tier_mb.or(file.disk_tier_mb),
             gpus: self.gpus.or(file.gpus),
@@ -198,8 +203,15 @@ pub fn start_engine(
             .preempt_after_steps
             .unwrap_or(rwkv_engine::DEFAULT_PREEMPT_AFTER_STEPS),
         frequency_exempt,
+        max_session_tokens: args
+            .max_session_tokens
+            .unwrap_or(rwkv_engine::DEFAULT_MAX_SESSION_TOKENS),
         ..EngineConfig::default()
     };
+    anyhow::ensure!(
+        cfg.max_session_tokens > 0,
+        "--max-session-tokens must be at least 1"
+    );
     let engine = Engine::start(backend, cfg)?;
     tracing::info!(
         model = model.model_id,

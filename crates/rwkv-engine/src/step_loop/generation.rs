@@ -93,7 +93,7 @@ impl<B: Backend> Core<B> {
         let checked = self
             .usable()
             .and_then(|()| match &session {
-                Some(key) => self.claim_session(key, id, req.tokens.is_empty()),
+                Some(key) => self.claim_session(key, id, req.tokens.len()),
                 None if req.tokens.is_empty() => Err(EngineError::EmptyInput),
                 None => Ok(()),
             })
