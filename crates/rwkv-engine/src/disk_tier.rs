@@ -74,6 +74,10 @@ pub(crate) struct DiskTier {
     next_file: u64,
     model_hash: [u8; 32],
     cfg: ModelConfig,
+    /// Holds an exclusive lock on the directory's lock file while the tier is open: file names
+    /// are this process's own counter, so a second process on the same directory would delete
+    /// and overwrite this one's states (and hand one session another's).
+    _lock: fs::File,
 }
 
 impl DiskTier {
@@ -89,6 +93,15 @@ impl DiskTier {
             EngineError::Config(format!("disk tier {}: {what}: {e}", dir.display()))
         };
         fs::create_dir_all(dir).map_err(|e| fail("cannot create the directory", e))?;
+        let lock = fs::File::create(dir.join(".lock"))
+            .map_err(|e| fail("cannot create the lock file", e))?;
+        if let Err(e) = lock.try_lock() {
+            return Err(EngineError::Config(format!(
+                "disk tier {}: the directory is in use by another worker ({e}); give each \
+                 worker a directory of its own",
+                dir.display()
+            )));
+        }
         let entries = fs::read_dir(dir).map_err(|e| fail("cannot list the directory", e))?;
         for entry in entries.flatten() {
             let path = entry.path();
@@ -116,6 +129,7 @@ impl DiskTier {
             next_file: 0,
             model_hash,
             cfg,
+            _lock: lock,
         })
     }
 

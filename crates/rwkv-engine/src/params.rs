@@ -93,6 +93,9 @@ pub enum SamplerError {
     /// The sampler was built for a model without logits.
     #[error("`vocab_size` must be at least 1")]
     EmptyVocab,
+    /// More banned ids than the vocabulary has (repeats included).
+    #[error("`token_ban` lists {len} ids; at most the vocabulary's {vocab_size}")]
+    TooManyBans { len: usize, vocab_size: usize },
     /// `sample_below` of 0 bans every token.
     #[error("`sample_below` must be at least 1 (0 bans every token)")]
     NothingToSample,
@@ -106,6 +109,7 @@ impl SamplerError {
             Self::EmptyStopString { .. } => "stop_strings",
             Self::EmptyVocab => "vocab_size",
             Self::NothingToSample => "sample_below",
+            Self::TooManyBans { .. } => "token_ban",
         }
     }
 
@@ -117,6 +121,7 @@ impl SamplerError {
             Self::EmptyStopString { .. } => "empty_stop_string",
             Self::EmptyVocab => "empty_vocab",
             Self::NothingToSample => "nothing_to_sample",
+            Self::TooManyBans { .. } => "too_many_bans",
         }
     }
 }
@@ -162,6 +167,13 @@ impl SamplingParams {
             return Err(SamplerError::EmptyVocab);
         }
         self.validate()?;
+        // Each choice holds its own copy and every step scans it: no longer than the vocabulary.
+        if self.token_ban.len() > vocab_size {
+            return Err(SamplerError::TooManyBans {
+                len: self.token_ban.len(),
+                vocab_size,
+            });
+        }
         check_ids("token_ban", &self.token_ban, vocab_size)?;
         check_ids("stop_tokens", &self.stop_tokens, vocab_size)?;
         check_ids("end_tokens", &self.end_tokens, vocab_size)

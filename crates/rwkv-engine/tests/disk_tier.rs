@@ -158,3 +158,24 @@ fn an_unusable_disk_tier_directory_is_a_clear_error() {
     assert!(matches!(e, EngineError::Config(_)), "{e}");
     assert!(e.to_string().contains("disk tier"), "{e}");
 }
+
+/// File names are one process's counter: a second engine on the same directory would delete and
+/// overwrite the first one's states, so it is refused.
+#[test]
+fn a_disk_tier_directory_serves_one_engine_at_a_time() {
+    let dir = std::env::temp_dir().join(format!("rwkv-disk-lock-{}", std::process::id()));
+    let w = weights();
+    let first = start(&w, Some(&dir));
+    let cfg = EngineConfig {
+        disk_tier_dir: Some(dir.clone()),
+        ..EngineConfig::default()
+    };
+    let err = Engine::start(CpuBackend::new(&w, 1), cfg.clone()).unwrap_err();
+    assert!(
+        err.to_string().contains("in use by another worker"),
+        "{err}"
+    );
+    drop(first);
+    assert!(Engine::start(CpuBackend::new(&w, 1), cfg).is_ok());
+    std::fs::remove_dir_all(&dir).ok();
+}

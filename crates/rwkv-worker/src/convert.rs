@@ -39,6 +39,20 @@ pub(crate) fn sampling_params(p: Option<wv1::SamplingParams>) -> Result<Sampling
     Ok(params)
 }
 
+/// Most alternatives per token a request may ask for (the router's public limit is 20).
+pub const MAX_TOP_LOGPROBS: u32 = 100;
+
+fn top_logprobs(n: Option<u32>) -> Result<Option<usize>, Status> {
+    match n {
+        Some(n) if n > MAX_TOP_LOGPROBS => Err(FieldError::new(
+            "top_logprobs",
+            format!("at most {MAX_TOP_LOGPROBS}, got {n}"),
+        )
+        .into()),
+        n => Ok(n.map(|n| n as usize)),
+    }
+}
+
 pub(crate) fn generate_request(req: wv1::GenerateRequest) -> Result<GenerateRequest, Status> {
     let tenant = tenant(req.tenant)?;
     Ok(GenerateRequest {
@@ -46,7 +60,7 @@ pub(crate) fn generate_request(req: wv1::GenerateRequest) -> Result<GenerateRequ
         session: req.session,
         tokens: req.tokens,
         params: sampling_params(req.params)?,
-        top_logprobs: req.top_logprobs.map(|n| n as usize),
+        top_logprobs: top_logprobs(req.top_logprobs)?,
         separator: req.separator,
     })
 }
@@ -65,7 +79,7 @@ pub(crate) fn score_request(req: wv1::ScoreRequest) -> Result<ScoreRequest, Stat
         tenant: tenant(req.tenant)?,
         context: req.context,
         continuations: req.continuations.into_iter().map(|c| c.tokens).collect(),
-        top_logprobs: req.top_logprobs.map(|n| n as usize),
+        top_logprobs: top_logprobs(req.top_logprobs)?,
     })
 }
 

@@ -212,6 +212,23 @@ async fn bad_requests_get_invalid_argument_naming_the_field() {
         (generate_request(&[], greedy(1)), "no input tokens"),
         (
             wv1::GenerateRequest {
+                top_logprobs: Some(65536),
+                ..generate_request(&[1], greedy(1))
+            },
+            "top_logprobs",
+        ),
+        (
+            generate_request(
+                &[1],
+                wv1::SamplingParams {
+                    token_ban: vec![1; vocab as usize + 1],
+                    ..greedy(1)
+                },
+            ),
+            "token_ban",
+        ),
+        (
+            wv1::GenerateRequest {
                 tenant: String::new(),
                 ..generate_request(&[1], greedy(1))
             },

@@ -159,6 +159,14 @@ pub fn load_tokenizer(args: &EngineArgs, vocab: usize) -> anyhow::Result<Tokeniz
     Ok(tokenizer)
 }
 
+/// A setting in MiB as bytes; one too large for this machine's addresses is an error (a shift
+/// would silently wrap it, to 0 for 2^44).
+fn mib(name: &str, value: usize) -> anyhow::Result<usize> {
+    value.checked_mul(1 << 20).ok_or_else(|| {
+        anyhow::anyhow!("{name} = {value} MiB is more bytes than this machine can address")
+    })
+}
+
 /// Starts the engine on the chosen backend; returns it with what the worker tells about itself.
 pub fn start_engine(
     args: &EngineArgs,
@@ -195,10 +203,10 @@ pub fn start_engine(
         scheduler: scheduler.clone(),
         model_id: model.model_id.clone(),
         model_hash: model.hash,
-        host_tier_bytes: args.host_tier_mb.unwrap_or(4096) << 20,
-        prefix_cache_bytes: args.prefix_cache_mb.unwrap_or(1024) << 20,
+        host_tier_bytes: mib("host_tier_mb", args.host_tier_mb.unwrap_or(4096))?,
+        prefix_cache_bytes: mib("prefix_cache_mb", args.prefix_cache_mb.unwrap_or(1024))?,
         disk_tier_dir: args.disk_tier_dir.clone(),
-        disk_tier_bytes: args.disk_tier_mb.unwrap_or(16384) << 20,
+        disk_tier_bytes: mib("disk_tier_mb", args.disk_tier_mb.unwrap_or(16384))?,
         preempt_after_steps: args
             .preempt_after_steps
             .unwrap_or(rwkv_engine::DEFAULT_PREEMPT_AFTER_STEPS),

@@ -98,8 +98,11 @@ fn parse_rate(s: &str) -> Result<f64, String> {
         return Ok(f64::INFINITY);
     }
     match s.parse::<f64>() {
-        Ok(r) if r > 0.0 => Ok(r),
-        _ => Err(format!("`{s}` is not a positive rate or `inf`")),
+        // Below one request a day the gaps no longer fit a Duration (and mean nothing).
+        Ok(r) if r >= 1e-5 && r.is_finite() => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a rate of at least 0.00001 requests/s, or `inf`"
+        )),
     }
 }
 
