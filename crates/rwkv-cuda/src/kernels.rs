@@ -382,7 +382,7 @@ impl Kernels {
         }
         const OP: &str = "group_norm_gate";
         let n = self.head_size;
-        if n == 0 || cols % n != 0 {
+        if n == 0 || !cols.is_multiple_of(n) {
             return Err(CudaError::shape(
                 OP,
                 format!("{cols} columns in heads of {n}"),

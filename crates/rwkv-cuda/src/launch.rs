@@ -162,7 +162,7 @@ pub fn wkv_config(seqs: usize, heads: usize, head_size: usize) -> Result<LaunchC
 /// Threads per value column of the WKV prefill kernel (`WKV_Q` in wkv6.cu): 4 where the block
 /// is then whole warps (the partial sums are added with warp shuffles), else 1.
 pub fn wkv_prefill_split(head_size: usize) -> usize {
-    if head_size % 8 == 0 {
+    if head_size.is_multiple_of(8) {
         4
     } else {
         1
@@ -334,7 +334,10 @@ mod tests {
         assert_eq!((p.grid_dim.0, p.block_dim.0), (224, 256));
         for n in [8, 64, MAX_HEAD_SIZE] {
             let t = wkv_prefill_config(1, 1, n).unwrap().block_dim.0;
-            assert!(t % 32 == 0 && t <= 1024, "head size {n}: {t} threads");
+            assert!(
+                t.is_multiple_of(32) && t <= 1024,
+                "head size {n}: {t} threads"
+            );
         }
         assert_eq!(wkv_prefill_config(1, 1, 6).unwrap().block_dim.0, 6);
         assert!(wkv_config(1, 1, 0).is_err());

@@ -233,7 +233,7 @@ impl Kernels {
             return Ok(());
         }
         let n = self.head_size;
-        if n == 0 || cols % n != 0 {
+        if n == 0 || !cols.is_multiple_of(n) {
             return Err(CudaError::shape(
                 name,
                 format!("{cols} columns in heads of {n}"),

@@ -57,7 +57,7 @@ impl ShardPlan {
         if world == 0 {
             return Err(ShardError::EmptyWorld);
         }
-        if cfg.n_head % world != 0 {
+        if !cfg.n_head.is_multiple_of(world) {
             return Err(ShardError::HeadsNotDivisible {
                 world,
                 n_head: cfg.n_head,

@@ -34,7 +34,7 @@ pub fn parse_hex(text: &str) -> anyhow::Result<Vec<u8>> {
         .chars()
         .filter(|c| !c.is_whitespace())
         .collect();
-    if clean.len() % 2 != 0 {
+    if !clean.len().is_multiple_of(2) {
         bail!("hex input has an odd number of digits");
     }
     (0..clean.len())

@@ -568,7 +568,7 @@ impl<B: Backend> Core<B> {
     fn checkpoint(&mut self, id: SeqId, prompt_done: bool, logits: Option<&[f32]>) {
         let seq = &self.seqs[&id];
         let every = self.cfg.scheduler.checkpoint_every;
-        let aligned = every > 0 && seq.fed.len() % every == 0 && !prompt_done;
+        let aligned = every > 0 && seq.fed.len().is_multiple_of(every) && !prompt_done;
         if aligned || prompt_done && self.cfg.cache_prompt_end {
             self.save_to_cache(id, if prompt_done { logits } else { None });
         }
