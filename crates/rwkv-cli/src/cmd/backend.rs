@@ -42,6 +42,24 @@ pub enum GpuPrecision {
     Bf16,
 }
 
+/// `--gpu-precision` for the one-shot commands (`forward`, `generate`).
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct GpuArgs {
+    /// How the CUDA backend feeds its GEMMs: `split` (f32-class accuracy) or `bf16` (faster).
+    #[arg(long, value_enum, default_value = "split")]
+    pub gpu_precision: GpuPrecision,
+}
+
+impl GpuArgs {
+    /// These settings with the CPU's.
+    pub fn with_cpu(self, cpu: CpuPrecision) -> Precisions {
+        Precisions {
+            cpu,
+            gpu: self.gpu_precision,
+        }
+    }
+}
+
 /// The numerics asked for, per backend (each applies only to its backend).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Precisions {

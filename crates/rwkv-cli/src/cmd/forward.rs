@@ -27,25 +27,20 @@ pub struct Args {
     /// Weight precision on the CPU.
     #[arg(long, value_enum, default_value = "f32")]
     cpu_precision: super::backend::CpuPrecision,
-    /// How the CUDA backend feeds its GEMMs: `split` (f32-class accuracy) or `bf16` (faster).
-    #[arg(long, value_enum, default_value = "split")]
-    gpu_precision: super::backend::GpuPrecision,
-}
-
-impl Args {
-    fn precisions(&self) -> super::backend::Precisions {
-        super::backend::Precisions {
-            cpu: self.cpu_precision,
-            gpu: self.gpu_precision,
-        }
-    }
+    #[command(flatten)]
+    gpu: super::backend::GpuArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let tokens = super::parse_ids(&args.tokens)?;
     anyhow::ensure!(!tokens.is_empty(), "--tokens is empty");
     let weights = ModelWeights::load(&args.model)?;
-    let mut backend = super::backend::open(&weights, 1, args.backend, args.precisions())?;
+    let mut backend = super::backend::open(
+        &weights,
+        1,
+        args.backend,
+        args.gpu.with_cpu(args.cpu_precision),
+    )?;
     if let Some(path) = &args.state_in {
         let file = Checkpoint::open(path)
             .with_context(|| format!("reading --state-in {}", path.display()))?;

@@ -54,18 +54,8 @@ pub struct Args {
     /// Weight precision on the CPU.
     #[arg(long, value_enum, default_value = "bf16")]
     cpu_precision: super::backend::CpuPrecision,
-    /// How the CUDA backend feeds its GEMMs: `split` (f32-class accuracy) or `bf16` (faster).
-    #[arg(long, value_enum, default_value = "split")]
-    gpu_precision: super::backend::GpuPrecision,
-}
-
-impl Args {
-    fn precisions(&self) -> super::backend::Precisions {
-        super::backend::Precisions {
-            cpu: self.cpu_precision,
-            gpu: self.gpu_precision,
-        }
-    }
+    #[command(flatten)]
+    gpu: super::backend::GpuArgs,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -78,7 +68,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("prompt token {bad} is outside the model's vocabulary ({vocab}): wrong --tokenizer for this model?");
     }
     let mut sampler = Sampler::new(sampling_params(&args, &tokenizer, vocab)?, vocab)?;
-    let mut backend = super::backend::open(&weights, 1, args.backend, args.precisions())?;
+    let mut backend = super::backend::open(
+        &weights,
+        1,
+        args.backend,
+        args.gpu.with_cpu(args.cpu_precision),
+    )?;
     let mut logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_CHUNK) {
         logits = backend.forward(&[step(chunk)])?.data;
