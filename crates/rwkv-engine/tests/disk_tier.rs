@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::weights;
 use rwkv_cpu::CpuBackend;
-use rwkv_engine::{
-    Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest, SamplingParams,
-    SchedulerConfig, Usage,
-};
+use rwkv_engine::{Engine, EngineConfig, EngineError, SchedulerConfig, Usage};
 use rwkv_model::ModelWeights;
 
 const TENANT: &str = "acme";
@@ -35,21 +32,7 @@ fn start(weights: &ModelWeights, disk: Option<&Path>) -> Engine {
 }
 
 fn turn(engine: &Engine, session: u64, tokens: &[u32]) -> (Vec<u32>, Usage) {
-    let req = GenerateRequest {
-        tenant: TENANT.into(),
-        session: Some(session),
-        tokens: tokens.to_vec(),
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: 6,
-            ..SamplingParams::default()
-        },
-        ..GenerateRequest::default()
-    };
-    match engine.generate(req).unwrap().collect() {
-        (tokens, GenerateEvent::Finished { usage, .. }) => (tokens, usage),
-        (_, end) => panic!("{end:?}"),
-    }
+    common::greedy_turn(engine, TENANT, session, tokens, 6).unwrap()
 }
 
 /// Two sessions taking turns on one slot: each second turn finds its state swapped out. Returns

@@ -7,9 +7,7 @@ mod common;
 
 use common::weights;
 use rwkv_cpu::CpuBackend;
-use rwkv_engine::{
-    Engine, EngineConfig, EngineError, GenerateEvent, GenerateRequest, SamplingParams,
-};
+use rwkv_engine::{Engine, EngineConfig, EngineError};
 
 const TENANT: &str = "acme";
 
@@ -22,22 +20,7 @@ fn start(limit: usize) -> Engine {
 }
 
 fn turn(engine: &Engine, session: u64, tokens: &[u32]) -> Result<Vec<u32>, EngineError> {
-    let req = GenerateRequest {
-        tenant: TENANT.into(),
-        session: Some(session),
-        tokens: tokens.to_vec(),
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens: 4,
-            ..SamplingParams::default()
-        },
-        ..GenerateRequest::default()
-    };
-    match engine.generate(req)?.collect() {
-        (tokens, GenerateEvent::Finished { .. }) => Ok(tokens),
-        (_, GenerateEvent::Error(e)) => Err(e),
-        (_, end) => panic!("{end:?}"),
-    }
+    common::greedy_turn(engine, TENANT, session, tokens, 4).map(|(reply, _)| reply)
 }
 
 #[test]

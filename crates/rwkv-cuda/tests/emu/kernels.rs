@@ -457,16 +457,7 @@ fn softmax_and_top_k_match_the_host() {
     let mut probs = vec![f32::NAN; rows * cols];
     kx.softmax(view(&x), view_mut(&mut probs), rows, cols, temp)
         .unwrap();
-    let (mut idx, mut val) = (vec![-1i32; rows * k], vec![f32::NAN; rows * k]);
-    kx.top_k(
-        view(&x),
-        view_mut(&mut idx),
-        view_mut(&mut val),
-        rows,
-        cols,
-        k,
-    )
-    .unwrap();
+    let top = device_top_k(&kx, &x, rows, cols, k);
     for r in 0..rows {
         let row = &x[r * cols..(r + 1) * cols];
         let clean: Vec<f32> = row
@@ -484,18 +475,33 @@ fn softmax_and_top_k_match_the_host() {
                 assert!((probs[r * cols + j] - want).abs() < 1e-6);
             }
         }
-        let mut order: Vec<usize> = (0..cols).collect();
-        order.sort_by(|&a, &b| clean[b].total_cmp(&clean[a]).then(a.cmp(&b)));
-        let got: Vec<usize> = idx[r * k..(r + 1) * k]
-            .iter()
-            .map(|&i| i as usize)
-            .collect();
-        assert_eq!(got, order[..k], "row {r}");
-        for (i, &j) in got.iter().enumerate() {
-            assert_eq!(val[r * k + i], clean[j]);
-        }
+        assert_eq!(top[r], host_top_k(row, k), "row {r}");
     }
-    assert_eq!(&idx[..2], &[5, 17]);
+    assert_eq!((top[0][0].0, top[0][1].0), (5, 17));
+}
+
+/// The top-k kernel's (index, value) pairs, row by row.
+fn device_top_k(
+    kx: &Kernels,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    k: usize,
+) -> Vec<Vec<(i32, f32)>> {
+    let (mut idx, mut val) = (vec![-1i32; rows * k], vec![f32::NAN; rows * k]);
+    kx.top_k(
+        view(x),
+        view_mut(&mut idx),
+        view_mut(&mut val),
+        rows,
+        cols,
+        k,
+    )
+    .unwrap();
+    idx.chunks_exact(k)
+        .zip(val.chunks_exact(k))
+        .map(|(i, v)| i.iter().copied().zip(v.iter().copied()).collect())
+        .collect()
 }
 
 /// The k best entries of each row by the host's rule: larger first, ties by lower index, NaN
@@ -552,24 +558,10 @@ fn top_k_rounds_match_the_host_on_adversarial_rows() {
         let (rows, cols) = (2, row.len());
         let x: Vec<f32> = row.iter().chain(row.iter().rev()).copied().collect();
         for &k in ks {
-            let (mut idx, mut val) = (vec![-1i32; rows * k], vec![f32::NAN; rows * k]);
-            kx.top_k(
-                view(&x),
-                view_mut(&mut idx),
-                view_mut(&mut val),
-                rows,
-                cols,
-                k,
-            )
-            .unwrap();
-            for r in 0..rows {
+            let top = device_top_k(&kx, &x, rows, cols, k);
+            for (r, got) in top.iter().enumerate() {
                 let want = host_top_k(&x[r * cols..(r + 1) * cols], k);
-                let got: Vec<(i32, f32)> = idx[r * k..(r + 1) * k]
-                    .iter()
-                    .zip(&val[r * k..(r + 1) * k])
-                    .map(|(&i, &v)| (i, v))
-                    .collect();
-                assert_eq!(got, want, "{what}: row {r}, k = {k}");
+                assert_eq!(*got, want, "{what}: row {r}, k = {k}");
             }
         }
     }

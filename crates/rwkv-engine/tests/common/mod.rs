@@ -119,3 +119,30 @@ where
         self.broken.lock().unwrap().clone()
     }
 }
+
+/// One greedy turn of `tenant`'s session: the reply's tokens and usage, or the engine's error.
+pub fn greedy_turn(
+    engine: &rwkv_engine::Engine,
+    tenant: &str,
+    session: u64,
+    tokens: &[u32],
+    max_tokens: usize,
+) -> Result<(Vec<u32>, rwkv_engine::Usage), rwkv_engine::EngineError> {
+    use rwkv_engine::{GenerateEvent, GenerateRequest};
+    let req = GenerateRequest {
+        tenant: tenant.into(),
+        session: Some(session),
+        tokens: tokens.to_vec(),
+        params: SamplingParams {
+            temperature: 0.0,
+            max_tokens,
+            ..SamplingParams::default()
+        },
+        ..GenerateRequest::default()
+    };
+    match engine.generate(req)?.collect() {
+        (tokens, GenerateEvent::Finished { usage, .. }) => Ok((tokens, usage)),
+        (_, GenerateEvent::Error(e)) => Err(e),
+        (_, end) => panic!("{end:?}"),
+    }
+}
