@@ -104,76 +104,87 @@ pub enum GenerationEvent {
 
 /// How many workers one request may try before giving up.
 const MAX_ATTEMPTS: usize = 3;
-/// Events buffered between the generation task and the HTTP response.
+/// Events buffered between the generations of one response and the API layer.
 const EVENT_BUFFER: usize = 64;
 
-/// Starts the generation on a task; events arrive on the receiver. Dropping the receiver (the
-/// client went away) cancels the worker's sequence at its next step.
-pub fn start(
-    pool: WorkerPool,
-    tokenizer: Arc<Tokenizer>,
-    spec: GenerationSpec,
-) -> mpsc::Receiver<GenerationEvent> {
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let outcome = run(&pool, &tokenizer, &spec, &tx, started).await;
-        if let Err(e) = outcome {
-            let _ = tx.send(GenerationEvent::Failed(e)).await;
-        }
-    });
-    rx
+/// One response's events: each tagged with the index of the choice it belongs to.
+pub type ResponseEvents = mpsc::Receiver<(usize, GenerationEvent)>;
+type ResponseSender = mpsc::Sender<(usize, GenerationEvent)>;
+
+/// The channel every choice of one response sends its events into, and the receiver the API
+/// layer reads them from.
+pub fn response_channel() -> (ResponseSender, ResponseEvents) {
+    mpsc::channel(EVENT_BUFFER)
 }
 
-/// Runs `work` until it ends or every sender in `txs` is closed (the client left: nobody reads
+/// Where one choice's events go: the response's one channel, tagged with the choice's index.
+///
+/// Every choice of a response shares that channel, so when the response is dropped (the
+/// client left, or the request was already answered with an error) all of them see it closed
+/// at the same moment. A choice that wins a worker's slot after that, even the slot another
+/// choice just gave up, starts nothing: there is no chain of per-choice forwarders for its
+/// cancellation to race along.
+#[derive(Clone, Debug)]
+pub struct ChoiceSink {
+    index: usize,
+    tx: ResponseSender,
+}
+
+/// The response was dropped: nobody reads the events any more.
+#[derive(Debug)]
+pub struct ClientGone;
+
+impl ChoiceSink {
+    pub fn new(tx: ResponseSender, index: usize) -> Self {
+        Self { index, tx }
+    }
+
+    async fn send(&self, event: GenerationEvent) -> Result<(), ClientGone> {
+        self.tx
+            .send((self.index, event))
+            .await
+            .map_err(|_| ClientGone)
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await;
+    }
+}
+
+/// Starts the generation on a task; its events go to `sink`. Dropping the response's receiver
+/// (the client went away) cancels the worker's sequence at its next step.
+pub fn start(pool: WorkerPool, tokenizer: Arc<Tokenizer>, spec: GenerationSpec, sink: ChoiceSink) {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let outcome = run(&pool, &tokenizer, &spec, &sink, started).await;
+        if let Err(e) = outcome {
+            let _ = sink.send(GenerationEvent::Failed(e)).await;
+        }
+    });
+}
+
+/// Runs `work` until it ends or every sink in `sinks` is closed (the client left: nobody reads
 /// the events), whichever comes first; `None` for the latter. Dropping `work` then gives back
 /// its place in the queue or its worker call (which cancels the sequence on the worker), so a
 /// request the client gave up on, such as the other choices of a request already answered
 /// with an error, runs nothing.
+///
+/// The departure is checked first: work that became ready in the same instant (a lease just
+/// granted) must not go on for a client that is already gone.
 pub(crate) async fn unless_client_leaves<T>(
-    txs: &[&mpsc::Sender<GenerationEvent>],
+    sinks: &[&ChoiceSink],
     work: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     let all_closed = async {
-        for tx in txs {
-            tx.closed().await;
+        for sink in sinks {
+            sink.closed().await;
         }
     };
     tokio::select! {
-        out = work => Some(out),
+        biased;
         () = all_closed => None,
+        out = work => Some(out),
     }
-}
-
-/// Forwards a generation's events into `into`, tagged with its choice index, until either side
-/// ends. When `into` closes, at once rather than at the next event (a generation still waiting
-/// for a worker has none), `events` is dropped, which cancels the generation.
-pub fn forward_tagged(
-    mut events: mpsc::Receiver<GenerationEvent>,
-    index: usize,
-    into: mpsc::Sender<(usize, GenerationEvent)>,
-) {
-    tokio::spawn(async move {
-        loop {
-            let event = tokio::select! {
-                event = events.recv() => event,
-                () = into.closed() => return,
-            };
-            let Some(event) = event else { return };
-            if into.send((index, event)).await.is_err() {
-                return;
-            }
-        }
-    });
-}
-
-/// One generation's events as choice 0 of a response.
-pub fn single_choice(
-    events: mpsc::Receiver<GenerationEvent>,
-) -> mpsc::Receiver<(usize, GenerationEvent)> {
-    let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-    forward_tagged(events, 0, tx);
-    rx
 }
 
 /// Text-side state of a generation, kept across failovers.
@@ -234,7 +245,7 @@ async fn run(
     pool: &WorkerPool,
     tokenizer: &Tokenizer,
     spec: &GenerationSpec,
-    tx: &mpsc::Sender<GenerationEvent>,
+    sink: &ChoiceSink,
     started: Instant,
 ) -> Result<(), ApiError> {
     let mut progress = Progress::new(spec);
@@ -242,7 +253,7 @@ async fn run(
         pool,
         tokenizer,
         spec,
-        tx,
+        sink,
         started,
         &mut progress,
         Vec::new(),
@@ -258,7 +269,7 @@ async fn resume(
     pool: &WorkerPool,
     tokenizer: &Tokenizer,
     spec: &GenerationSpec,
-    tx: &mpsc::Sender<GenerationEvent>,
+    sink: &ChoiceSink,
     started: Instant,
     progress: &mut Progress,
     mut tried: Vec<String>,
@@ -288,7 +299,7 @@ async fn resume(
                 }
             }
         };
-        let Some(acquired) = unless_client_leaves(&[tx], acquiring).await else {
+        let Some(acquired) = unless_client_leaves(&[sink], acquiring).await else {
             return Err(ApiError::client_gone());
         };
         let lease = match acquired {
@@ -301,15 +312,15 @@ async fn resume(
             Err(e) => return Err(e.into()),
         };
         let worker_id = lease.worker.record.id.clone();
-        let attempted = attempt(tokenizer, spec, &lease, &context, progress, tx);
-        let Some(attempted) = unless_client_leaves(&[tx], attempted).await else {
+        let attempted = attempt(tokenizer, spec, &lease, &context, progress, sink);
+        let Some(attempted) = unless_client_leaves(&[sink], attempted).await else {
             return Err(ApiError::client_gone());
         };
         match attempted {
             Ok(ended) => {
                 pool.record_success(&lease.worker);
                 let done = conclude(pool, spec, progress, &ended, &worker_id, started);
-                let _ = tx.send(done).await;
+                let _ = sink.send(done).await;
                 return Ok(());
             }
             Err(AttemptError::Fatal(e)) => return Err(e),
@@ -422,7 +433,7 @@ async fn attempt(
     lease: &Lease,
     context: &[u32],
     progress: &mut Progress,
-    tx: &mpsc::Sender<GenerationEvent>,
+    sink: &ChoiceSink,
 ) -> Result<Ended, AttemptError> {
     let remaining = spec.max_tokens - progress.generated.len() as u32;
     let (session, tokens, separator) = match &spec.session {
@@ -447,7 +458,7 @@ async fn attempt(
         match next_event(spec, &mut stream).await? {
             wv1::generate_event::Event::Token(token) => {
                 let (out, stopped) = progress.take(tokenizer, token);
-                if tx.send(GenerationEvent::Token(out)).await.is_err() {
+                if sink.send(GenerationEvent::Token(out)).await.is_err() {
                     // The client left; dropping the stream cancels the sequence on the worker.
                     return Err(AttemptError::Fatal(ApiError::client_gone()));
                 }
@@ -534,3 +545,40 @@ fn classify(spec: &GenerationSpec, status: Status) -> AttemptError {
 
 /// Default time a request may wait and run in total.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Work that is ready in the same instant the client is found gone (a lease granted to a
+    /// queued choice of a response already answered) must not go on: the departure wins every
+    /// time, not by the luck of the poll order.
+    #[tokio::test]
+    async fn a_departed_client_wins_over_work_that_is_ready_too() {
+        let (tx, rx) = response_channel();
+        let sinks = [ChoiceSink::new(tx.clone(), 0), ChoiceSink::new(tx, 1)];
+        drop(rx);
+        for _ in 0..64 {
+            let out = unless_client_leaves(&[&sinks[0], &sinks[1]], async { "lease" }).await;
+            assert_eq!(out, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn choices_of_one_response_share_its_channel_and_its_departure() {
+        let (tx, mut rx) = response_channel();
+        let (a, b) = (ChoiceSink::new(tx.clone(), 3), ChoiceSink::new(tx, 5));
+        b.send(GenerationEvent::Failed(ApiError::client_gone()))
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await.map(|(i, _)| i), Some(5));
+        let sinks = [&a];
+        let pending = unless_client_leaves(&sinks, std::future::pending::<()>());
+        drop(rx);
+        assert_eq!(pending.await, None);
+        assert!(a
+            .send(GenerationEvent::Failed(ApiError::client_gone()))
+            .await
+            .is_err());
+    }
+}

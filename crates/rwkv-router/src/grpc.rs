@@ -16,7 +16,7 @@ use crate::api::{self, Sampling, Stop};
 use crate::chat::{self, ChatMessage};
 use crate::checks::{check_prompt, check_vocab, encode, resolve_model};
 use crate::error::ApiError;
-use crate::generation::{GenerationEvent, TokenOut, Usage};
+use crate::generation::{self, GenerationEvent, TokenOut, Usage};
 use crate::http::{self, Dialect};
 use crate::scoring::{self, ScoreInput};
 use crate::sessions::SessionView;
@@ -102,7 +102,7 @@ impl PublicApi {
         dialect: Dialect,
         choices: usize,
         echo: Option<av1::Echo>,
-        mut events: mpsc::Receiver<(usize, GenerationEvent)>,
+        mut events: generation::ResponseEvents,
     ) -> EventStream {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let state = self.state.clone();

@@ -264,8 +264,8 @@ pub(crate) fn start_choices(
     v: &Validated,
     dialect: Dialect,
     top_logprobs: Option<u32>,
-) -> mpsc::Receiver<(usize, GenerationEvent)> {
-    let (tx, rx) = mpsc::channel(64);
+) -> generation::ResponseEvents {
+    let (tx, rx) = generation::response_channel();
     let deadline = state.cfg.deadline();
     for (p, prompt) in prompts.iter().enumerate() {
         let specs = (0..v.n)
@@ -299,10 +299,10 @@ pub(crate) fn start_choices(
                 }
             })
             .collect();
-        let choices = generation::start_choices(state.pool.clone(), state.tokenizer.clone(), specs);
-        for (i, events) in choices.into_iter().enumerate() {
-            generation::forward_tagged(events, p * v.n + i, tx.clone());
-        }
+        let sinks = (0..v.n)
+            .map(|i| generation::ChoiceSink::new(tx.clone(), p * v.n + i))
+            .collect();
+        generation::start_choices(state.pool.clone(), state.tokenizer.clone(), specs, sinks);
     }
     rx
 }
@@ -470,7 +470,7 @@ async fn respond_json(
     state: &Router,
     admission: Admission,
     plan: ResponsePlan,
-    mut events: mpsc::Receiver<(usize, GenerationEvent)>,
+    mut events: generation::ResponseEvents,
 ) -> Response {
     let mut acc: Vec<ChoiceAcc> = (0..plan.choices).map(|_| ChoiceAcc::default()).collect();
     let mut started = vec![false; plan.choices];
@@ -554,7 +554,7 @@ fn respond_stream(
     state: &Router,
     admission: Admission,
     plan: ResponsePlan,
-    mut events: mpsc::Receiver<(usize, GenerationEvent)>,
+    mut events: generation::ResponseEvents,
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     let state = state.clone();
@@ -779,10 +779,7 @@ async fn chat_completions(
 }
 
 /// Every choice of every prompt, finished without generating (`max_tokens: 0`).
-pub(crate) fn already_finished(
-    prompts: &[Vec<u32>],
-    n: usize,
-) -> mpsc::Receiver<(usize, GenerationEvent)> {
+pub(crate) fn already_finished(prompts: &[Vec<u32>], n: usize) -> generation::ResponseEvents {
     let (tx, rx) = mpsc::channel(prompts.len() * n);
     for (p, prompt) in prompts.iter().enumerate() {
         for i in 0..n {

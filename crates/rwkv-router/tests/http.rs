@@ -323,10 +323,11 @@ async fn choices_of_a_request_that_already_failed_never_run() {
     let (status, body) = c
         .post(
             "/v1/completions",
-            json!({"prompt": prompts, "max_tokens": 50}),
+            json!({"prompt": prompts, "max_tokens": 4000}),
         )
         .await;
-    // One choice runs, two wait in the queue of 2, the fourth finds it full.
+    // One choice runs (long enough that it cannot end by itself before the answer), two wait
+    // in the queue of 2, the fourth finds it full.
     assert_eq!(status, 429, "{body}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cache = c.engine.stats().unwrap().cache;

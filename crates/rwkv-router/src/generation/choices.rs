@@ -2,7 +2,8 @@
 //!
 //! The worker prefills the prompt once and forks its state per choice; its stream carries every
 //! choice's events, tagged with the choice. Here each choice keeps its own text-side progress
-//! and its own event channel, so to the API layer the choices look like separate generations.
+//! and sends to its own [`ChoiceSink`], so to the API layer the choices look like separate
+//! generations.
 //!
 //! A choice that a stop string ends stops being forwarded at once, but the worker keeps
 //! generating it until it ends there (an end token or `max_tokens`) or until every choice has
@@ -13,56 +14,52 @@ use std::sync::Arc;
 
 use rwkv_proto::wv1;
 use rwkv_tokenizer::Tokenizer;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::Status;
 
 use super::{
     conclude, next_event_of, open_stream, resume, unless_client_leaves, warn_failover,
-    AttemptError, Ended, GenerationEvent, GenerationSpec, Progress, EVENT_BUFFER,
+    AttemptError, ChoiceSink, Ended, GenerationEvent, GenerationSpec, Progress,
 };
 use crate::error::ApiError;
 use crate::pool::{Lease, Requester, WorkerPool};
 
-/// One choice: its spec (its own seed and request id), progress and channel.
+/// One choice: its spec (its own seed and request id), progress and where its events go.
 struct Choice {
     spec: GenerationSpec,
     progress: Progress,
-    tx: mpsc::Sender<GenerationEvent>,
+    sink: ChoiceSink,
     /// Still forwarding events (not ended, client still there).
     open: bool,
 }
 
 /// Starts the choices of one prompt: `specs[i]` is choice `i`, all with the same prompt and
 /// settings except the seed, which must be choice 0's plus `i` (what the worker gives each
-/// fork). Each choice's events arrive on its own receiver; dropping them all cancels the call.
+/// fork). Choice `i`'s events go to `sinks[i]`; dropping the response cancels the call.
 pub fn start_choices(
     pool: WorkerPool,
     tokenizer: Arc<Tokenizer>,
     specs: Vec<GenerationSpec>,
-) -> Vec<mpsc::Receiver<GenerationEvent>> {
+    sinks: Vec<ChoiceSink>,
+) {
+    assert_eq!(specs.len(), sinks.len(), "one sink per choice");
     if specs.len() == 1 {
-        return specs
-            .into_iter()
-            .map(|spec| super::start(pool.clone(), tokenizer.clone(), spec))
-            .collect();
+        for (spec, sink) in specs.into_iter().zip(sinks) {
+            super::start(pool.clone(), tokenizer.clone(), spec, sink);
+        }
+        return;
     }
-    let mut receivers = Vec::with_capacity(specs.len());
     let choices = specs
         .into_iter()
-        .map(|spec| {
-            let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-            receivers.push(rx);
-            Choice {
-                progress: Progress::new(&spec),
-                spec,
-                tx,
-                open: true,
-            }
+        .zip(sinks)
+        .map(|(spec, sink)| Choice {
+            progress: Progress::new(&spec),
+            spec,
+            sink,
+            open: true,
         })
         .collect();
     tokio::spawn(run(pool, tokenizer, choices));
-    receivers
 }
 
 async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choice>) {
@@ -72,8 +69,8 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
         tenant: &first.tenant,
         weight: first.weight,
     };
-    let txs: Vec<mpsc::Sender<GenerationEvent>> = choices.iter().map(|c| c.tx.clone()).collect();
-    let txs: Vec<&mpsc::Sender<GenerationEvent>> = txs.iter().collect();
+    let sinks: Vec<ChoiceSink> = choices.iter().map(|c| c.sink.clone()).collect();
+    let sinks: Vec<&ChoiceSink> = sinks.iter().collect();
     let leasing = pool.acquire_units(
         &first.model,
         &who,
@@ -82,7 +79,7 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
         first.deadline,
         choices.len(),
     );
-    let Some(leased) = unless_client_leaves(&txs, leasing).await else {
+    let Some(leased) = unless_client_leaves(&sinks, leasing).await else {
         return;
     };
     let lease = match leased {
@@ -91,7 +88,7 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
     };
     let worker_id = lease.worker.record.id.clone();
     let attempted = attempt(&pool, &tokenizer, &lease, &mut choices, started);
-    let Some(attempted) = unless_client_leaves(&txs, attempted).await else {
+    let Some(attempted) = unless_client_leaves(&sinks, attempted).await else {
         return;
     };
     match attempted {
@@ -104,7 +101,7 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
                 let Choice {
                     spec,
                     mut progress,
-                    tx,
+                    sink,
                     ..
                 } = choice;
                 warn_failover(&spec, &worker_id, progress.generated.len(), &status);
@@ -116,7 +113,7 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
                         &pool,
                         &tokenizer,
                         &spec,
-                        &tx,
+                        &sink,
                         started,
                         &mut progress,
                         tried,
@@ -124,7 +121,7 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
                     )
                     .await;
                     if let Err(e) = outcome {
-                        let _ = tx.send(GenerationEvent::Failed(e)).await;
+                        let _ = sink.send(GenerationEvent::Failed(e)).await;
                     }
                 });
             }
@@ -134,7 +131,7 @@ async fn run(pool: WorkerPool, tokenizer: Arc<Tokenizer>, mut choices: Vec<Choic
 
 async fn fail_open(choices: &[Choice], e: ApiError) {
     for choice in choices.iter().filter(|c| c.open) {
-        let _ = choice.tx.send(GenerationEvent::Failed(e.clone())).await;
+        let _ = choice.sink.send(GenerationEvent::Failed(e.clone())).await;
     }
 }
 
@@ -178,7 +175,7 @@ async fn attempt(
         let ended = match event {
             wv1::generate_event::Event::Token(token) => {
                 let (out, stopped) = choice.progress.take(tokenizer, token);
-                if choice.tx.send(GenerationEvent::Token(out)).await.is_err() {
+                if choice.sink.send(GenerationEvent::Token(out)).await.is_err() {
                     choice.open = false;
                     continue;
                 }
@@ -197,7 +194,7 @@ async fn attempt(
             &worker_id,
             started,
         );
-        let _ = choice.tx.send(done).await;
+        let _ = choice.sink.send(done).await;
         choice.open = false;
     }
     Ok(())

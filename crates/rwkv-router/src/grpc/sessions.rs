@@ -68,7 +68,7 @@ impl Sessions for PublicApi {
         };
         let turn = ops::send(&self.state, &tenant, &req.id, http::new_id("chatcmpl"), msg)
             .map_err(|e| status_of(&e))?;
-        let events = crate::generation::single_choice(turn.events);
+        let events = turn.events;
         Ok(Response::new(self.stream(
             turn.request_id,
             admission,

@@ -210,7 +210,7 @@ async fn message(
     };
     let logprobs = msg.top_logprobs.is_some();
     let turn = ops::send(&state, &tenant, &id, new_id("chatcmpl"), msg)?;
-    let rx = crate::generation::single_choice(turn.events);
+    let rx = turn.events;
     let v = turn.validated;
     let plan = ResponsePlan {
         dialect: Dialect::Chat,

@@ -5,14 +5,13 @@ use std::sync::Arc;
 
 use rwkv_proto::wv1;
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 use super::{check_quota, session_error, session_json, worker_of, SessionAddr};
 use crate::api::{self, Content, Sampling, Validated};
 use crate::chat::{self, ChatMessage};
 use crate::checks::{check_prompt, encode, resolve_model};
 use crate::error::ApiError;
-use crate::generation::{self, GenerationEvent, GenerationSpec, SessionTurn};
+use crate::generation::{self, GenerationSpec, SessionTurn};
 use crate::pool::WorkerEntry;
 use crate::tenants::Tenant;
 use crate::Router;
@@ -295,7 +294,8 @@ pub struct Turn {
     pub addr: SessionAddr,
     pub request_id: String,
     pub validated: Validated,
-    pub events: mpsc::Receiver<GenerationEvent>,
+    /// The turn's events, as choice 0.
+    pub events: generation::ResponseEvents,
 }
 
 /// The message's text, as the World format takes it.
@@ -388,7 +388,9 @@ pub fn send(
         }),
         trace: crate::http::current_trace(),
     };
-    let events = generation::start(state.pool.clone(), state.tokenizer.clone(), spec);
+    let (tx, events) = generation::response_channel();
+    let sink = generation::ChoiceSink::new(tx, 0);
+    generation::start(state.pool.clone(), state.tokenizer.clone(), spec, sink);
     Ok(Turn {
         addr,
         request_id,
