@@ -398,7 +398,14 @@ async fn drain_finishes_work_in_flight_and_refuses_new_work() {
         tokio::spawn(
             async move { collect(&mut running, generate_request(&[3, 4], greedy(30))).await },
         );
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Drain only once the generation runs (a fixed sleep loses that race on a loaded machine).
+    for _ in 0..400 {
+        let load = fx.client.load(wv1::LoadRequest {}).await.unwrap();
+        if load.into_inner().running == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let load = fx
         .client
         .drain(wv1::DrainRequest { timeout_ms: 30_000 })
