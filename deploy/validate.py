@@ -6,12 +6,17 @@ What it checks, without a cluster, a Docker daemon or the network:
 - Kubernetes manifests against the API's JSON schemas of each version in K8S_VERSIONS (strict:
   unknown fields are errors, and so is a kind or apiVersion the version does not serve), the
   kustomization against the manifests (and rendered with `kubectl kustomize` where kubectl exists),
-  the references between objects (selectors, named ports, volumes, ConfigMaps, the StatefulSets'
-  Services, `$(VAR)` references), the `restricted` Pod Security Standard the namespace enforces,
-  and the shutdown timing (grace periods against request_timeout and the workers' drain_timeout);
+  the references between objects (selectors, named ports, volumes, ConfigMaps, Secrets, the
+  StatefulSets' Services, `$(VAR)` references), the `restricted` Pod Security Standard the
+  namespace enforces, the shutdown timing (grace periods against request_timeout and the workers'
+  drain_timeout), the worker token (every router and worker reads the same key of one Secret, from
+  a file it can read), and the NetworkPolicies (their selectors and ports name pods and container
+  ports of the manifests, and they let routers reach the workers, routers and workers etcd, etcd
+  members each other and Prometheus the metrics ports, and leave the routers' port open);
 - the compose file against the Compose Specification schema, its references (depends_on, build
-  files, bind mounts, advertised addresses, Prometheus targets, stop grace periods), and
-  `docker compose config` where the compose plugin exists;
+  files, bind mounts, secrets, advertised addresses, Prometheus targets, stop grace periods), the
+  worker token (one compose secret for the router and workers, its file git-ignored and, where it
+  exists, a valid token), and `docker compose config` where the compose plugin exists;
 - the Dockerfiles with BuildKit's parser (stages, non-root user, pinned bases);
 - the example configs: TOML syntax, keys and values, each key documented;
 - every RWKV_* variable and config key against the flags of the `rwkv` sources
@@ -23,6 +28,7 @@ The last line is `deploy: N passed, N failed[, N skipped]`; the exit status is 1
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -51,7 +57,8 @@ K8S_VERSIONS = os.environ.get("K8S_VERSIONS", f"1.30.0 {kv.latest_version()}").s
 # crates/rwkv-cli/src/cmd/<command>.rs and what they flatten); this is the documented interface,
 # used only if the sources cannot be read that way (with a warning).
 FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "worker_overcommit", "request_timeout",
-                        "max_prompt_tokens", "max_tokens_limit", "max_body_bytes"}
+                        "max_prompt_tokens", "max_tokens_limit", "max_body_bytes", "tenants",
+                        "tls_cert", "tls_key"}
 FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "gpu_precision", "slots",
                         "max_batch_tokens", "prefill_chunk", "host_tier_mb", "prefix_cache_mb",
                         "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus",
@@ -59,9 +66,10 @@ FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precis
 FALLBACK_ETCD_KEYS = {"etcd", "etcd_prefix", "lease_ttl"}
 FALLBACK_KEYS = {
     "serve": FALLBACK_ROUTER_KEYS | FALLBACK_ENGINE_KEYS,
-    "router": FALLBACK_ROUTER_KEYS | FALLBACK_ETCD_KEYS | {"tokenizer", "default_model"},
-    "worker": {"listen", "advertise", "worker_id", "metrics_listen", "drain_timeout"}
-              | FALLBACK_ETCD_KEYS | FALLBACK_ENGINE_KEYS,
+    "router": FALLBACK_ROUTER_KEYS | FALLBACK_ETCD_KEYS | {"tokenizer", "default_model",
+                                                           "worker_ca", "worker_token_file"},
+    "worker": {"listen", "advertise", "worker_id", "metrics_listen", "drain_timeout", "tls_cert",
+               "tls_key", "worker_token_file"} | FALLBACK_ETCD_KEYS | FALLBACK_ENGINE_KEYS,
 }
 CONFIG_FILES = {"serve.example.toml": "serve", "router.example.toml": "router",
                 "worker.example.toml": "worker"}
@@ -69,6 +77,15 @@ DEFAULT_REQUEST_TIMEOUT = 600
 DEFAULT_DRAIN_TIMEOUT = 60
 # Ports of the system, as the manifests, compose file and Dockerfiles must use them.
 PORTS = {"router": 8000, "worker": 50051, "metrics": 9100, "etcd": 2379}
+# Secrets the Kubernetes manifests use but do not contain, with the keys they read: each
+# installation creates them before applying (never committed, never generated with a shared
+# value), as deploy/README.md documents with `kubectl create secret generic <name> --from-...`.
+EXTERNAL_SECRETS = {"rwkv-worker-token": {"token"}}
+README = DEPLOY / "README.md"
+# What `rwkv` accepts as the worker token (rwkv-proto's auth.rs): a file of at most 4096 bytes
+# holding, once trimmed, at least 16 printable ASCII characters without spaces.
+MIN_TOKEN_CHARS = 16
+MAX_TOKEN_FILE_BYTES = 4096
 # Quantiles metrics-exporter-prometheus renders for a histogram by default (as a summary).
 EXPORTER_QUANTILES = {"0", "0.5", "0.9", "0.95", "0.99", "0.999", "1"}
 
@@ -216,6 +233,8 @@ INT_KEYS = {"max_queue", "request_timeout", "max_prompt_tokens", "max_tokens_lim
             "prefix_cache_mb", "preempt_after_steps", "disk_tier_mb", "lease_ttl",
             "drain_timeout", "max_session_tokens"}
 ZERO_OK = {"prefix_cache_mb", "preempt_after_steps", "drain_timeout"}
+# Settings that are paths of files or directories.
+PATH_KEYS = {"worker_token_file", "tls_cert", "tls_key", "worker_ca", "tenants", "disk_tier_dir"}
 # Settings that are numbers >= 1, not necessarily whole.
 AT_LEAST_ONE = {"worker_overcommit"}
 
@@ -257,6 +276,11 @@ def check_value(key: str, value, where: str, from_env: bool = False) -> list[str
     elif key in {"model", "model_id", "tokenizer", "worker_id", "default_model"}:
         if not (isinstance(value, str) and value):
             return [f"{err} is not a non-empty string"]
+    elif key in PATH_KEYS:
+        if not (isinstance(value, str) and value.strip() and value == value.strip()
+                and not re.search(r"[\x00-\x1f]", value)):
+            return [f"{err} is not a path (a non-empty string without surrounding spaces or "
+                    "control characters)"]
     elif key == "gpus":
         if not (isinstance(value, str) and re.fullmatch(r"\d+(,\d+)*", value)):
             return [f"{err} is not a list of device ordinals like \"0,1\""]
@@ -402,8 +426,72 @@ def check_k8s_schemas(objects: list[tuple[Path, dict]], label: str) -> None:
         R.check(f"k8s schema {version} (strict): {label}, {len(objects)} objects", errors)
 
 
+def secret_refs(spec: dict) -> list[tuple[str, str, set[str]]]:
+    """(what refers, Secret name, keys it reads) of every Secret a pod spec uses."""
+    refs = []
+    for v in spec.get("volumes", []):
+        sources = [v["secret"]] if "secret" in v else [
+            src["secret"] for src in v.get("projected", {}).get("sources", []) if "secret" in src]
+        for src in sources:
+            name = src.get("secretName", src.get("name"))
+            refs.append((f"volume {v['name']}", name, {i["key"] for i in src.get("items", [])}))
+    for c in spec.get("initContainers", []) + spec.get("containers", []):
+        for e in c.get("env", []):
+            ref = e.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.append((f"container {c['name']} env {e['name']}", ref.get("name"), {ref.get("key")}))
+        for e in c.get("envFrom", []):
+            if "secretRef" in e:
+                refs.append((f"container {c['name']} envFrom", e["secretRef"].get("name"), set()))
+    for s in spec.get("imagePullSecrets", []):
+        refs.append(("imagePullSecrets", s.get("name"), set()))
+    return refs
+
+
+def known_secrets(objects: list[tuple[Path, dict]]) -> dict[tuple[str, str], set[str] | None]:
+    """(namespace, name) -> keys (None: not known offline) of the Secrets that exist once the
+    manifests are applied: those among them, those kustomization.yaml generates, and
+    EXTERNAL_SECRETS (in every namespace of the manifests)."""
+    out: dict[tuple[str, str], set[str] | None] = {}
+    for _, o in objects:
+        if o["kind"] == "Secret":
+            out[(o["metadata"].get("namespace", ""), o["metadata"]["name"])] = \
+                set(o.get("data") or {}) | set(o.get("stringData") or {})
+    kust_path = K8S / "kustomization.yaml"
+    kust = (load_yaml_all(kust_path) or [{}])[0] if kust_path.exists() else {}
+    for g in kust.get("secretGenerator") or []:
+        keys: set[str] | None = set()
+        for f in g.get("files") or []:
+            keys.add(f.split("=", 1)[0] if "=" in f else Path(f).name)
+        for lit in g.get("literals") or []:
+            keys.add(lit.split("=", 1)[0])
+        if g.get("envs") or g.get("env"):
+            keys = None
+        out[(g.get("namespace", kust.get("namespace", "")), g["name"])] = keys
+    for ns in {o["metadata"]["name"] for _, o in objects if o["kind"] == "Namespace"}:
+        for name, keys in EXTERNAL_SECRETS.items():
+            out.setdefault((ns, name), set(keys))
+    return out
+
+
+def external_secret_docs() -> list[str]:
+    """EXTERNAL_SECRETS are only there if the operator creates them: deploy/README.md must say how."""
+    text = (README.read_text() if README.exists() else "").replace("\\\n", " ")
+    errors = []
+    for name, keys in EXTERNAL_SECRETS.items():
+        if f"create secret generic {name}" not in text:
+            errors.append(f"{rel(README)} does not show how to create the Secret {name} "
+                          f"(`kubectl -n <namespace> create secret generic {name} ...`)")
+        for key in sorted(keys):
+            if not re.search(rf"create secret generic {re.escape(name)}\b[^\n]*--from-(literal|file)={re.escape(key)}=", text):
+                errors.append(f"{rel(README)}: the creation of Secret {name} does not set its key "
+                              f"{key} (--from-literal={key}=... or --from-file={key}=...)")
+    return errors
+
+
 def check_k8s_references(objects: list[tuple[Path, dict]]) -> None:
-    errors: list[str] = []
+    errors: list[str] = external_secret_docs()
+    secrets = known_secrets(objects)
     by_kind: dict[str, dict[tuple[str, str], dict]] = {}
     namespaces = {}
     for _, o in objects:
@@ -459,6 +547,15 @@ def check_k8s_references(objects: list[tuple[Path, dict]]) -> None:
                     not in by_kind.get("PersistentVolumeClaim", {}):
                 errors.append(f"{name}: volume {v['name']}: no PersistentVolumeClaim "
                               f"{v['persistentVolumeClaim']['claimName']}")
+        for what, secret, keys in secret_refs(spec):
+            if (ns, secret) not in secrets:
+                errors.append(f"{name}: {what}: no Secret {secret!r} in the manifests, in "
+                              f"kustomization.yaml's secretGenerator or among the ones the operator "
+                              f"creates (EXTERNAL_SECRETS: {', '.join(sorted(EXTERNAL_SECRETS))})")
+            elif secrets[(ns, secret)] is not None and keys - secrets[(ns, secret)]:
+                errors.append(f"{name}: {what}: Secret {secret} has no key "
+                              f"{', '.join(sorted(keys - secrets[(ns, secret)]))} (it has: "
+                              f"{', '.join(sorted(secrets[(ns, secret)])) or 'none'})")
         restricted = namespaces.get(ns, {}).get("metadata", {}).get("labels", {}).get(
             "pod-security.kubernetes.io/enforce") == "restricted"
         psc = spec.get("securityContext", {})
@@ -555,29 +652,108 @@ def k8s_mounted_config(o: dict, spec: dict, c: dict, env: dict) -> tuple[str, st
     return None
 
 
-def check_k8s_cluster(objects: list[tuple[Path, dict]]) -> None:
-    """The rwkv containers among themselves: configs, ports, advertise URLs, grace periods."""
-    errors: list[str] = []
+def k8s_settings(objects, o: dict, spec: dict, c: dict, cmd: str, env: dict) -> tuple[dict, list[str]]:
+    """The settings of one rwkv container: its --config file (from its ConfigMap), then its
+    RWKV_* variables over it; and the errors of that file."""
     configmaps = {o["metadata"]["name"]: o for _, o in objects if o["kind"] == "ConfigMap"}
+    settings: dict = {}
+    errors: list[str] = []
+    mounted = k8s_mounted_config(o, spec, c, env)
+    if mounted:
+        key, cm_name = mounted
+        text = configmaps.get(cm_name, {}).get("data", {}).get(key)
+        if text is None:
+            errors.append(f"{o['kind']}/{o['metadata']['name']} ({cmd}): --config file {key} is "
+                          f"not in ConfigMap {cm_name}")
+        else:
+            errors, settings = check_toml_config(text, cmd, f"ConfigMap {cm_name} {key}", False)
+    settings.update({k[len("RWKV_"):].lower(): v for k, v in env.items()
+                     if k.startswith("RWKV_") and v is not None})
+    return settings, errors
+
+
+def token_secret(spec: dict, c: dict, path: str, where: str) -> tuple[tuple[str, str] | None, list[str]]:
+    """((Secret, key), errors) of the worker token file `path` of container `c`: it must be a
+    key of a Secret mounted there (not optional), in a file the container's user can read."""
+    mounts = [m for m in c.get("volumeMounts", [])
+              if (path == m["mountPath"] if m.get("subPath") else
+                  path.startswith(m["mountPath"].rstrip("/") + "/"))]
+    if not mounts:
+        return None, [f"{where}: worker_token_file {path} is on no volume mount (mount the Secret "
+                      "that holds the token there)"]
+    m = max(mounts, key=lambda m: len(m["mountPath"]))
+    vol = next((v for v in spec.get("volumes", []) if v["name"] == m["name"]), None)
+    if vol is None:
+        return None, []  # reported by the references check
+    file = m["subPath"] if m.get("subPath") else path[len(m["mountPath"].rstrip("/")) + 1:]
+    if "secret" in vol:
+        sources, default_mode = [vol["secret"]], vol["secret"].get("defaultMode", 0o644)
+    elif "projected" in vol:
+        sources = [src["secret"] for src in vol["projected"].get("sources", []) if "secret" in src]
+        default_mode = vol["projected"].get("defaultMode", 0o644)
+    else:
+        sources, default_mode = [], 0o644
+    if not sources:
+        kinds = ", ".join(sorted(set(vol) - {"name"}))
+        return None, [f"{where}: worker_token_file {path} is on volume {vol['name']} ({kinds}): "
+                      "keep the token in a Secret"]
+    errors = []
+    found = None
+    for src in sources:
+        name = src.get("secretName", src.get("name"))
+        items = src.get("items")
+        if items:
+            item = next((i for i in items if i.get("path") == file), None)
+            if item:
+                found = (name, item["key"], item.get("mode", default_mode), src.get("optional"))
+        elif "/" not in file:
+            found = (name, file, default_mode, src.get("optional"))
+        if found:
+            break
+    if not found:
+        return None, [f"{where}: worker_token_file {path}: volume {vol['name']} puts no Secret key "
+                      f"at {file}"]
+    name, key, mode, optional = found
+    if optional:
+        errors.append(f"{where}: the token's Secret {name} is optional: without it the pod would "
+                      "start and fail on a missing file; leave it required")
+    sc, psc = c.get("securityContext", {}), spec.get("securityContext", {})
+    uid = sc.get("runAsUser", psc.get("runAsUser"))
+    # Secret files belong to root, and to the group fsGroup where the pod sets one.
+    readable = mode & 0o004 or (mode & 0o040 and psc.get("fsGroup") is not None) or \
+        (mode & 0o400 and uid == 0)
+    if not readable:
+        errors.append(f"{where}: worker_token_file {path} has mode {mode:#o}, owned by root"
+                      + ("" if psc.get("fsGroup") is not None else " without an fsGroup")
+                      + f": user {uid} cannot read it")
+    return (name, key), errors
+
+
+def check_k8s_cluster(objects: list[tuple[Path, dict]]) -> None:
+    """The rwkv containers among themselves: configs, ports, advertise URLs, grace periods, the
+    worker token."""
+    errors: list[str] = []
     services = {o["metadata"]["name"]: o for _, o in objects if o["kind"] == "Service"}
     router_timeouts = []
     containers = list(k8s_rwkv_containers(objects))
     all_settings = []
+    tokens: dict[str, tuple[str, str]] = {}
     for o, spec, c, cmd, env in containers:
         cname = f"{o['kind']}/{o['metadata']['name']} ({cmd})"
-        settings = {}
-        mounted = k8s_mounted_config(o, spec, c, env)
-        if mounted:
-            key, cm_name = mounted
-            text = configmaps.get(cm_name, {}).get("data", {}).get(key)
-            if text is None:
-                errors.append(f"{cname}: --config file {key} is not in ConfigMap {cm_name}")
-            else:
-                cfg_errors, settings = check_toml_config(text, cmd, f"ConfigMap {cm_name} {key}", False)
-                errors += cfg_errors
-        settings.update({k[len("RWKV_"):].lower(): v for k, v in env.items()
-                         if k.startswith("RWKV_") and v is not None})
+        settings, cfg_errors = k8s_settings(objects, o, spec, c, cmd, env)
+        errors += cfg_errors
         all_settings.append(settings)
+        if cmd in {"router", "worker"}:
+            path = settings.get("worker_token_file")
+            if not path:
+                errors.append(f"{cname}: no worker_token_file (RWKV_WORKER_TOKEN_FILE): " + (
+                    "anyone who reaches its port could call it as any tenant" if cmd == "worker"
+                    else "workers refuse a router without the cluster's token"))
+            else:
+                secret, token_errors = token_secret(spec, c, str(path), cname)
+                errors += token_errors
+                if secret:
+                    tokens[cname] = secret
         ports = {p["containerPort"] for p in c.get("ports", [])}
         listen = str(settings.get("listen", "0.0.0.0:%d" % PORTS["router" if cmd != "worker" else "worker"]))
         if int(listen.rsplit(":", 1)[1]) not in ports:
@@ -612,13 +788,227 @@ def check_k8s_cluster(objects: list[tuple[Path, dict]]) -> None:
         host = re.sub(r"^https?://", "", str(settings.get("etcd", ""))).split(":")[0]
         if ".svc" in host and host.split(".")[0] not in services:
             errors.append(f"{cname}: etcd URL names Service {host.split('.')[0]}, not in the manifests")
+    if len(set(tokens.values())) > 1:
+        errors.append("routers and workers read different worker tokens, so some refuse others: "
+                      + "; ".join(f"{n}: Secret {s} key {k}" for n, (s, k) in sorted(tokens.items())))
     timeout = max(router_timeouts, default=DEFAULT_REQUEST_TIMEOUT)
     for (o, spec, c, cmd, env), settings in zip(containers, all_settings):
         errors += shutdown_errors(f"{o['kind']}/{o['metadata']['name']}", cmd, settings,
                                   spec.get("terminationGracePeriodSeconds", 30), prestop_sleep(c),
                                   timeout)
-    R.check(f"k8s rwkv settings, ports, advertise URLs and grace periods ({len(containers)} containers)",
-            errors)
+    R.check(f"k8s rwkv settings, ports, advertise URLs, grace periods and worker token "
+            f"({len(containers)} containers)", errors)
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions) against labels: {} or none selects all."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if (op == "In" and labels.get(key) not in values) or \
+                (op == "NotIn" and key in labels and labels[key] in values) or \
+                (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def container_ports(tpl: dict) -> list[tuple[str | None, int, str]]:
+    """(name, number, protocol) of every container port of a pod template."""
+    return [(p.get("name"), p["containerPort"], p.get("protocol", "TCP"))
+            for c in tpl["spec"].get("initContainers", []) + tpl["spec"]["containers"]
+            for p in c.get("ports", [])]
+
+
+def policy_types(policy: dict) -> list[str]:
+    spec = policy.get("spec", {})
+    return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+class Pod:
+    """A pod template of the manifests, as NetworkPolicies see it."""
+
+    def __init__(self, workload: dict, tpl: dict) -> None:
+        self.name = f"{workload['kind']}/{workload['metadata']['name']}"
+        self.ns = workload["metadata"].get("namespace", "")
+        self.labels = tpl["metadata"].get("labels", {})
+        self.tpl = tpl
+
+
+def peer_admits(peer: dict, other: Pod | None, policy_ns: str, ns_labels: dict) -> bool:
+    """Does a NetworkPolicy peer (from/to) cover pod `other` (None: any client at all, from
+    outside the cluster too)? ipBlocks are taken to cover pods only as 0.0.0.0/0 or ::/0."""
+    block = peer.get("ipBlock")
+    if block:
+        return block.get("cidr") in {"0.0.0.0/0", "::/0"} and not block.get("except")
+    if other is None:
+        return False
+    if "namespaceSelector" in peer:
+        labels = ns_labels.get(other.ns, {"kubernetes.io/metadata.name": other.ns})
+        if not selects(peer["namespaceSelector"], labels):
+            return False
+    elif other.ns != policy_ns:
+        return False
+    return selects(peer.get("podSelector"), other.labels)
+
+
+def port_admits(entry: dict, number: int, protocol: str, dst: Pod) -> bool:
+    """Does a NetworkPolicy port entry cover `number` on pod `dst` (where a named port resolves)?"""
+    if entry.get("protocol", "TCP") != protocol:
+        return False
+    port = entry.get("port")
+    if port is None:
+        return True
+    if isinstance(port, str):
+        return any(n == port and num == number and pr == protocol for n, num, pr in container_ports(dst.tpl))
+    return port <= number <= entry.get("endPort", port)
+
+
+def flow_blocked(policies: list[dict], src: Pod | None, dst: Pod, port: int, ns_labels: dict,
+                 protocol: str = "TCP") -> str | None:
+    """Why the NetworkPolicies stop `src` (None: any client) from connecting to `dst`:`port`, or
+    None if they let it. Pods no policy selects (for that direction) are not restricted."""
+    def admitted(policy, direction, peers_key, other, to):
+        return any(
+            (not rule.get(peers_key) or any(peer_admits(p, other, policy["metadata"].get("namespace", ""),
+                                                         ns_labels) for p in rule[peers_key]))
+            and (not rule.get("ports") or any(port_admits(e, port, protocol, to) for e in rule["ports"]))
+            for rule in policy["spec"].get(direction) or [])
+
+    ingress = [p for p in policies if "Ingress" in policy_types(p)
+               and p["metadata"].get("namespace", "") == dst.ns and selects(p["spec"].get("podSelector"), dst.labels)]
+    if ingress and not any(admitted(p, "ingress", "from", src, dst) for p in ingress):
+        return f"ingress to {dst.name} ({', '.join(p['metadata']['name'] for p in ingress)})"
+    if src is not None:
+        egress = [p for p in policies if "Egress" in policy_types(p)
+                  and p["metadata"].get("namespace", "") == src.ns and selects(p["spec"].get("podSelector"), src.labels)]
+        if egress and not any(admitted(p, "egress", "to", dst, dst) for p in egress):
+            return f"egress from {src.name} ({', '.join(p['metadata']['name'] for p in egress)})"
+    return None
+
+
+def required_flows(objects, pods: list[Pod]) -> list[tuple[str, Pod | None, Pod, int]]:
+    """(what, source (None: any client), destination, port) of the connections the system needs:
+    routers and workers to etcd (their etcd URL, through its Service), routers to workers (the
+    workers' listen port), etcd members to each other (the peer URL's port), any client to the
+    routers' port, and a scraper to every pod's prometheus.io/port."""
+    services = {(o["metadata"].get("namespace", ""), o["metadata"]["name"]): o
+                for _, o in objects if o["kind"] == "Service"}
+    by_template = {id(p.tpl): p for p in pods}
+    flows = []
+    routers, workers = [], []
+    for o, spec, c, cmd, env in k8s_rwkv_containers(objects):
+        pod = by_template[id(o["spec"]["template"])]
+        settings, _ = k8s_settings(objects, o, spec, c, cmd, env)
+        listen = int(str(settings.get("listen", "0.0.0.0:%d" % PORTS["router" if cmd != "worker" else "worker"])).rsplit(":", 1)[1])
+        if cmd == "router":
+            routers.append(pod)
+            flows.append((f"clients to the routers' port {listen}", None, pod, listen))
+        elif cmd == "worker":
+            workers.append((pod, listen))
+        for url in str(settings.get("etcd", "")).split(","):
+            m = re.match(r"^\s*https?://([^:/]+):(\d+)", url)
+            if not m:
+                continue
+            host = m.group(1).split(".")
+            svc = services.get((host[1] if len(host) > 1 and host[1] != "svc" else pod.ns, host[0]))
+            if not svc:
+                continue
+            for sp in svc["spec"].get("ports", []):
+                if sp.get("port") != int(m.group(2)):
+                    continue
+                for dst in pods:
+                    if dst.ns != svc["metadata"].get("namespace", "") or not matches(svc["spec"].get("selector", {}), dst.labels):
+                        continue
+                    tp = sp.get("targetPort", sp["port"])
+                    numbers = [n for name, n, _ in container_ports(dst.tpl) if name == tp] if isinstance(tp, str) else [tp]
+                    for n in numbers:
+                        flows.append((f"{cmd} {pod.name} to etcd ({url.strip()})", pod, dst, n))
+    for src in routers:
+        for dst, port in workers:
+            flows.append((f"router {src.name} to the worker gRPC port", src, dst, port))
+    for pod in pods:
+        for c in pod.tpl["spec"]["containers"]:
+            for a in c.get("command", []) + c.get("args", []):
+                m = re.match(r"^--initial-advertise-peer-urls=https?://[^,]*:(\d+)", str(a))
+                if m:
+                    flows.append((f"etcd members of {pod.name} to each other", pod, pod, int(m.group(1))))
+        ann = pod.tpl["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/scrape") == "true" and str(ann.get("prometheus.io/port", "")).isdigit():
+            flows.append(("Prometheus to prometheus.io/port", "scraper", pod, int(ann["prometheus.io/port"])))
+    return flows
+
+
+def check_network_policies(objects: list[tuple[Path, dict]]) -> None:
+    """NetworkPolicies: they select pods of the manifests, their peers name pods of the manifests,
+    their ports are container ports of the pods they apply to; and they leave the connections
+    the system needs open (required_flows)."""
+    errors: list[str] = []
+    policies = [o for _, o in objects if o["kind"] == "NetworkPolicy"]
+    pods = [Pod(o, pod_template(o)) for _, o in objects if pod_template(o)]
+    ns_labels = {o["metadata"]["name"]: {**o["metadata"].get("labels", {}),
+                                         "kubernetes.io/metadata.name": o["metadata"]["name"]}
+                 for _, o in objects if o["kind"] == "Namespace"}
+    for p in policies:
+        ns = p["metadata"].get("namespace", "")
+        name = f"NetworkPolicy/{p['metadata']['name']}"
+        targets = [pod for pod in pods if pod.ns == ns and selects(p["spec"].get("podSelector"), pod.labels)]
+        if not targets:
+            errors.append(f"{name}: podSelector {p['spec'].get('podSelector')} selects no pod of the manifests")
+        for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+            for i, rule in enumerate(p["spec"].get(direction) or []):
+                where = f"{name} {direction}[{i}]"
+                for peer in rule.get(peers_key) or []:
+                    if "ipBlock" in peer:
+                        try:
+                            net = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                            for e in peer["ipBlock"].get("except", []):
+                                if not ipaddress.ip_network(e).subnet_of(net):
+                                    errors.append(f"{where}: ipBlock except {e} is not inside {net}")
+                        except (ValueError, TypeError) as e:
+                            errors.append(f"{where}: ipBlock: {e}")
+                        continue
+                    nsel = peer.get("namespaceSelector")
+                    local = [n for n, labels in ns_labels.items() if nsel is not None and selects(nsel, labels)]
+                    if nsel is not None and not local:
+                        continue  # other namespaces: their pods are not in the manifests
+                    in_ns = local if nsel is not None else [ns]
+                    if not any(pod.ns in in_ns and selects(peer.get("podSelector"), pod.labels) for pod in pods):
+                        errors.append(f"{where}: {peers_key} {peer} selects no pod of the manifests")
+                # Ingress ports are the selected pods' own; egress ports those of the peers.
+                if direction != "ingress":
+                    continue
+                for entry in rule.get("ports") or []:
+                    port = entry.get("port")
+                    proto = entry.get("protocol", "TCP")
+                    for pod in targets:
+                        ports = container_ports(pod.tpl)
+                        if isinstance(port, str) and not any(n == port and pr == proto for n, _, pr in ports):
+                            errors.append(f"{where}: port {port!r} ({proto}) is no container port of {pod.name}")
+                        elif isinstance(port, int) and not any(
+                                port <= num <= entry.get("endPort", port) and pr == proto for _, num, pr in ports):
+                            errors.append(f"{where}: port {port} ({proto}) is no container port of {pod.name}")
+    flows = required_flows(objects, pods)
+    for what, src, dst, port in flows:
+        if src == "scraper":
+            # Prometheus runs wherever the cluster's operators put it: some rule must let it in.
+            ingress = [p for p in policies if "Ingress" in policy_types(p)
+                       and p["metadata"].get("namespace", "") == dst.ns
+                       and selects(p["spec"].get("podSelector"), dst.labels)]
+            if ingress and not any(
+                    not rule.get("ports") or any(port_admits(e, port, "TCP", dst) for e in rule["ports"])
+                    for p in ingress for rule in p["spec"].get("ingress") or []):
+                errors.append(f"{what}: no rule of the NetworkPolicies "
+                              f"{', '.join(p['metadata']['name'] for p in ingress)} admits anybody to "
+                              f"{dst.name} port {port}")
+            continue
+        why = flow_blocked(policies, src, dst, port, ns_labels)
+        if why:
+            errors.append(f"{what}: {src.name if src else 'a client'} cannot reach {dst.name} port {port}: "
+                          f"the NetworkPolicies restrict {why} and none of their rules admit it")
+    R.check(f"k8s NetworkPolicies: selectors, ports and the connections the cluster needs "
+            f"({len(policies)} policies, {len(flows)} connections)", errors)
 
 
 def check_kustomization(objects: list[tuple[Path, dict]], docs: dict[Path, list]) -> None:
@@ -682,6 +1072,76 @@ def interpolate_defaults(value: str) -> str:
                   lambda m: m.group(2) if m.group(2) is not None else m.group(1), value)
 
 
+def token_file_errors(path: Path) -> list[str]:
+    """Is the file at `path` a worker token `rwkv` accepts?"""
+    if not path.is_file():
+        return [f"{rel(path)} is not a file (if `docker compose up` ran before it existed, Docker "
+                "may have made a directory there: remove it and write the token)"]
+    if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
+        return [f"{rel(path)} is larger than {MAX_TOKEN_FILE_BYTES} bytes"]
+    token = path.read_bytes().strip()
+    if not all(0x21 <= b <= 0x7e for b in token) or len(token) < MIN_TOKEN_CHARS:
+        return [f"{rel(path)} does not hold a worker token (at least {MIN_TOKEN_CHARS} printable "
+                "ASCII characters without spaces): `openssl rand -hex 32 > " + path.name + "`"]
+    return []
+
+
+def git_ignored(path: Path) -> bool | None:
+    """Whether git ignores `path` (None: git or the repository is not there to ask)."""
+    git = shutil.which("git")
+    if not git:
+        return None
+    out = subprocess.run([git, "-C", str(ROOT), "check-ignore", "-q", str(path)],
+                         capture_output=True)
+    return {0: True, 1: False}.get(out.returncode)
+
+
+def compose_token_errors(compose: dict, rwkv_services: dict) -> list[str]:
+    """The router and workers read one worker token, from a compose secret, whose file is never
+    committed and, where it exists, holds a valid token."""
+    errors = []
+    base = COMPOSE.parent
+    declared = compose.get("secrets") or {}
+    sources: dict[str, str] = {}
+    for name, (cmd, settings, s) in rwkv_services.items():
+        if cmd not in {"router", "worker"}:
+            continue
+        path = settings.get("worker_token_file")
+        if not path:
+            errors.append(f"service {name}: no RWKV_WORKER_TOKEN_FILE: " + (
+                "anyone who reaches its port could call it as any tenant" if cmd == "worker"
+                else "workers refuse a router without the cluster's token"))
+            continue
+        mounted = {}
+        for entry in s.get("secrets") or []:
+            source = entry if isinstance(entry, str) else entry.get("source")
+            target = source if isinstance(entry, str) else entry.get("target", source)
+            mounted[target if target.startswith("/") else f"/run/secrets/{target}"] = source
+        if path not in mounted:
+            errors.append(f"service {name}: RWKV_WORKER_TOKEN_FILE {path} is none of its secrets "
+                          f"({', '.join(sorted(mounted)) or 'it has none'}): mount the token as a "
+                          "compose secret")
+        else:
+            sources[name] = mounted[path]
+    if len(set(sources.values())) > 1:
+        errors.append("the router and workers read different secrets, so some refuse others: "
+                      + ", ".join(f"{n}: {src}" for n, src in sorted(sources.items())))
+    for source in sorted(set(sources.values()) & set(declared)):
+        file = (declared[source] or {}).get("file")
+        if not file:
+            continue
+        path = base / file
+        ignored = git_ignored(path)
+        if ignored is False:
+            errors.append(f"secret {source}: {rel(path)} is not git-ignored: the token would be "
+                          "committed (add it to deploy/compose/.gitignore)")
+        elif ignored is None:
+            R.warn("compose worker token", f"git cannot say whether {rel(path)} is ignored")
+        if path.exists() or path.is_symlink():
+            errors += token_file_errors(path)
+    return errors
+
+
 def check_compose(docs: dict[Path, list]) -> None:
     schema_cli = BIN / "check-jsonschema"
     out = subprocess.run([str(schema_cli), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
@@ -721,6 +1181,10 @@ def check_compose(docs: dict[Path, list]) -> None:
                 errors.append(f"{where}: build context {rel(ctx)} does not exist")
             if not dockerfile_path.is_file():
                 errors.append(f"{where}: {rel(dockerfile_path)} does not exist")
+        for entry in s.get("secrets") or []:
+            source = entry if isinstance(entry, str) else entry.get("source")
+            if source not in (compose.get("secrets") or {}):
+                errors.append(f"{where}: secret {source} is not declared under `secrets`")
         for v in s.get("volumes", []):
             src = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
             if src.startswith((".", "/")):
@@ -773,6 +1237,7 @@ def check_compose(docs: dict[Path, list]) -> None:
             host = re.sub(r"^https?://", "", str(settings.get(key, ""))).split(":")[0]
             if host and host not in services:
                 errors.append(f"{where}: etcd URL names {host}, not a service")
+    errors += compose_token_errors(compose, rwkv_services)
     ids = [st.get("worker_id", n) for n, (c, st, _) in rwkv_services.items() if c == "worker"]
     if len(ids) != len(set(ids)):
         errors.append(f"worker ids are not unique: {ids}")
@@ -797,7 +1262,8 @@ def check_compose(docs: dict[Path, list]) -> None:
     for mount in ("../grafana/provisioning", "../grafana/rwkv-dashboard.json"):
         if not (base / mount).exists():
             errors.append(f"{mount} is missing")
-    R.check(f"compose references, rwkv settings and stop grace periods ({len(services)} services)", errors)
+    R.check(f"compose references, rwkv settings, worker token and stop grace periods "
+            f"({len(services)} services)", errors)
 
 
 # ---- Dockerfiles ----------------------------------------------------------------------------------
@@ -943,6 +1409,7 @@ def main() -> int:
         ("k8s schemas", lambda: check_k8s_schemas(objects, rel(K8S / "manifests"))),
         ("k8s references", lambda: check_k8s_references(objects)),
         ("k8s rwkv settings", lambda: check_k8s_cluster(objects)),
+        ("k8s network policies", lambda: check_network_policies(objects)),
         ("k8s kustomization", lambda: check_kustomization(objects, docs)),
         ("compose", lambda: check_compose(docs)),
         ("dockerfiles", check_dockerfiles),

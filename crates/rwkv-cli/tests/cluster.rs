@@ -59,10 +59,11 @@ fn rwkv() -> Command {
     c
 }
 
-fn start_worker(model: &Path, etcd: &str, id: &str) -> Proc {
+fn start_worker(model: &Path, etcd: &str, id: &str, token: &Path) -> Proc {
     let port = free_port();
     let child = rwkv()
         .args(["worker", "--model", model.to_str().unwrap(), "--etcd", etcd])
+        .args(["--worker-token-file", token.to_str().unwrap()])
         .args(["--listen", &format!("127.0.0.1:{port}"), "--worker-id", id])
         .args(["--lease-ttl", "2", "--slots", "8", "--model-id", "tiny"])
         .args([
@@ -78,8 +79,10 @@ fn start_worker(model: &Path, etcd: &str, id: &str) -> Proc {
     Proc(child)
 }
 
-fn start_router(etcd: &str, port: u16) -> Proc {
+/// The router takes the worker token from the environment (the workers from the flag).
+fn start_router(etcd: &str, port: u16, token: &Path) -> Proc {
     let child = rwkv()
+        .env("RWKV_WORKER_TOKEN_FILE", token)
         .args([
             "router",
             "--etcd",
@@ -257,9 +260,12 @@ async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
         http.get(format!("{etcd}/health")).send().await.is_ok()
     })
     .await;
-    let mut worker_a = start_worker(&model, &etcd, "a");
-    let _worker_b = start_worker(&model, &etcd, "b");
-    let _router = start_router(&etcd, router_port);
+    // The workers refuse calls without the cluster's token; the router sends it.
+    let token = dir.path().join("worker-token");
+    std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
+    let mut worker_a = start_worker(&model, &etcd, "a", &token);
+    let _worker_b = start_worker(&model, &etcd, "b", &token);
+    let _router = start_router(&etcd, router_port, &token);
     wait_for(
         "two workers in the routing table",
         Duration::from_secs(60),

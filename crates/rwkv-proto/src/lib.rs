@@ -1,7 +1,8 @@
 //! Wire types of the RWKV serving cluster: the code generated from `proto/` and nothing else.
 //!
 //! This crate owns the protobuf messages and gRPC stubs (client and server) of every service in
-//! `proto/`, the trace context that travels with calls as metadata ([`trace`]), plus small
+//! `proto/`, the trace context that travels with calls as metadata ([`trace`]), the worker
+//! token routers present to workers ([`auth`]), plus small
 //! helpers for reading them. It never depends on other workspace crates, so a
 //! change to the engine or the model never changes the wire. Whoever receives a message converts
 //! it to its own domain types and validates it there (the worker into engine requests, the router
@@ -25,6 +26,7 @@ pub mod api {
 
 pub use api::v1 as av1;
 
+pub mod auth;
 pub mod trace;
 pub use trace::TraceContext;
 

@@ -14,9 +14,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rwkv_cluster::{Membership, Registry, WorkerRecord};
+use rwkv_proto::auth::{ClientAuth, WorkerToken};
 use rwkv_proto::wv1::{self, worker_client::WorkerClient};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::affinity::Affinity;
@@ -39,6 +41,9 @@ pub struct PoolConfig {
     /// How to verify workers that advertise `https://` addresses (their CA); without it such
     /// workers are skipped with a warning.
     pub worker_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// The cluster's worker token, sent with every call to a worker (workers started with a
+    /// token refuse calls without it).
+    pub worker_token: Option<WorkerToken>,
     /// Requests in flight per worker, as a multiple of its state slots. At 1 a worker only
     /// gets what it can run at once and everything else waits here, in the tenants' fair
     /// queue; above 1 each worker also keeps a queue of its own, which its engine serves by
@@ -59,6 +64,7 @@ impl Default for PoolConfig {
             poll_interval: Duration::from_millis(500),
             max_message_bytes: 256 << 20,
             worker_tls: None,
+            worker_token: None,
             overcommit: DEFAULT_OVERCOMMIT,
         }
     }
@@ -78,7 +84,7 @@ pub enum PoolError {
 #[derive(Debug)]
 pub struct WorkerEntry {
     pub record: WorkerRecord,
-    pub client: WorkerClient<Channel>,
+    pub client: WorkerClient<InterceptedService<Channel, ClientAuth>>,
     /// Filled by the first successful `Info` call; the worker gets no traffic before that.
     info: RwLock<Option<wv1::WorkerInfo>>,
     /// Requests this router has in flight on the worker.
@@ -247,9 +253,10 @@ impl WorkerPool {
                 }
             };
             let max = self.inner.cfg.max_message_bytes;
+            let auth = ClientAuth::new(self.inner.cfg.worker_token.clone());
             let entry = Arc::new(WorkerEntry {
                 record: record.clone(),
-                client: WorkerClient::new(channel)
+                client: WorkerClient::with_interceptor(channel, auth)
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
                 info: RwLock::new(None),
@@ -561,6 +568,19 @@ enum Pick {
 /// Polls one worker until it leaves: `Info` until it answers, then `Load` as a health check.
 async fn poll(pool: WorkerPool, worker: Arc<WorkerEntry>) {
     let interval = pool.inner.cfg.poll_interval;
+    // A token mismatch does not mend itself: say so once, at error level, not every poll.
+    let mut refusal_reported = false;
+    let mut report_refusal = |status: &tonic::Status| {
+        if status.code() == tonic::Code::Unauthenticated && !refusal_reported {
+            refusal_reported = true;
+            tracing::error!(
+                worker = worker.record.id,
+                "the worker refuses this router's calls: give the router the workers' \
+                 worker_token_file ({})",
+                status.message()
+            );
+        }
+    };
     while !worker.gone.load(Ordering::SeqCst) {
         let mut client = worker.client.clone();
         let healthy = if worker.info().is_none() {
@@ -580,12 +600,20 @@ async fn poll(pool: WorkerPool, worker: Arc<WorkerEntry>) {
                         true
                     }
                 }
-                _ => false,
+                Ok(Err(status)) => {
+                    report_refusal(&status);
+                    false
+                }
+                Err(_) => false,
             }
         } else {
             match tokio::time::timeout(interval * 4, client.load(wv1::LoadRequest {})).await {
                 Ok(Ok(load)) => !load.into_inner().draining,
-                _ => false,
+                Ok(Err(status)) => {
+                    report_refusal(&status);
+                    false
+                }
+                Err(_) => false,
             }
         };
         let was = worker.healthy.swap(healthy, Ordering::SeqCst);

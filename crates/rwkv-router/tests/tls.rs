@@ -1,5 +1,6 @@
-//! TLS end to end: a worker serving gRPC over TLS, a router that verifies it with a CA and serves
-//! HTTPS and gRPC over TLS on one port, and clients that trust only that CA.
+//! TLS end to end: a worker serving gRPC over TLS (and requiring the cluster's worker token), a
+//! router that verifies it with a CA, presents the token and serves HTTPS and gRPC over TLS on
+//! one port, and clients that trust only that CA.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use rwkv_cluster::{MemoryRegistry, Registry, WorkerRecord};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{Engine, EngineConfig};
 use rwkv_model::{synthetic, Checkpoint, ModelWeights};
+use rwkv_proto::auth::WorkerToken;
 use rwkv_proto::av1;
 use rwkv_router::{PoolConfig, Router, RouterConfig, WorkerPool};
 use rwkv_tokenizer::Tokenizer;
@@ -103,7 +105,7 @@ fn weights() -> ModelWeights {
     ModelWeights::from_checkpoint(&ckpt).unwrap()
 }
 
-async fn tls_worker(pki: &Pki) -> std::net::SocketAddr {
+async fn tls_worker(pki: &Pki, token: WorkerToken) -> std::net::SocketAddr {
     let engine = Engine::start(
         CpuBackend::new(&weights(), 2),
         EngineConfig {
@@ -123,7 +125,8 @@ async fn tls_worker(pki: &Pki) -> std::net::SocketAddr {
             max_batch_size: 8,
             max_waiting: 8,
         },
-    );
+    )
+    .require_token(token);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cert = std::fs::read(pki.path("cert.pem")).unwrap();
@@ -138,7 +141,8 @@ async fn tls_worker(pki: &Pki) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_and_grpc_over_tls_end_to_end() {
     let pki = Pki::new();
-    let worker = tls_worker(&pki).await;
+    let token = WorkerToken::new("tls-test-worker-token-0123").unwrap();
+    let worker = tls_worker(&pki, token.clone()).await;
 
     let registry = MemoryRegistry::new();
     let _registration = registry
@@ -150,12 +154,18 @@ async fn https_and_grpc_over_tls_end_to_end() {
         })
         .await
         .unwrap();
-    let pool = WorkerPool::new(PoolConfig {
+    let pool_config = |token| PoolConfig {
         poll_interval: Duration::from_millis(50),
         worker_tls: Some(rwkv_router::tls::worker_client_config(&pki.path("ca.pem")).unwrap()),
+        worker_token: token,
         ..PoolConfig::default()
-    });
+    };
+    let pool = WorkerPool::new(pool_config(Some(token)));
     pool.follow(&registry).await.unwrap();
+    // A router without the token reaches the worker but is refused: the worker never becomes
+    // ready there.
+    let tokenless = WorkerPool::new(pool_config(None));
+    tokenless.follow(&registry).await.unwrap();
     let router = Router::new(
         RouterConfig::default(),
         pool.clone(),
@@ -178,6 +188,11 @@ async fn https_and_grpc_over_tls_end_to_end() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(pool.is_ready(), "the router never reached the TLS worker");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !tokenless.is_ready(),
+        "a router without the worker token was let in"
+    );
 
     // HTTPS, trusting only our CA (a plain HTTP/1.1 exchange over rustls: reqwest's TLS
     // features would change every reqwest client in the workspace).

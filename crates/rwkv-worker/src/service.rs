@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rwkv_engine::{EngineHandle, GenerateStream};
+use rwkv_proto::auth::{ServerAuth, WorkerToken};
 use rwkv_proto::wv1::{self, worker_server::Worker};
 use rwkv_proto::{count_u32, FieldError, TraceContext};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, status_of};
@@ -34,6 +36,8 @@ pub struct WorkerService {
     engine: EngineHandle,
     identity: Arc<WorkerIdentity>,
     draining: Arc<AtomicBool>,
+    /// Calls without this token are refused (see [`WorkerService::require_token`]).
+    token: Option<WorkerToken>,
 }
 
 /// How often a stream's bridge thread checks for a vanished client while no event comes
@@ -48,7 +52,15 @@ impl WorkerService {
             engine,
             identity: Arc::new(identity),
             draining: Arc::new(AtomicBool::new(false)),
+            token: None,
         }
+    }
+
+    /// Served with [`serve`] or [`serve_tls`], every call must then carry `token` (routers send
+    /// it when given the same token); others are refused with UNAUTHENTICATED.
+    pub fn require_token(mut self, token: WorkerToken) -> Self {
+        self.token = Some(token);
+        self
     }
 
     /// True once `Drain` was called: new generations are refused with UNAVAILABLE.
@@ -463,7 +475,13 @@ async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    tracing::info!(?addr, tls = tls.is_some(), "worker gRPC service listening");
+    let auth = ServerAuth::new(service.token.clone());
+    tracing::info!(
+        ?addr,
+        tls = tls.is_some(),
+        token = service.token.is_some(),
+        "worker gRPC service listening"
+    );
     telemetry::describe();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -471,11 +489,12 @@ async fn serve_with(
     }
     builder
         .tcp_nodelay(true)
-        .add_service(
+        .add_service(InterceptedService::new(
             wv1::worker_server::WorkerServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }

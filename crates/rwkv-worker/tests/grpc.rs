@@ -7,6 +7,7 @@ use std::time::Duration;
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{Engine, EngineConfig, GenerateRequest, SamplingParams};
 use rwkv_model::ModelWeights;
+use rwkv_proto::auth::{ClientAuth, WorkerToken};
 use rwkv_proto::wv1::{self, worker_client::WorkerClient};
 use rwkv_worker::{WorkerIdentity, WorkerService};
 use tonic::transport::Channel;
@@ -23,10 +24,17 @@ fn weights() -> ModelWeights {
 struct Fixture {
     engine: Engine,
     client: WorkerClient<Channel>,
+    /// The client's connection, for clients of other kinds.
+    channel: Channel,
     _shutdown: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn start() -> Fixture {
+    start_with(None).await
+}
+
+/// A worker that requires `token`, if given (the fixture's client does not send it).
+async fn start_with(token: Option<WorkerToken>) -> Fixture {
     let engine =
         Engine::start(CpuBackend::new(&weights(), SLOTS), EngineConfig::default()).unwrap();
     let service = WorkerService::new(
@@ -41,18 +49,25 @@ async fn start() -> Fixture {
             max_waiting: 256,
         },
     );
+    let service = match token {
+        Some(token) => service.require_token(token),
+        None => service,
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(rwkv_worker::serve(service, listener, async {
         let _ = rx.await;
     }));
-    let client = WorkerClient::connect(format!("http://{addr}"))
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
     Fixture {
         engine,
-        client,
+        client: WorkerClient::new(channel.clone()),
+        channel,
         _shutdown: tx,
     }
 }
@@ -505,4 +520,47 @@ async fn ids_at_or_above_sample_below_are_never_sampled() {
         unlimited, free,
         "a limit above the vocabulary limits nothing"
     );
+}
+
+/// A worker started with a token answers only calls that carry it: without it, or with another
+/// token, every method (generation, session export, drain) is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_token_refuses_calls_without_it() {
+    let token = WorkerToken::new("the-cluster-token-0123").unwrap();
+    let mut fx = start_with(Some(token.clone())).await;
+    let channel = fx.channel.clone();
+    let with = |t: Option<WorkerToken>| {
+        WorkerClient::with_interceptor(channel.clone(), ClientAuth::new(t))
+    };
+    let other = WorkerToken::new("another-token-0123456").unwrap();
+    for mut client in [with(None), with(Some(other))] {
+        let info = client.info(wv1::InfoRequest {}).await.unwrap_err();
+        assert_eq!(info.code(), Code::Unauthenticated, "{info}");
+        let generate = client
+            .generate(generate_request(&[1, 2], greedy(2)))
+            .await
+            .unwrap_err();
+        assert_eq!(generate.code(), Code::Unauthenticated);
+        let drain = client
+            .drain(wv1::DrainRequest { timeout_ms: 0 })
+            .await
+            .unwrap_err();
+        assert_eq!(drain.code(), Code::Unauthenticated);
+    }
+    let mut client = with(Some(token));
+    let load = client.load(wv1::LoadRequest {}).await.unwrap().into_inner();
+    assert!(!load.draining, "a refused Drain drained the worker");
+    let mut stream = client
+        .generate(generate_request(&[1, 2], greedy(3)))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = 0;
+    while stream.message().await.unwrap().is_some() {
+        events += 1;
+    }
+    assert_eq!(events, 4, "three tokens and the end");
+    // The fixture's own client sends no token.
+    let refused = fx.client.load(wv1::LoadRequest {}).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use rwkv_proto::auth::WorkerToken;
 use rwkv_router::WorkerPool;
 use rwkv_tokenizer::Tokenizer;
 use serde::Deserialize;
@@ -38,6 +39,10 @@ pub struct RouterOnlyArgs {
     /// advertise https:// addresses.
     #[arg(long, env = "RWKV_WORKER_CA")]
     pub worker_ca: Option<PathBuf>,
+    /// File holding the cluster's worker token, sent with every call to a worker: the same
+    /// file the workers were started with.
+    #[arg(long, env = "RWKV_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -59,6 +64,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer_spec = args.extra.tokenizer.or(file.extra.tokenizer);
     let default_model = args.extra.default_model.or(file.extra.default_model);
     let worker_ca = args.extra.worker_ca.or(file.extra.worker_ca);
+    let worker_token = (args.extra.worker_token_file)
+        .or(file.extra.worker_token_file)
+        .as_deref()
+        .map(WorkerToken::from_file)
+        .transpose()?;
     let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
     let tokenizer = Tokenizer::load(tokenizer_spec.as_deref().unwrap_or("world"))?;
     let prometheus = server::install_metrics()?;
@@ -70,6 +80,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             pool_config.worker_tls =
                 Some(rwkv_router::tls::worker_client_config(ca).map_err(anyhow::Error::msg)?);
         }
+        pool_config.worker_token = worker_token;
         let pool = WorkerPool::new(pool_config);
         pool.follow(&registry).await?;
         let cfg = router_args.router_config(default_model)?;

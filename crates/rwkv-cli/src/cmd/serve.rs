@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rwkv_cluster::{MemoryRegistry, Registry, WorkerRecord};
+use rwkv_proto::auth::WorkerToken;
 use rwkv_router::{PoolConfig, Router, RouterConfig, WorkerPool};
 use rwkv_worker::WorkerService;
 use serde::Deserialize;
@@ -167,7 +168,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .context("cannot open the worker's loopback port")?;
         let worker_addr = worker_listener.local_addr()?;
-        let service = WorkerService::new(engine.handle(), identity.clone());
+        // The loopback port is open to every local user: a token only this process knows
+        // keeps them off it.
+        let token = WorkerToken::random();
+        let service =
+            WorkerService::new(engine.handle(), identity.clone()).require_token(token.clone());
         let (stop_worker, worker_stopped) = tokio::sync::oneshot::channel::<()>();
         let worker_task = tokio::spawn(rwkv_worker::serve(
             service.clone(),
@@ -186,7 +191,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 slots: identity.slots as u32,
             })
             .await?;
-        let pool = WorkerPool::new(router_args.pool_config()?);
+        let pool = WorkerPool::new(PoolConfig {
+            worker_token: Some(token),
+            ..router_args.pool_config()?
+        });
         pool.follow(&registry).await?;
         let router = router_args.build_router(
             router_args.router_config(Some(identity.model_id.clone()))?,

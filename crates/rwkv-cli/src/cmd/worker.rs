@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rwkv_cluster::{Registry, WorkerRecord};
+use rwkv_proto::auth::WorkerToken;
 use rwkv_worker::WorkerService;
 use serde::Deserialize;
 
@@ -54,6 +55,11 @@ pub struct WorkerArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "RWKV_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// File holding the cluster's worker token (at least 16 printable characters): calls
+    /// without it are refused, and routers need the same file. Without it, anyone who reaches
+    /// the port can use it as any tenant.
+    #[arg(long, env = "RWKV_WORKER_TOKEN_FILE")]
+    pub worker_token_file: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -66,6 +72,7 @@ impl WorkerArgs {
             drain_timeout: self.drain_timeout.or(file.drain_timeout),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            worker_token_file: self.worker_token_file.or(file.worker_token_file),
         }
     }
 }
@@ -114,6 +121,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )),
         None => None,
     };
+    let token = worker_args
+        .worker_token_file
+        .as_deref()
+        .map(WorkerToken::from_file)
+        .transpose()?;
+    if token.is_none() && !listen.ip().is_loopback() {
+        tracing::warn!(
+            %listen,
+            "no worker_token_file: anyone who can reach this port can call it as any tenant \
+             (read and export sessions, drain the worker)"
+        );
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     let advertise = match &worker_args.advertise {
         Some(url) => url.clone(),
@@ -151,7 +170,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let service = WorkerService::new(engine.handle(), identity.clone());
+        let mut service = WorkerService::new(engine.handle(), identity.clone());
+        if let Some(token) = token {
+            service = service.require_token(token);
+        }
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let stopped = async {
             let _ = server_stopped.await;
