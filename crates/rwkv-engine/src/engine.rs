@@ -16,7 +16,7 @@ use rwkv_model::{Backend, ModelConfig};
 
 use crate::error::EngineError;
 use crate::prefix_cache::CacheStats;
-use crate::request::{Command, GenerateRequest, GenerateStream, SessionId, Sibling};
+use crate::request::{event_channel, Command, GenerateRequest, GenerateStream, SessionId, Sibling};
 use crate::sampler::Sampler;
 use crate::scheduler::SchedulerConfig;
 use crate::score::{PendingScore, ScoreRequest, ScoreResult};
@@ -100,6 +100,9 @@ pub struct EngineStats {
     pub slots_parked: usize,
     /// Generations preempted and waiting, with their state in host memory.
     pub preempted: usize,
+    /// Generations paused because their readers fell behind (they keep their slots until
+    /// preempted).
+    pub held_for_readers: usize,
     pub sessions: usize,
     pub host_tier_bytes: usize,
     pub host_tier_entries: usize,
@@ -232,10 +235,11 @@ impl EngineHandle {
         let mut streams = Vec::with_capacity(n);
         let mut choices = Vec::with_capacity(n);
         for (id, sampler) in (first..).zip(samplers) {
-            let (events, rx) = mpsc::channel();
+            let (events, rx, unread) = event_channel();
             streams.push(GenerateStream {
                 id,
                 events: rx,
+                unread,
                 commands: self.commands.clone(),
             });
             choices.push(Sibling {
@@ -389,6 +393,7 @@ impl<B: Backend> Core<B> {
             slots_free: self.slots.free_len(),
             slots_parked: self.slots.parked_len(),
             preempted: self.preempted_len(),
+            held_for_readers: self.held_len(),
             sessions: self.sessions.len(),
             host_tier_bytes: self.host.used_bytes(),
             host_tier_entries: self.host.len(),

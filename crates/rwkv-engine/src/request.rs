@@ -1,7 +1,9 @@
 //! What callers send to the engine and what comes back: generation requests, their event
 //! stream, and the session identifiers (scoring has its own module, [`crate::score`]).
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SendError, Sender, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
@@ -75,7 +77,43 @@ pub enum GenerateEvent {
 pub(crate) struct Sibling {
     pub(crate) id: SeqId,
     pub(crate) sampler: Box<crate::sampler::Sampler>,
-    pub(crate) events: Sender<GenerateEvent>,
+    pub(crate) events: EventSender,
+}
+
+/// The engine's end of one generation's event stream. The channel itself is unbounded (the step
+/// loop must never block on a reader), so it counts the events its reader has not taken yet:
+/// the step loop holds a generation whose reader fell behind instead of buffering its tokens
+/// without limit.
+#[derive(Debug)]
+pub(crate) struct EventSender {
+    tx: Sender<GenerateEvent>,
+    unread: Arc<AtomicUsize>,
+}
+
+impl EventSender {
+    /// Sends `event`; fails when the reader is gone.
+    pub(crate) fn send(&self, event: GenerateEvent) -> Result<(), SendError<GenerateEvent>> {
+        self.unread.fetch_add(1, Ordering::SeqCst);
+        self.tx.send(event).inspect_err(|_| {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+        })
+    }
+
+    /// Events sent that the reader has not taken yet.
+    pub(crate) fn unread(&self) -> usize {
+        self.unread.load(Ordering::SeqCst)
+    }
+}
+
+/// A generation's event channel: the engine's end, and the parts of a [`GenerateStream`].
+pub(crate) fn event_channel() -> (EventSender, Receiver<GenerateEvent>, Arc<AtomicUsize>) {
+    let (tx, rx) = mpsc::channel();
+    let unread = Arc::new(AtomicUsize::new(0));
+    let sender = EventSender {
+        tx,
+        unread: unread.clone(),
+    };
+    (sender, rx, unread)
 }
 
 /// Commands the engine thread receives.
@@ -85,7 +123,7 @@ pub(crate) enum Command {
         /// Boxed, like the sampler: they are large and every other command is small.
         req: Box<GenerateRequest>,
         sampler: Box<crate::sampler::Sampler>,
-        events: Sender<GenerateEvent>,
+        events: EventSender,
         /// When the handle accepted the request (the start of the time to first token).
         submitted: Instant,
         /// The request's other choices (`n > 1`): each is forked from this generation's state
@@ -111,6 +149,8 @@ pub(crate) enum Command {
 pub struct GenerateStream {
     pub(crate) id: SeqId,
     pub(crate) events: Receiver<GenerateEvent>,
+    /// Shared with the engine's [`EventSender`]: taken events are counted off here.
+    pub(crate) unread: Arc<AtomicUsize>,
     pub(crate) commands: Sender<Command>,
 }
 
@@ -135,15 +175,23 @@ impl GenerateStream {
 
     /// The next event; `None` once the stream has ended.
     pub fn recv(&self) -> Option<GenerateEvent> {
-        self.events.recv().ok()
+        let event = self.events.recv().ok()?;
+        self.taken();
+        Some(event)
     }
 
     /// The next event, waiting at most `timeout`; `Err(true)` if the stream has ended.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<GenerateEvent, bool> {
-        self.events.recv_timeout(timeout).map_err(|e| match e {
+        let event = self.events.recv_timeout(timeout).map_err(|e| match e {
             RecvTimeoutError::Timeout => false,
             RecvTimeoutError::Disconnected => true,
-        })
+        })?;
+        self.taken();
+        Ok(event)
+    }
+
+    fn taken(&self) {
+        self.unread.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Asks the engine to stop this generation; it ends with `FinishReason::Cancelled`.

@@ -98,6 +98,8 @@ struct Running {
     admitted: u64,
     /// Every token it feeds needs its logits row (counts against `max_output_rows`).
     all_rows: bool,
+    /// Not planned until released: its reader fell behind (see [`Scheduler::hold`]).
+    held: bool,
 }
 
 /// Waiting and running sequences, and the per-step planning.
@@ -190,6 +192,7 @@ impl Scheduler {
                 last_served: 0,
                 admitted: self.admissions,
                 all_rows: false,
+                held: false,
             });
         }
         ids
@@ -218,6 +221,7 @@ impl Scheduler {
             last_served: 0,
             admitted: self.admissions,
             all_rows: false,
+            held: false,
         });
     }
 
@@ -234,6 +238,14 @@ impl Scheduler {
     pub fn needs_all_rows(&mut self, id: SeqId) {
         if let Some(r) = self.running_mut(id) {
             r.all_rows = true;
+        }
+    }
+
+    /// Holds a running sequence (it keeps its slot and its pending tokens but is not planned)
+    /// or releases it. A sequence admitted again after a preemption starts released.
+    pub fn hold(&mut self, id: SeqId, held: bool) {
+        if let Some(r) = self.running_mut(id) {
+            r.held = held;
         }
     }
 
@@ -262,7 +274,7 @@ impl Scheduler {
             let mut order: Vec<usize> = (0..self.running.len())
                 .filter(|&i| {
                     let r = &self.running[i];
-                    r.pending > 0 && r.decoding == decode
+                    r.pending > 0 && !r.held && r.decoding == decode
                 })
                 .collect();
             order.sort_by_key(|&i| (self.running[i].last_served, self.running[i].admitted));
@@ -520,5 +532,31 @@ mod tests {
             ..SchedulerConfig::default()
         };
         assert!(Scheduler::new(zero).is_err());
+    }
+
+    #[test]
+    fn a_held_sequence_keeps_its_place_but_is_not_planned() {
+        let mut s = sched(64, 8, 16);
+        for id in [1, 2] {
+            s.enqueue(id).unwrap();
+        }
+        s.admit(2);
+        s.start(1, 0, 0);
+        s.start(2, 0, 0);
+        s.on_token(1);
+        s.on_token(2);
+        let planned = |s: &mut Scheduler| s.plan().iter().map(|b| b.id).collect::<Vec<_>>();
+        s.hold(1, true);
+        assert_eq!(planned(&mut s), vec![2]);
+        s.on_token(2);
+        assert_eq!(planned(&mut s), vec![2], "held: still not planned");
+        assert_eq!(s.running_len(), 2, "a held sequence keeps its slot");
+        s.hold(1, false);
+        let released = s.plan();
+        assert_eq!(
+            released[0].id, 1,
+            "released: its pending tokens run, least served first"
+        );
+        assert_eq!(released[0], item(1, 1, true));
     }
 }

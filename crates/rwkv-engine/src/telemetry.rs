@@ -40,6 +40,8 @@ pub const SWAPS: &str = "rwkv_engine_swaps_total";
 pub const SWAP_BYTES: &str = "rwkv_engine_swap_bytes_total";
 /// Histogram, seconds: time of one swap, by `direction`.
 pub const SWAP_SECONDS: &str = "rwkv_engine_swap_seconds";
+/// Gauge: generations held (not stepped) because their readers fell behind.
+pub const HELD_FOR_READERS: &str = "rwkv_engine_generations_held_for_readers";
 /// Counter: generations preempted (swapped out so that waiting requests get a slot).
 pub const PREEMPTIONS: &str = "rwkv_engine_preemptions_total";
 /// Counter: prefix-cache lookups that found a cached state.
@@ -77,6 +79,11 @@ pub fn describe() {
         "State slots not free (running or parked)."
     );
     describe_gauge!(SLOTS_TOTAL, Count, "State slots of the backend.");
+    describe_gauge!(
+        HELD_FOR_READERS,
+        Count,
+        "Generations paused until their readers catch up."
+    );
     describe_counter!(SWAPS, Count, "Session states swapped, by direction.");
     describe_counter!(SWAP_BYTES, Bytes, "State bytes swapped, by direction.");
     describe_histogram!(SWAP_SECONDS, Seconds, "Time of one swap, by direction.");
@@ -144,6 +151,7 @@ pub(crate) struct Metrics {
     running: Gauge,
     waiting: Gauge,
     slots_in_use: Gauge,
+    held_for_readers: Gauge,
     /// Per [`Swap`]: count, bytes, seconds.
     swaps: [(Counter, Counter, Histogram); 4],
     cache_hits: Counter,
@@ -180,6 +188,7 @@ impl Metrics {
             running: gauge!(RUNNING),
             waiting: gauge!(WAITING),
             slots_in_use: gauge!(SLOTS_IN_USE),
+            held_for_readers: gauge!(HELD_FOR_READERS),
             swaps: [swap("out"), swap("in"), swap("disk_out"), swap("disk_in")],
             cache_hits: counter!(PREFIX_CACHE_HITS),
             cache_misses: counter!(PREFIX_CACHE_MISSES),
@@ -198,6 +207,11 @@ impl Metrics {
         self.running.set(running as f64);
         self.waiting.set(waiting as f64);
         self.slots_in_use.set(slots_in_use as f64);
+    }
+
+    /// Generations held for their readers, set before each plan.
+    pub(crate) fn held_for_readers(&self, held: usize) {
+        self.held_for_readers.set(held as f64);
     }
 
     /// One forward step: its batch and the backend's time.

@@ -54,6 +54,7 @@ impl<B: Backend> Core<B> {
                 submitted,
                 last_token: None,
                 siblings: Vec::new(),
+                held: false,
             };
             let mut child = Seq {
                 tenant: tenant.clone(),

@@ -2,7 +2,6 @@
 //! row, and reporting the token events and the end of the stream.
 
 use std::collections::HashMap;
-use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::Instant;
 
@@ -10,7 +9,7 @@ use rwkv_model::{Backend, Candidate, OutputRows};
 
 use super::{Core, Role, Seq};
 use crate::error::EngineError;
-use crate::request::{FinishReason, GenerateEvent, GenerateRequest, Sibling, Usage};
+use crate::request::{EventSender, FinishReason, GenerateEvent, GenerateRequest, Sibling, Usage};
 use crate::sampler::Sampler;
 use crate::scheduler::SeqId;
 use crate::sessions::SessionKey;
@@ -21,7 +20,7 @@ pub(crate) struct Generation {
     pub(crate) top_logprobs: Option<usize>,
     pub(crate) usage: Usage,
     /// The client's end of the stream; a failed send means it went away (cancellation).
-    pub(crate) events: Sender<GenerateEvent>,
+    pub(crate) events: EventSender,
     /// When the handle accepted the request: time to first token counts from here, so it
     /// includes the wait in the command channel and for a slot.
     pub(crate) submitted: Instant,
@@ -29,7 +28,15 @@ pub(crate) struct Generation {
     pub(crate) last_token: Option<Instant>,
     /// The request's other choices, until this one's prompt is in and they are forked from it.
     pub(crate) siblings: Vec<Sibling>,
+    /// Not stepped while its reader is behind ([`Core::hold_slow_readers`]).
+    pub(crate) held: bool,
 }
+
+/// Unread events at which a generation is held: its reader (the worker's stream to a client
+/// that stopped reading, say) is this far behind, and more tokens would only pile up in memory.
+pub(crate) const HOLD_AT_UNREAD: usize = 256;
+/// Unread events at or below which a held generation runs again.
+pub(crate) const RESUME_AT_UNREAD: usize = 64;
 
 impl Generation {
     /// What a decode step asks the backend for: the row's best tokens for greedy sampling, the
@@ -74,12 +81,45 @@ impl Generation {
 }
 
 impl<B: Backend> Core<B> {
+    /// Holds the generations whose readers fell [`HOLD_AT_UNREAD`] events behind and releases
+    /// those whose readers caught up to [`RESUME_AT_UNREAD`]. A held generation keeps its slot,
+    /// state and sampled token, so it continues exactly; preemption takes its slot first when
+    /// requests wait. Called before each plan.
+    pub(super) fn hold_slow_readers(&mut self) {
+        let mut held = 0;
+        for (&id, seq) in &mut self.seqs {
+            let Role::Generate(g) = &mut seq.role else {
+                continue;
+            };
+            let unread = g.events.unread();
+            let hold = if g.held {
+                unread > RESUME_AT_UNREAD
+            } else {
+                unread >= HOLD_AT_UNREAD
+            };
+            if hold != g.held {
+                g.held = hold;
+                self.sched.hold(id, hold);
+            }
+            held += usize::from(hold);
+        }
+        self.metrics.held_for_readers(held);
+    }
+
+    /// Generations held for their readers.
+    pub(crate) fn held_len(&self) -> usize {
+        self.seqs
+            .values()
+            .filter(|s| matches!(&s.role, Role::Generate(g) if g.held))
+            .count()
+    }
+
     pub(super) fn enqueue_generation(
         &mut self,
         id: SeqId,
         req: Box<GenerateRequest>,
         sampler: Box<Sampler>,
-        events: Sender<GenerateEvent>,
+        events: EventSender,
         submitted: Instant,
         siblings: Vec<Sibling>,
     ) {
@@ -117,6 +157,7 @@ impl<B: Backend> Core<B> {
             submitted,
             last_token: None,
             siblings,
+            held: false,
         };
         let seq = Seq {
             tenant: req.tenant,

@@ -13,10 +13,10 @@ mod scoring;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvError, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rwkv_model::{Backend, Candidate, Logits, NucleusRow, OutputRows, SeqStep, State};
 
@@ -33,6 +33,9 @@ use crate::tiers::{LruStore, Weigh};
 
 pub(crate) use generation::{Generation, Pick};
 pub(crate) use scoring::{Lane, ScoreJob};
+
+/// How often an idle step loop looks at the readers of held generations.
+const HELD_POLL: Duration = Duration::from_millis(20);
 
 /// One sequence in flight: a slot and the tokens it feeds.
 pub(crate) struct Seq {
@@ -171,6 +174,7 @@ impl<B: Backend> Core<B> {
         while self.admit(idle) {
             // A generation answered from the cache may have ended at admission.
             self.retire_finished();
+            self.hold_slow_readers();
             let plan = self.sched.plan();
             idle = plan.is_empty();
             if idle {
@@ -196,8 +200,20 @@ impl<B: Backend> Core<B> {
 
     /// Step 1: take commands (waiting for one when idle) and give slots to waiting sequences.
     fn admit(&mut self, idle: bool) -> bool {
-        // Nothing could run last step, so only a command can change that: wait for one.
-        if idle {
+        // Nothing could run last step, so only a command can change that: wait for one. Or a
+        // reader catching up, which sends none: while generations are held for their readers,
+        // look again every HELD_POLL.
+        if idle && self.held_len() > 0 {
+            match self.commands.recv_timeout(HELD_POLL) {
+                Ok(cmd) => {
+                    if !self.handle(cmd) {
+                        return false;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        } else if idle {
             match self.commands.recv() {
                 Ok(cmd) => {
                     if !self.handle(cmd) {

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use rwkv_model::{Backend, State};
 
-use super::{Core, Role};
+use super::{Core, Role, Seq};
 use crate::error::EngineError;
 use crate::scheduler::SeqId;
 use crate::telemetry::Swap;
@@ -51,8 +51,10 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// The decoding generation that has held its slot longest, if for at least `quantum` steps.
+    /// The generation to preempt: one held for its reader (it does not use its slot), or else
+    /// the decoding generation that has held its slot longest, if for at least `quantum` steps.
     fn longest_holder(&self, quantum: u64) -> Option<SeqId> {
+        let held = |s: &Seq| matches!(&s.role, Role::Generate(g) if g.held);
         self.seqs
             .iter()
             .filter(|(_, s)| {
@@ -61,9 +63,9 @@ impl<B: Backend> Core<B> {
                     && s.finish.is_none()
                     // Decoding: one sampled token to feed (mid-prefill, a chunk is in flight).
                     && s.unfed.len() == 1
-                    && self.steps.saturating_sub(s.placed_step) >= quantum
+                    && (held(s) || self.steps.saturating_sub(s.placed_step) >= quantum)
             })
-            .min_by_key(|(&id, s)| (s.placed_step, id))
+            .min_by_key(|(&id, s)| (!held(s), s.placed_step, id))
             .map(|(&id, _)| id)
     }
 
@@ -80,6 +82,10 @@ impl<B: Backend> Core<B> {
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.slot = None;
             seq.preempted = Some(state);
+            // The scheduler forgets the hold with the slot; it is decided again on resuming.
+            if let Role::Generate(g) = &mut seq.role {
+                g.held = false;
+            }
         }
         self.slots.release(slot);
         self.sched.preempt(id);

@@ -1,0 +1,133 @@
+//! Readers that fall behind: a generation whose stream is not read is held (not stepped) once
+//! 256 of its events wait unread, so a client that stops reading costs bounded memory; it
+//! resumes exactly when the reader catches up, and while held it gives its slot to any request
+//! that waits for one.
+
+mod common;
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{alone, weights};
+use rwkv_cpu::CpuBackend;
+use rwkv_engine::{
+    Engine, EngineConfig, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
+    SamplingParams,
+};
+
+/// Unread events at which the engine holds a generation (its documented bound).
+const HOLD_AT: usize = 256;
+const PROMPT: [u32; 3] = [5, 6, 7];
+
+fn greedy(tokens: &[u32], max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        tenant: "acme".into(),
+        tokens: tokens.to_vec(),
+        params: greedy_params(max_tokens),
+        ..GenerateRequest::default()
+    }
+}
+
+fn greedy_params(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingParams::default()
+    }
+}
+
+fn start(slots: usize, preempt_after_steps: u64) -> Engine {
+    let cfg = EngineConfig {
+        prefix_cache_bytes: 0,
+        preempt_after_steps,
+        ..EngineConfig::default()
+    };
+    Engine::start(CpuBackend::new(&weights(), slots), cfg).unwrap()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Events already waiting on the stream, taken without waiting for more.
+fn take_waiting(stream: &GenerateStream) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    while let Ok(event) = stream.recv_timeout(Duration::ZERO) {
+        match event {
+            GenerateEvent::Token { token, .. } => tokens.push(token),
+            other => panic!("the generation ended while held: {other:?}"),
+        }
+    }
+    tokens
+}
+
+fn read_to_end(stream: GenerateStream, mut tokens: Vec<u32>) -> Vec<u32> {
+    let (rest, end) = stream.collect();
+    assert!(
+        matches!(
+            end,
+            GenerateEvent::Finished {
+                reason: FinishReason::Length,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    tokens.extend(rest);
+    tokens
+}
+
+#[test]
+fn a_reader_that_stops_reading_holds_its_generation_and_loses_nothing() {
+    let max_tokens = 1000;
+    let expected = alone(&weights(), &PROMPT, greedy_params(max_tokens));
+    let engine = start(2, 256);
+    let stream = engine.generate(greedy(&PROMPT, max_tokens)).unwrap();
+    wait_until("the generation is held", || {
+        engine.stats().unwrap().held_for_readers == 1
+    });
+    // Held: it stays held (nothing more is generated) for as long as nobody reads.
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(engine.stats().unwrap().held_for_readers, 1);
+    let first = take_waiting(&stream);
+    assert_eq!(
+        first.len(),
+        HOLD_AT,
+        "events buffered for a reader that stopped"
+    );
+    // The reader caught up: the generation goes on from where it stopped, exactly.
+    let tokens = read_to_end(stream, first);
+    assert_eq!(tokens, expected);
+    assert_eq!(engine.stats().unwrap().held_for_readers, 0);
+}
+
+#[test]
+fn a_held_generation_gives_its_slot_to_a_waiting_request() {
+    // One slot, and preemption by age effectively off: only the hold lets the second request
+    // in while the first one's reader is away.
+    let engine = start(1, 1 << 40);
+    let max_tokens = 600;
+    let expected = alone(&weights(), &PROMPT, greedy_params(max_tokens));
+    let slow = engine.generate(greedy(&PROMPT, max_tokens)).unwrap();
+    wait_until("the generation is held", || {
+        engine.stats().unwrap().held_for_readers == 1
+    });
+    let (done, finished) = mpsc::channel();
+    let quick = engine.generate(greedy(&[9], 5)).unwrap();
+    thread::spawn(move || {
+        let _ = done.send(quick.collect());
+    });
+    let (tokens, end) = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a request waited behind a generation nobody reads");
+    assert_eq!(tokens, alone(&weights(), &[9], greedy_params(5)));
+    assert!(matches!(end, GenerateEvent::Finished { .. }), "{end:?}");
+    // The held generation resumes (from host memory) once read, exactly.
+    let first = take_waiting(&slow);
+    assert_eq!(read_to_end(slow, first), expected);
+}
