@@ -239,27 +239,42 @@ fn generate_cli(model: &Path, prompt: &str, max_tokens: usize) -> String {
     text.strip_suffix('\n').unwrap_or(&text).to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
-    if etcd_binary().is_none() {
-        assert!(
-            std::env::var_os("RWKV_REQUIRE_ETCD").is_none(),
-            "RWKV_REQUIRE_ETCD is set but no `etcd` binary is on PATH"
-        );
-        eprintln!("SKIPPED: no `etcd` on PATH (apt-get install etcd-server)");
-        return;
+/// Whether the etcd tests can run: false (the test then passes, saying it skipped) without an
+/// `etcd` binary, unless RWKV_REQUIRE_ETCD makes that a failure.
+fn etcd_available() -> bool {
+    if etcd_binary().is_some() {
+        return true;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let model = make_model(dir.path());
-    let (_etcd, etcd) = start_etcd(dir.path());
-    let router_port = free_port();
-    let base = format!("http://127.0.0.1:{router_port}");
-    let http = reqwest::Client::new();
+    assert!(
+        std::env::var_os("RWKV_REQUIRE_ETCD").is_none(),
+        "RWKV_REQUIRE_ETCD is set but no `etcd` binary is on PATH"
+    );
+    eprintln!("SKIPPED: no `etcd` on PATH (apt-get install etcd-server)");
+    false
+}
+
+/// etcd started in `dir` and answering: its process and client URL.
+async fn running_etcd(dir: &Path, http: &reqwest::Client) -> (Proc, String) {
+    let (proc, etcd) = start_etcd(dir);
     // etcd takes a moment to listen; workers and router retry nothing, so wait for it first.
     wait_for("etcd", Duration::from_secs(20), async || {
         http.get(format!("{etcd}/health")).send().await.is_ok()
     })
     .await;
+    (proc, etcd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = make_model(dir.path());
+    let http = reqwest::Client::new();
+    let (_etcd, etcd) = running_etcd(dir.path(), &http).await;
+    let router_port = free_port();
+    let base = format!("http://127.0.0.1:{router_port}");
     // The workers refuse calls without the cluster's token; the router sends it.
     let token = dir.path().join("worker-token");
     std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
@@ -373,4 +388,91 @@ async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
             .as_deref(),
         Ok(expected_0.as_str())
     );
+}
+
+/// Membership in a real etcd follows the keys: a record stored under another worker's key is
+/// ignored (no phantom worker, no takeover), a record whose key is deleted while its lease
+/// lives comes back at the next lease refresh, and a deregistered one stays gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_membership_follows_the_keys() {
+    use rwkv_cluster::{EtcdRegistry, Registry, WorkerRecord};
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (_etcd, etcd) = running_etcd(dir.path(), &http).await;
+    let ttl = Duration::from_secs(3);
+    let registry = EtcdRegistry::connect(std::slice::from_ref(&etcd), "/t", ttl)
+        .await
+        .unwrap();
+    let record = |id: &str, address: &str| WorkerRecord {
+        id: id.into(),
+        address: address.into(),
+        model: "tiny".into(),
+        slots: 4,
+    };
+    let a = record("a", "http://10.0.0.1:50051");
+    let registration = registry.register(a.clone()).await.unwrap();
+    let mut members = registry.watch().await.unwrap();
+    let mut etcd_client = etcd_client::Client::connect([etcd.as_str()], None)
+        .await
+        .unwrap();
+    let json = |r: &WorkerRecord| serde_json::to_vec(r).unwrap();
+    async fn settle(
+        members: &mut tokio::sync::watch::Receiver<rwkv_cluster::Membership>,
+        what: &str,
+        done: impl Fn(&rwkv_cluster::Membership) -> bool,
+    ) {
+        tokio::time::timeout(Duration::from_secs(10), members.wait_for(|m| done(m)))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+            .unwrap();
+    }
+    settle(&mut members, "a joined", |m| m.get("a") == Some(&a)).await;
+
+    // Under key `b`, a record that claims to be `a`: neither a phantom `b` nor a new `a`.
+    let impostor = record("a", "http://10.6.6.6:50051");
+    etcd_client
+        .put("/t/workers/b", json(&impostor), None)
+        .await
+        .unwrap();
+    // A valid record under its own key, written after it, shows the watch has seen both.
+    let c = record("c", "http://10.0.0.3:50051");
+    etcd_client
+        .put("/t/workers/c", json(&c), None)
+        .await
+        .unwrap();
+    settle(&mut members, "c joined", |m| m.contains_key("c")).await;
+    let now = members.borrow().clone();
+    assert_eq!(now.get("a"), Some(&a), "{now:?}");
+    assert!(!now.contains_key("b"), "{now:?}");
+    // A fresh reader (a router starting now) agrees.
+    let fresh = registry.watch().await.unwrap().borrow().clone();
+    assert_eq!(fresh, now);
+    // `c`'s key now holds garbage: `c` leaves.
+    etcd_client.put("/t/workers/c", "{", None).await.unwrap();
+    settle(&mut members, "c left", |m| !m.contains_key("c")).await;
+
+    // Someone deletes `a`'s key while its lease lives: it comes back within a refresh.
+    etcd_client.delete("/t/workers/a", None).await.unwrap();
+    wait_for(
+        "a's record written again",
+        Duration::from_secs(10),
+        async || {
+            let got = etcd_client.get("/t/workers/a", None).await.unwrap();
+            got.kvs().first().map(|kv| kv.value().to_vec()) == Some(json(&a))
+        },
+    )
+    .await;
+    settle(&mut members, "a registered again", |m| {
+        m.get("a") == Some(&a)
+    })
+    .await;
+
+    // Deregistered: gone for good.
+    registration.deregister().await;
+    settle(&mut members, "a deregistered", |m| !m.contains_key("a")).await;
+    tokio::time::sleep(ttl).await;
+    assert!(!members.borrow().contains_key("a"));
 }

@@ -2,6 +2,11 @@
 //! JSON, attached to a lease it keeps alive; if the process dies the lease expires (after `ttl`)
 //! and the record disappears. Routers read the prefix once and then watch it, so they see a
 //! change within a round trip; a broken watch is re-established from a fresh read.
+//!
+//! The key is the truth: a record counts only under the key of its own `id`, so a record
+//! written under another key can neither add a phantom worker nor take over a real one's
+//! entry, and whatever a key holds replaces what it held before. A worker checks its own key
+//! with every lease refresh and writes its record again if someone deleted it.
 
 use std::time::Duration;
 
@@ -60,6 +65,11 @@ impl EtcdRegistry {
         format!("{}{id}", self.prefix)
     }
 
+    /// The worker id a key under the prefix names.
+    fn id_of(&self, key: &[u8]) -> String {
+        String::from_utf8_lossy(key.get(self.prefix.len()..).unwrap_or_default()).into_owned()
+    }
+
     /// Grants a lease and writes the record under it; returns the lease id.
     async fn put_with_lease(
         client: &mut Client,
@@ -83,8 +93,9 @@ impl EtcdRegistry {
         let revision = response.header().map_or(0, |h| h.revision());
         let mut members = Membership::new();
         for kv in response.kvs() {
-            if let Some(record) = parse(kv.value()) {
-                members.insert(record.id.clone(), record);
+            let id = self.id_of(kv.key());
+            if let Some(record) = parse(&id, kv.value()) {
+                members.insert(id, record);
             }
         }
         Ok((members, revision))
@@ -115,19 +126,16 @@ impl EtcdRegistry {
             }
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
-                let id =
-                    String::from_utf8_lossy(&kv.key()[self.prefix.len().min(kv.key().len())..])
-                        .into_owned();
-                match event.event_type() {
-                    EventType::Put => {
-                        if let Some(record) = parse(kv.value()) {
-                            members.insert(record.id.clone(), record);
-                        }
-                    }
-                    EventType::Delete => {
-                        members.remove(&id);
-                    }
-                }
+                let id = self.id_of(kv.key());
+                // What the key holds now replaces what it held: nothing valid means no worker.
+                let record = match event.event_type() {
+                    EventType::Put => parse(&id, kv.value()),
+                    EventType::Delete => None,
+                };
+                match record {
+                    Some(record) => members.insert(id, record),
+                    None => members.remove(&id),
+                };
             }
             if tx.send(members.clone()).is_err() {
                 return Ok(false);
@@ -136,14 +144,44 @@ impl EtcdRegistry {
     }
 }
 
-fn parse(value: &[u8]) -> Option<WorkerRecord> {
+/// The record under the key of worker `id`, if it is a valid record of that worker.
+fn parse(id: &str, value: &[u8]) -> Option<WorkerRecord> {
     match serde_json::from_slice::<WorkerRecord>(value) {
+        Ok(record) if record.id != id => {
+            tracing::warn!(
+                key = id,
+                record = record.id,
+                "ignoring a worker record stored under another worker's key"
+            );
+            None
+        }
         Ok(record) if validate(&record).is_ok() => Some(record),
         _ => {
-            tracing::warn!("ignoring an invalid worker record in etcd");
+            tracing::warn!(key = id, "ignoring an invalid worker record in etcd");
             None
         }
     }
+}
+
+/// What a worker finds under its own key at a lease refresh.
+enum OwnKey {
+    Ours,
+    Gone,
+    Another,
+}
+
+/// Checks that `key` still holds `value`.
+async fn own_key(
+    client: &mut Client,
+    key: &str,
+    value: &[u8],
+) -> Result<OwnKey, etcd_client::Error> {
+    let response = client.get(key, None).await?;
+    Ok(match response.kvs().first() {
+        None => OwnKey::Gone,
+        Some(kv) if kv.value() == value => OwnKey::Ours,
+        Some(_) => OwnKey::Another,
+    })
 }
 
 #[async_trait::async_trait]
@@ -168,11 +206,36 @@ impl Registry for EtcdRegistry {
                 loop {
                     let alive = async {
                         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+                        let mut duplicate_reported = false;
                         loop {
                             keeper.keep_alive().await?;
                             match responses.message().await? {
                                 Some(r) if r.ttl() > 0 => {}
                                 _ => return Ok::<(), etcd_client::Error>(()),
+                            }
+                            match own_key(&mut client, &key, &value).await? {
+                                OwnKey::Ours => {}
+                                // Deleted by hand (etcdctl del) while the lease lives: without
+                                // this the worker would stay out of every router's table.
+                                OwnKey::Gone => {
+                                    tracing::warn!(
+                                        "this worker's etcd record was deleted; writing it again"
+                                    );
+                                    let options = PutOptions::new().with_lease(lease);
+                                    client
+                                        .put(key.as_str(), value.as_slice(), Some(options))
+                                        .await?;
+                                }
+                                // Overwriting it back would make two workers flap; say it once.
+                                OwnKey::Another if !duplicate_reported => {
+                                    duplicate_reported = true;
+                                    tracing::error!(
+                                        key,
+                                        "another record took this worker's etcd key: two workers \
+                                         share one worker_id, and routers see only one of them"
+                                    );
+                                }
+                                OwnKey::Another => {}
                             }
                             tokio::time::sleep(ttl / 3).await;
                         }
