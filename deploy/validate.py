@@ -62,7 +62,7 @@ FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "worker_overcommit", "request_tim
 FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "gpu_precision", "slots",
                         "max_batch_tokens", "prefill_chunk", "host_tier_mb", "prefix_cache_mb",
                         "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus",
-                        "max_session_tokens"}
+                        "max_session_tokens", "max_sessions", "max_sessions_tokens"}
 FALLBACK_ETCD_KEYS = {"etcd", "etcd_prefix", "lease_ttl"}
 FALLBACK_KEYS = {
     "serve": FALLBACK_ROUTER_KEYS | FALLBACK_ENGINE_KEYS,
@@ -231,7 +231,7 @@ URL = re.compile(r"^https?://[^\s/]+(:\d{1,5})?/?$")
 INT_KEYS = {"max_queue", "request_timeout", "max_prompt_tokens", "max_tokens_limit",
             "max_body_bytes", "slots", "max_batch_tokens", "prefill_chunk", "host_tier_mb",
             "prefix_cache_mb", "preempt_after_steps", "disk_tier_mb", "lease_ttl",
-            "drain_timeout", "max_session_tokens"}
+            "drain_timeout", "max_session_tokens", "max_sessions", "max_sessions_tokens"}
 ZERO_OK = {"prefix_cache_mb", "preempt_after_steps", "drain_timeout"}
 # Settings that are paths of files or directories.
 PATH_KEYS = {"worker_token_file", "tls_cert", "tls_key", "worker_ca", "tenants", "disk_tier_dir"}

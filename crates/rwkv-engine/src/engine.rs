@@ -65,10 +65,19 @@ pub struct EngineConfig {
     /// Most tokens one session's conversation may hold when a turn starts (its history, kept
     /// to rebuild a lost state, grows with every turn; a turn's own reply may go past it).
     pub max_session_tokens: usize,
+    /// Most sessions this engine holds, all tenants together.
+    pub max_sessions: usize,
+    /// Most tokens all sessions' conversations hold together when a session is created,
+    /// forked, imported or continued (the histories live in host memory, 4 bytes a token).
+    pub max_sessions_tokens: usize,
 }
 
 /// The default [`EngineConfig::max_session_tokens`]: 1 Mi tokens, 4 MiB of history.
 pub const DEFAULT_MAX_SESSION_TOKENS: usize = 1 << 20;
+/// The default [`EngineConfig::max_sessions`].
+pub const DEFAULT_MAX_SESSIONS: usize = 65_536;
+/// The default [`EngineConfig::max_sessions_tokens`]: 1 Gi tokens, 4 GiB of histories.
+pub const DEFAULT_MAX_SESSIONS_TOKENS: usize = 1 << 30;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -85,6 +94,8 @@ impl Default for EngineConfig {
             preempt_after_steps: DEFAULT_PREEMPT_AFTER_STEPS,
             frequency_exempt: Vec::new(),
             max_session_tokens: DEFAULT_MAX_SESSION_TOKENS,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_tokens: DEFAULT_MAX_SESSIONS_TOKENS,
         }
     }
 }

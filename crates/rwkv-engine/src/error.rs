@@ -39,6 +39,17 @@ pub enum EngineError {
          it to an earlier turn, or start a new session"
     )]
     SessionFull { tokens: usize, limit: usize },
+    /// The engine holds as many sessions, or as many session tokens, as it is configured for
+    /// ([`crate::EngineConfig::max_sessions`], [`crate::EngineConfig::max_sessions_tokens`]).
+    #[error(
+        "this worker is full of sessions: {what} would reach {would}, its limit is {limit}; \
+         delete sessions that are no longer needed, or try again later"
+    )]
+    SessionCapacity {
+        what: &'static str,
+        would: usize,
+        limit: usize,
+    },
     /// The session is generating; it cannot be continued, forked, exported or deleted now.
     #[error("session {id} is busy with a running generation")]
     SessionBusy { id: u64 },
@@ -80,6 +91,7 @@ impl EngineError {
             Self::Overloaded { .. } => "overloaded",
             Self::SessionNotFound { .. } => "session_not_found",
             Self::SessionFull { .. } => "session_full",
+            Self::SessionCapacity { .. } => "session_capacity",
             Self::SessionBusy { .. } => "session_busy",
             Self::StateUnavailable { .. } => "state_unavailable",
             Self::NoSuchTurn { .. } => "no_such_turn",

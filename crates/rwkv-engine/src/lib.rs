@@ -50,8 +50,9 @@ pub mod tiers;
 mod vecmath;
 
 pub use engine::{
-    Engine, EngineConfig, EngineHandle, EngineStats, DEFAULT_MAX_SESSION_TOKENS,
-    DEFAULT_PREEMPT_AFTER_STEPS, MAX_CHOICES,
+    Engine, EngineConfig, EngineHandle, EngineStats, DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_TOKENS, DEFAULT_MAX_SESSION_TOKENS, DEFAULT_PREEMPT_AFTER_STEPS,
+    MAX_CHOICES,
 };
 pub use error::EngineError;
 pub use logprobs::{token_logprobs, LogSoftmax, Logprobs};

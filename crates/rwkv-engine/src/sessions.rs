@@ -137,7 +137,7 @@ impl<B: Backend> Core<B> {
                         limit,
                     })
                 } else {
-                    Ok(self.new_session(&tenant, Session::starting_with(tokens)))
+                    self.new_session(&tenant, Session::starting_with(tokens))
                 };
                 let _ = reply.send(created);
             }
@@ -208,6 +208,7 @@ impl<B: Backend> Core<B> {
         if tokens > limit {
             return Err(EngineError::SessionFull { tokens, limit });
         }
+        self.room_for_session_tokens(new_tokens)?;
         if let Some(s) = self.sessions.get_mut(key) {
             s.busy = Some(id);
         }
@@ -263,11 +264,37 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    fn new_session(&mut self, tenant: &str, session: Session) -> SessionId {
+    /// Adds `session`, if the engine has room for one more session and its tokens.
+    fn new_session(&mut self, tenant: &str, session: Session) -> Result<SessionId, EngineError> {
+        let (would, limit) = (self.sessions.len() + 1, self.cfg.max_sessions);
+        if would > limit {
+            return Err(EngineError::SessionCapacity {
+                what: "sessions",
+                would,
+                limit,
+            });
+        }
+        self.room_for_session_tokens(session.len())?;
         let id = self.next_session;
         self.next_session += 1;
         self.sessions.insert(SessionKey::new(tenant, id), session);
-        id
+        Ok(id)
+    }
+
+    /// Whether all sessions together may hold `more` tokens. Summed when asked (once per
+    /// session operation or turn) rather than kept as a running total that every change of a
+    /// conversation would have to update.
+    fn room_for_session_tokens(&self, more: usize) -> Result<(), EngineError> {
+        let held: usize = self.sessions.values().map(Session::len).sum();
+        let (would, limit) = (held.saturating_add(more), self.cfg.max_sessions_tokens);
+        if would > limit {
+            return Err(EngineError::SessionCapacity {
+                what: "the tokens of all sessions",
+                would,
+                limit,
+            });
+        }
+        Ok(())
     }
 
     /// The session if it exists for this tenant and is not generating.
@@ -334,7 +361,7 @@ impl<B: Backend> Core<B> {
             busy: None,
             ..self.idle_session(key)?.clone()
         };
-        let id = self.new_session(&key.tenant, copy);
+        let id = self.new_session(&key.tenant, copy)?;
         let child = SessionKey::new(&key.tenant, id);
         if let Some(src) = self.slots.parked_slot(key) {
             if let Some(dst) = self.slots.take_free() {
@@ -440,7 +467,7 @@ impl<B: Backend> Core<B> {
             pending: snap.pending,
             busy: None,
         };
-        let id = self.new_session(tenant, session);
+        let id = self.new_session(tenant, session)?;
         // If no tier can hold it, the session replays its history instead.
         self.store_host(SessionKey::new(tenant, id), snap.state);
         Ok(id)

@@ -186,7 +186,9 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::Choices { .. }
         | EngineError::SessionFull { .. }
         | EngineError::Import(_) => Status::invalid_argument(message),
-        EngineError::Overloaded { .. } => Status::resource_exhausted(message),
+        EngineError::Overloaded { .. } | EngineError::SessionCapacity { .. } => {
+            Status::resource_exhausted(message)
+        }
         EngineError::SessionNotFound { .. } => Status::not_found(message),
         EngineError::SessionBusy { .. } | EngineError::StateUnavailable { .. } => {
             Status::failed_precondition(message)

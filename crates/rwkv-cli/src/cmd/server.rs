@@ -67,6 +67,14 @@ pub struct EngineArgs {
     /// rewound or replaced [default: 1048576].
     #[arg(long, env = "RWKV_MAX_SESSION_TOKENS")]
     pub max_session_tokens: Option<usize>,
+    /// Most sessions this process holds, all tenants together; more are refused (429) until
+    /// some are deleted [default: 65536].
+    #[arg(long, env = "RWKV_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
+    /// Most tokens all sessions' conversations hold together (4 bytes each in host memory);
+    /// a session or turn that would go past it is refused (429) [default: 1073741824].
+    #[arg(long, env = "RWKV_MAX_SESSIONS_TOKENS")]
+    pub max_sessions_tokens: Option<usize>,
     /// GPUs to run on [default: 0]. One GPU (`0`) runs the whole model; several (`0,1`) shard it
     /// over them, tensor parallel over NCCL (their number must divide the model's heads).
     #[arg(long, env = "RWKV_GPUS")]
@@ -90,6 +98,8 @@ impl EngineArgs {
             prefix_cache_mb: self.prefix_cache_mb.or(file.prefix_cache_mb),
             preempt_after_steps: self.preempt_after_steps.or(file.preempt_after_steps),
             max_session_tokens: self.max_session_tokens.or(file.max_session_tokens),
+            max_sessions: self.max_sessions.or(file.max_sessions),
+            max_sessions_tokens: self.max_sessions_tokens.or(file.max_sessions_tokens),
             disk_tier_dir: self.disk_tier_dir.or(file.disk_tier_dir),
             disk_tier_mb: self.disk_tier_mb.or(file.disk_tier_mb),
             gpus: self.gpus.or(file.gpus),
@@ -214,12 +224,21 @@ pub fn start_engine(
         max_session_tokens: args
             .max_session_tokens
             .unwrap_or(rwkv_engine::DEFAULT_MAX_SESSION_TOKENS),
+        max_sessions: args
+            .max_sessions
+            .unwrap_or(rwkv_engine::DEFAULT_MAX_SESSIONS),
+        max_sessions_tokens: args
+            .max_sessions_tokens
+            .unwrap_or(rwkv_engine::DEFAULT_MAX_SESSIONS_TOKENS),
         ..EngineConfig::default()
     };
-    anyhow::ensure!(
-        cfg.max_session_tokens > 0,
-        "--max-session-tokens must be at least 1"
-    );
+    for (flag, value) in [
+        ("--max-session-tokens", cfg.max_session_tokens),
+        ("--max-sessions", cfg.max_sessions),
+        ("--max-sessions-tokens", cfg.max_sessions_tokens),
+    ] {
+        anyhow::ensure!(value > 0, "{flag} must be at least 1");
+    }
     let engine = Engine::start(backend, cfg)?;
     tracing::info!(
         model = model.model_id,
