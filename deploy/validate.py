@@ -1255,10 +1255,13 @@ def check_compose(docs: dict[Path, list]) -> None:
                         errors.append(f"{rel(prom)}: target {target}: no service {host}")
                     elif host in rwkv_services:
                         cmd, settings, _ = rwkv_services[host]
-                        key = "metrics_listen" if cmd == "worker" else "listen"
-                        if key not in settings or settings[key].rsplit(":", 1)[1] != port:
+                        # Workers serve metrics only on metrics_listen; routers on their API
+                        # port (an admin key once tenants are configured) and on metrics_listen.
+                        keys = ["metrics_listen"] if cmd == "worker" else ["metrics_listen", "listen"]
+                        ports = {str(settings[k]).rsplit(":", 1)[1] for k in keys if k in settings}
+                        if port not in ports:
                             errors.append(f"{rel(prom)}: target {target}: {host} serves metrics on "
-                                          f"{settings.get(key)}")
+                                          f"port(s) {sorted(ports)}")
     for mount in ("../grafana/provisioning", "../grafana/rwkv-dashboard.json"):
         if not (base / mount).exists():
             errors.append(f"{mount} is missing")

@@ -80,7 +80,8 @@ fn start_worker(model: &Path, etcd: &str, id: &str, token: &Path) -> Proc {
 }
 
 /// The router takes the worker token from the environment (the workers from the flag).
-fn start_router(etcd: &str, port: u16, token: &Path) -> Proc {
+/// The router serves `/metrics` on `metrics_port` too, besides its API port.
+fn start_router(etcd: &str, port: u16, metrics_port: u16, token: &Path) -> Proc {
     let child = rwkv()
         .env("RWKV_WORKER_TOKEN_FILE", token)
         .args([
@@ -89,6 +90,8 @@ fn start_router(etcd: &str, port: u16, token: &Path) -> Proc {
             etcd,
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
         ])
         .args(["--request-timeout", "60"])
         .spawn()
@@ -280,11 +283,14 @@ async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
     std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
     let mut worker_a = start_worker(&model, &etcd, "a", &token);
     let _worker_b = start_worker(&model, &etcd, "b", &token);
-    let _router = start_router(&etcd, router_port, &token);
+    let metrics_port = free_port();
+    let _router = start_router(&etcd, router_port, metrics_port, &token);
+    // On the metrics port (the same text as the API port's /metrics).
+    let metrics = format!("http://127.0.0.1:{metrics_port}");
     wait_for(
         "two workers in the routing table",
         Duration::from_secs(60),
-        async || workers_in_table(&http, &base).await == Some(2),
+        async || workers_in_table(&http, &metrics).await == Some(2),
     )
     .await;
     wait_for("readiness", Duration::from_secs(20), async || {

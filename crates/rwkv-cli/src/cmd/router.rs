@@ -83,6 +83,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pool_config.worker_token = worker_token;
         let pool = WorkerPool::new(pool_config);
         pool.follow(&registry).await?;
+        if let Some(addr) = router_args.metrics_listen {
+            server::serve_metrics(addr, prometheus.clone()).await?;
+        }
         let cfg = router_args.router_config(default_model)?;
         let router = router_args.build_router(cfg, pool, Arc::new(tokenizer), prometheus)?;
         let listen = router_args

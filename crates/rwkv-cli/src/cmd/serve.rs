@@ -67,6 +67,11 @@ pub struct RouterArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "RWKV_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Also serve `/metrics` (Prometheus) and `/health` on this address, plain HTTP without API
+    /// keys: for a scraper on a private port when the API needs keys (its own `/metrics` needs
+    /// an admin key then).
+    #[arg(long, env = "RWKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl RouterArgs {
@@ -82,6 +87,7 @@ impl RouterArgs {
             tenants: self.tenants.or(file.tenants),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         }
     }
 
@@ -196,6 +202,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ..router_args.pool_config()?
         });
         pool.follow(&registry).await?;
+        if let Some(addr) = router_args.metrics_listen {
+            server::serve_metrics(addr, prometheus.clone()).await?;
+        }
         let router = router_args.build_router(
             router_args.router_config(Some(identity.model_id.clone()))?,
             pool,

@@ -304,6 +304,28 @@ pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::Promethe
     Ok(handle)
 }
 
+/// Serves `/metrics` (Prometheus text) and `/health` on `addr`, plain HTTP without keys, on a
+/// task of its own for as long as the runtime runs. Fails only if `addr` cannot be bound.
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for metrics"))?;
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = prometheus.render();
+                async move { text }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

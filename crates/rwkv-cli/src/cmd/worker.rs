@@ -153,19 +153,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = server::runtime()?;
     runtime.block_on(async move {
         if let Some(addr) = worker_args.metrics_listen {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for metrics"))?;
-            let app = axum::Router::new()
-                .route("/health", axum::routing::get(|| async { "ok" }))
-                .route(
-                    "/metrics",
-                    axum::routing::get(move || {
-                        let text = prometheus.render();
-                        async move { text }
-                    }),
-                );
-            tokio::spawn(async move { axum::serve(listener, app).await });
+            server::serve_metrics(addr, prometheus).await?;
         }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
