@@ -82,8 +82,9 @@ PORTS = {"router": 8000, "worker": 50051, "metrics": 9100, "etcd": 2379}
 # value), as deploy/README.md documents with `kubectl create secret generic <name> --from-...`.
 EXTERNAL_SECRETS = {"rwkv-worker-token": {"token"}}
 README = DEPLOY / "README.md"
-# What `rwkv` accepts as the worker token (rwkv-proto's auth.rs): a file of at most 4096 bytes
-# holding, once trimmed, at least 16 printable ASCII characters without spaces.
+# What `rwkv` accepts as the worker token file (rwkv-proto's auth.rs): at most 4096 bytes, one
+# token or several (one per line, blank lines ignored), each, once trimmed, at least 16 printable
+# ASCII characters without spaces.
 MIN_TOKEN_CHARS = 16
 MAX_TOKEN_FILE_BYTES = 4096
 # Quantiles metrics-exporter-prometheus renders for a histogram by default (as a summary).
@@ -1079,10 +1080,12 @@ def token_file_errors(path: Path) -> list[str]:
                 "may have made a directory there: remove it and write the token)"]
     if path.stat().st_size > MAX_TOKEN_FILE_BYTES:
         return [f"{rel(path)} is larger than {MAX_TOKEN_FILE_BYTES} bytes"]
-    token = path.read_bytes().strip()
-    if not all(0x21 <= b <= 0x7e for b in token) or len(token) < MIN_TOKEN_CHARS:
-        return [f"{rel(path)} does not hold a worker token (at least {MIN_TOKEN_CHARS} printable "
-                "ASCII characters without spaces): `openssl rand -hex 32 > " + path.name + "`"]
+    tokens = [line.strip() for line in path.read_bytes().splitlines() if line.strip()]
+    if not tokens or any(not all(0x21 <= b <= 0x7e for b in t) or len(t) < MIN_TOKEN_CHARS
+                         for t in tokens):
+        return [f"{rel(path)} does not hold worker tokens (one per line, each at least "
+                f"{MIN_TOKEN_CHARS} printable ASCII characters without spaces): "
+                "`openssl rand -hex 32 > " + path.name + "`"]
     return []
 
 

@@ -278,11 +278,18 @@ async fn a_real_cluster_serves_200_streams_and_survives_a_dead_worker() {
     let (_etcd, etcd) = running_etcd(dir.path(), &http).await;
     let router_port = free_port();
     let base = format!("http://127.0.0.1:{router_port}");
-    // The workers refuse calls without the cluster's token; the router sends it.
+    // The workers refuse calls without the cluster's token; the router sends it. Mid-rotation:
+    // the workers take a new token and the old one, the router still sends the old one.
     let token = dir.path().join("worker-token");
     std::fs::write(&token, "cluster-test-token-0123456789\n").unwrap();
-    let mut worker_a = start_worker(&model, &etcd, "a", &token);
-    let _worker_b = start_worker(&model, &etcd, "b", &token);
+    let rotating = dir.path().join("worker-tokens");
+    std::fs::write(
+        &rotating,
+        "cluster-test-token-new-012345\ncluster-test-token-0123456789\n",
+    )
+    .unwrap();
+    let mut worker_a = start_worker(&model, &etcd, "a", &rotating);
+    let _worker_b = start_worker(&model, &etcd, "b", &rotating);
     let metrics_port = free_port();
     let _router = start_router(&etcd, router_port, metrics_port, &token);
     // On the metrics port (the same text as the API port's /metrics).

@@ -6,6 +6,11 @@
 //! `authorization: Bearer <token>` ([`ServerAuth`]), and routers configured with the same token
 //! add it to every call ([`ClientAuth`]). The token travels in the clear over plaintext
 //! HTTP/2: use it together with TLS (`tls_cert` on the worker) off a trusted network.
+//!
+//! A token file may hold several tokens, one per line ([`read_token_file`]): a worker accepts
+//! each of them and a router sends the first. That is what rotation needs: add the new token
+//! below the old one and restart the workers, move it to the top and restart the routers,
+//! drop the old one and restart the workers; no call is refused at any point.
 
 use std::fmt;
 use std::path::Path;
@@ -40,6 +45,8 @@ pub enum TokenError {
     TooShort(usize),
     #[error("the worker token may only hold printable ASCII without spaces")]
     BadCharacter,
+    #[error("the worker token file {0} holds no token")]
+    Empty(String),
 }
 
 impl WorkerToken {
@@ -56,20 +63,6 @@ impl WorkerToken {
             .parse()
             .map_err(|_| TokenError::BadCharacter)?;
         Ok(Self { header })
-    }
-
-    /// The token in `path` (a Kubernetes Secret mounted as a file, say).
-    pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let read = |source| TokenError::Read {
-            path: path.display().to_string(),
-            source,
-        };
-        let len = std::fs::metadata(path).map_err(read)?.len();
-        if len > MAX_TOKEN_FILE_BYTES {
-            return Err(TokenError::TooLarge(path.display().to_string()));
-        }
-        let text = std::fs::read_to_string(path).map_err(read)?;
-        Self::new(&text)
     }
 
     /// A fresh random token (256 bits from the OS), for a router and worker in one process.
@@ -96,6 +89,30 @@ impl WorkerToken {
             .fold(0u8, |diff, (a, b)| diff | (a ^ b))
             == 0
     }
+}
+
+/// The tokens in `path` (a Kubernetes Secret mounted as a file, say), one per line, blank lines
+/// ignored; at least one. A router sends the first, a worker accepts any.
+pub fn read_token_file(path: &Path) -> Result<Vec<WorkerToken>, TokenError> {
+    let name = || path.display().to_string();
+    let read = |source| TokenError::Read {
+        path: name(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(read)?.len();
+    if len > MAX_TOKEN_FILE_BYTES {
+        return Err(TokenError::TooLarge(name()));
+    }
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    let tokens = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(WorkerToken::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    if tokens.is_empty() {
+        return Err(TokenError::Empty(name()));
+    }
+    Ok(tokens)
 }
 
 impl fmt::Debug for WorkerToken {
@@ -125,26 +142,29 @@ impl Interceptor for ClientAuth {
     }
 }
 
-/// Server side: with a token, refuses every call that does not carry it (UNAUTHENTICATED);
-/// without one, lets everything through.
+/// Server side: with tokens, refuses every call that carries none of them (UNAUTHENTICATED);
+/// without any, lets everything through.
 #[derive(Clone, Debug, Default)]
-pub struct ServerAuth(Option<WorkerToken>);
+pub struct ServerAuth(Vec<WorkerToken>);
 
 impl ServerAuth {
-    pub fn new(token: Option<WorkerToken>) -> Self {
-        Self(token)
+    pub fn new(tokens: Vec<WorkerToken>) -> Self {
+        Self(tokens)
     }
 }
 
 impl Interceptor for ServerAuth {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        match &self.0 {
-            Some(token) if !token.is_presented_in(request.metadata()) => {
-                Err(Status::unauthenticated(
-                    "this worker requires the cluster's worker token (worker_token_file)",
-                ))
-            }
-            _ => Ok(request),
+        // Every token is compared (no early exit), so timing does not tell which one matched.
+        let accepted = self.0.iter().fold(self.0.is_empty(), |ok, token| {
+            ok | token.is_presented_in(request.metadata())
+        });
+        if accepted {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "this worker requires the cluster's worker token (worker_token_file)",
+            ))
         }
     }
 }
@@ -166,7 +186,7 @@ mod tests {
     #[test]
     fn the_server_takes_only_the_token_the_client_sends() {
         let token = WorkerToken::new("0123456789abcdef-secret\n").unwrap();
-        let mut server = ServerAuth::new(Some(token.clone()));
+        let mut server = ServerAuth::new(vec![token.clone()]);
         let sent = ClientAuth::new(Some(token)).call(Request::new(())).unwrap();
         assert!(server.call(sent).is_ok());
         for wrong in [
@@ -179,6 +199,22 @@ mod tests {
             let refused = server.call(call_with(wrong)).unwrap_err();
             assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{wrong:?}");
         }
+    }
+
+    /// Mid-rotation a worker accepts the old token and the new one, and nothing else.
+    #[test]
+    fn a_server_with_several_tokens_takes_any_of_them() {
+        let old = WorkerToken::new("old-token-0123456789").unwrap();
+        let new = WorkerToken::new("new-token-0123456789").unwrap();
+        let mut server = ServerAuth::new(vec![new.clone(), old.clone()]);
+        for token in [old, new] {
+            let sent = ClientAuth::new(Some(token)).call(Request::new(())).unwrap();
+            assert!(server.call(sent).is_ok());
+        }
+        let refused = server
+            .call(call_with(Some("Bearer other-token-0123456789")))
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     }
 
     #[test]
@@ -214,17 +250,29 @@ mod tests {
         let good = dir.join("good");
         std::fs::write(&good, "  0123456789abcdef0123\n").unwrap();
         assert_eq!(
-            WorkerToken::from_file(&good).unwrap(),
-            WorkerToken::new("0123456789abcdef0123").unwrap()
+            read_token_file(&good).unwrap(),
+            vec![WorkerToken::new("0123456789abcdef0123").unwrap()]
         );
+        let two = dir.join("two");
+        std::fs::write(&two, "new-token-0123456789\n\nold-token-0123456789\n").unwrap();
+        assert_eq!(read_token_file(&two).unwrap().len(), 2);
+        let blank = dir.join("blank");
+        std::fs::write(&blank, "\n  \n").unwrap();
+        assert!(matches!(read_token_file(&blank), Err(TokenError::Empty(_))));
+        let weak = dir.join("weak");
+        std::fs::write(&weak, "new-token-0123456789\nshort\n").unwrap();
+        assert!(matches!(
+            read_token_file(&weak),
+            Err(TokenError::TooShort(5))
+        ));
         let big = dir.join("big");
         std::fs::write(&big, vec![b'a'; 5000]).unwrap();
         assert!(matches!(
-            WorkerToken::from_file(&big),
+            read_token_file(&big),
             Err(TokenError::TooLarge(_))
         ));
         assert!(matches!(
-            WorkerToken::from_file(&dir.join("missing")),
+            read_token_file(&dir.join("missing")),
             Err(TokenError::Read { .. })
         ));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -36,8 +36,9 @@ pub struct WorkerService {
     engine: EngineHandle,
     identity: Arc<WorkerIdentity>,
     draining: Arc<AtomicBool>,
-    /// Calls without this token are refused (see [`WorkerService::require_token`]).
-    token: Option<WorkerToken>,
+    /// Calls that carry none of these tokens are refused (none: every call is taken; see
+    /// [`WorkerService::require_tokens`]).
+    tokens: Vec<WorkerToken>,
 }
 
 /// How often a stream's bridge thread checks for a vanished client while no event comes
@@ -52,14 +53,20 @@ impl WorkerService {
             engine,
             identity: Arc::new(identity),
             draining: Arc::new(AtomicBool::new(false)),
-            token: None,
+            tokens: Vec::new(),
         }
     }
 
     /// Served with [`serve`] or [`serve_tls`], every call must then carry `token` (routers send
     /// it when given the same token); others are refused with UNAUTHENTICATED.
-    pub fn require_token(mut self, token: WorkerToken) -> Self {
-        self.token = Some(token);
+    pub fn require_token(self, token: WorkerToken) -> Self {
+        self.require_tokens(vec![token])
+    }
+
+    /// Like [`WorkerService::require_token`], taking any of `tokens` (the old and the new one
+    /// while the cluster's token is rotated).
+    pub fn require_tokens(mut self, tokens: Vec<WorkerToken>) -> Self {
+        self.tokens = tokens;
         self
     }
 
@@ -475,11 +482,11 @@ async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    let auth = ServerAuth::new(service.token.clone());
+    let auth = ServerAuth::new(service.tokens.clone());
     tracing::info!(
         ?addr,
         tls = tls.is_some(),
-        token = service.token.is_some(),
+        tokens = service.tokens.len(),
         "worker gRPC service listening"
     );
     telemetry::describe();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use rwkv_proto::auth::WorkerToken;
+use rwkv_proto::auth::read_token_file;
 use rwkv_router::WorkerPool;
 use rwkv_tokenizer::Tokenizer;
 use serde::Deserialize;
@@ -40,7 +40,7 @@ pub struct RouterOnlyArgs {
     #[arg(long, env = "RWKV_WORKER_CA")]
     pub worker_ca: Option<PathBuf>,
     /// File holding the cluster's worker token, sent with every call to a worker: the same
-    /// file the workers were started with.
+    /// file the workers were started with (of several lines, the first).
     #[arg(long, env = "RWKV_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<PathBuf>,
 }
@@ -64,11 +64,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer_spec = args.extra.tokenizer.or(file.extra.tokenizer);
     let default_model = args.extra.default_model.or(file.extra.default_model);
     let worker_ca = args.extra.worker_ca.or(file.extra.worker_ca);
-    let worker_token = (args.extra.worker_token_file)
+    // The first token of the file: during a rotation the workers accept the others too.
+    let worker_token = match args
+        .extra
+        .worker_token_file
         .or(file.extra.worker_token_file)
-        .as_deref()
-        .map(WorkerToken::from_file)
-        .transpose()?;
+    {
+        Some(path) => read_token_file(&path)?.into_iter().next(),
+        None => None,
+    };
     let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
     let tokenizer = Tokenizer::load(tokenizer_spec.as_deref().unwrap_or("world"))?;
     let prometheus = server::install_metrics()?;

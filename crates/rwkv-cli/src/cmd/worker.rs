@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rwkv_cluster::{Registry, WorkerRecord};
-use rwkv_proto::auth::WorkerToken;
+use rwkv_proto::auth::read_token_file;
 use rwkv_worker::WorkerService;
 use serde::Deserialize;
 
@@ -56,8 +56,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "RWKV_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// File holding the cluster's worker token (at least 16 printable characters): calls
-    /// without it are refused, and routers need the same file. Without it, anyone who reaches
-    /// the port can use it as any tenant.
+    /// without it are refused, and routers need the same file. Several lines are several
+    /// tokens, each accepted (for rotation). Without it, anyone who reaches the port can use it
+    /// as any tenant.
     #[arg(long, env = "RWKV_WORKER_TOKEN_FILE")]
     pub worker_token_file: Option<PathBuf>,
 }
@@ -121,12 +122,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    let token = worker_args
-        .worker_token_file
-        .as_deref()
-        .map(WorkerToken::from_file)
-        .transpose()?;
-    if token.is_none() && !listen.ip().is_loopback() {
+    let tokens = match &worker_args.worker_token_file {
+        Some(path) => read_token_file(path)?,
+        None => Vec::new(),
+    };
+    if tokens.is_empty() && !listen.ip().is_loopback() {
         tracing::warn!(
             %listen,
             "no worker_token_file: anyone who can reach this port can call it as any tenant \
@@ -158,10 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
-        let mut service = WorkerService::new(engine.handle(), identity.clone());
-        if let Some(token) = token {
-            service = service.require_token(token);
-        }
+        let service = WorkerService::new(engine.handle(), identity.clone()).require_tokens(tokens);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let stopped = async {
             let _ = server_stopped.await;
