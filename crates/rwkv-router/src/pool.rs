@@ -368,12 +368,20 @@ impl WorkerPool {
     /// fraction of capacity in use (sessions do not hold capacity while idle, so this spreads
     /// them with the traffic).
     pub fn least_loaded(&self, model: &str) -> Option<Arc<WorkerEntry>> {
+        self.by_load(model).into_iter().next()
+    }
+
+    /// The available workers of `model`, the one with the most room first (as
+    /// [`WorkerPool::least_loaded`] ranks them).
+    pub fn by_load(&self, model: &str) -> Vec<Arc<WorkerEntry>> {
         let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
-        workers
+        let mut available: Vec<Arc<WorkerEntry>> = workers
             .values()
             .filter(|w| w.record.model == model && w.is_available())
-            .min_by(|a, b| (a.assigned() * b.capacity()).cmp(&(b.assigned() * a.capacity())))
             .cloned()
+            .collect();
+        available.sort_by(|a, b| (a.assigned() * b.capacity()).cmp(&(b.assigned() * a.capacity())));
+        available
     }
 
     /// The worker with this id, if it is in the pool.

@@ -1,7 +1,8 @@
 //! Failover inside the router, with two in-process workers: worker `a` holds the request's
 //! prefix (so the router prefers it) and its backend breaks after a few steps; worker `b` is
 //! healthy. A multi-choice request that `a` was streaming continues on `b`, each choice from
-//! the tokens it already had, and ends exactly as an undisturbed greedy run.
+//! the tokens it already had, and ends exactly as an undisturbed greedy run. And a worker full
+//! of sessions passes new sessions on to one with room.
 
 mod common;
 
@@ -51,17 +52,80 @@ impl Backend for FailAfter {
 
 const SLOTS: usize = 8;
 
+/// A router over these workers, serving HTTP, once all of them are available.
+struct Front {
+    pool: WorkerPool,
+    tokenizer: Arc<Tokenizer>,
+    base: String,
+    _registry: MemoryRegistry,
+    _registrations: Vec<rwkv_cluster::Registration>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn router_over(records: Vec<WorkerRecord>) -> Front {
+    let registry = MemoryRegistry::new();
+    let n = records.len();
+    let mut registrations = Vec::new();
+    for record in records {
+        registrations.push(registry.register(record).await.unwrap());
+    }
+    let pool = WorkerPool::new(PoolConfig {
+        poll_interval: Duration::from_millis(50),
+        ..PoolConfig::default()
+    });
+    pool.follow(&registry).await.unwrap();
+    let tokenizer = Arc::new(Tokenizer::world());
+    let router = Router::new(
+        RouterConfig {
+            default_model: Some(MODEL.into()),
+            ..RouterConfig::default()
+        },
+        pool.clone(),
+        tokenizer.clone(),
+        None,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(rwkv_router::serve_http(router, listener, async {
+        let _ = rx.await;
+    }));
+    for _ in 0..200 {
+        if pool.workers().iter().filter(|w| w.is_available()).count() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Front {
+        pool,
+        tokenizer,
+        base,
+        _registry: registry,
+        _registrations: registrations,
+        _stop: stop,
+    }
+}
+
 /// Serves `backend` as worker `id`; returns its registration record, its engine and the sender
 /// that stops it.
 async fn worker<B: Backend + 'static>(
     id: &str,
     backend: B,
 ) -> (WorkerRecord, Engine, tokio::sync::oneshot::Sender<()>) {
+    worker_with(id, backend, EngineConfig::default()).await
+}
+
+/// [`worker`] with these engine settings.
+async fn worker_with<B: Backend + 'static>(
+    id: &str,
+    backend: B,
+    cfg: EngineConfig,
+) -> (WorkerRecord, Engine, tokio::sync::oneshot::Sender<()>) {
     let engine = Engine::start(
         backend,
         EngineConfig {
             model_id: MODEL.into(),
-            ..EngineConfig::default()
+            ..cfg
         },
     )
     .unwrap();
@@ -102,36 +166,12 @@ async fn choices_streamed_by_a_failing_worker_continue_exactly_on_another() {
     };
     let (record_a, _engine_a, _stop_a) = worker("a", failing).await;
     let (record_b, engine_b, _stop_b) = worker("b", CpuBackend::new(&weights, SLOTS)).await;
-    let registry = MemoryRegistry::new();
-    let _reg_a = registry.register(record_a).await.unwrap();
-    let _reg_b = registry.register(record_b).await.unwrap();
-    let pool = WorkerPool::new(PoolConfig {
-        poll_interval: Duration::from_millis(50),
-        ..PoolConfig::default()
-    });
-    pool.follow(&registry).await.unwrap();
-    let tokenizer = Arc::new(Tokenizer::world());
-    let router = Router::new(
-        RouterConfig {
-            default_model: Some(MODEL.into()),
-            ..RouterConfig::default()
-        },
-        pool.clone(),
-        tokenizer.clone(),
-        None,
+    let front = router_over(vec![record_a, record_b]).await;
+    let (pool, tokenizer, base) = (
+        front.pool.clone(),
+        front.tokenizer.clone(),
+        front.base.clone(),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (_stop_router, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(rwkv_router::serve_http(router, listener, async {
-        let _ = rx.await;
-    }));
-    for _ in 0..200 {
-        if pool.workers().iter().filter(|w| w.is_available()).count() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     let prompt = "The failover test prompt:";
     let tokens = tokenizer.encode(prompt).unwrap();
@@ -168,4 +208,62 @@ async fn choices_streamed_by_a_failing_worker_continue_exactly_on_another() {
     // What `b` gives without interruption (the API's greedy settings).
     let direct = greedy_text(&engine_b, &tokenizer, tokens, max_tokens);
     assert_eq!(texts, vec![direct; 3]);
+}
+
+/// Worker `a` holds one session at most: new sessions and imports beyond it go to `b`, and
+/// once both are full the client gets a 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_full_of_sessions_passes_new_ones_to_another() {
+    let weights = weights();
+    let one = |max_sessions| EngineConfig {
+        max_sessions,
+        ..EngineConfig::default()
+    };
+    let (record_a, engine_a, _stop_a) =
+        worker_with("a", CpuBackend::new(&weights, SLOTS), one(1)).await;
+    let (record_b, engine_b, _stop_b) =
+        worker_with("b", CpuBackend::new(&weights, SLOTS), one(2)).await;
+    let front = router_over(vec![record_a, record_b]).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        http.post(format!("{}{path}", front.base))
+            .json(&body)
+            .send()
+    };
+    let first = post("/v1/sessions", json!({})).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let id = first.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let second = post("/v1/sessions", json!({})).await.unwrap();
+    assert_eq!(second.status(), 201);
+    let export = http
+        .get(format!("{}/v1/sessions/{id}/export", front.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let imported = http
+        .post(format!("{}/v1/sessions/import", front.base))
+        .body(export.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(imported.status(), 201, "{}", imported.text().await.unwrap());
+    let sessions = |e: &Engine| e.stats().unwrap().sessions;
+    assert_eq!((sessions(&engine_a), sessions(&engine_b)), (1, 2));
+    // Both full: the client hears so, retryably.
+    let full = post("/v1/sessions", json!({})).await.unwrap();
+    assert_eq!(full.status(), 429);
+    let body: Value = full.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("full of sessions"),
+        "{body}"
+    );
 }

@@ -40,19 +40,53 @@ fn session_model(state: &Router, named: Option<String>) -> Result<String, ApiErr
     Ok(model)
 }
 
-/// A worker of `model` for a new session, once the tenant's quota allows one more.
-async fn place_new(
+/// Makes a new session of `model` with `call` (a worker call returning the new session's id):
+/// once the tenant's quota allows one more, on the worker with the most room, or on the next
+/// whenever a worker is full of sessions (RESOURCE_EXHAUSTED: its `max_sessions` or
+/// `max_sessions_tokens`), so one full worker does not refuse sessions the others have room
+/// for. Any other refusal is final; `param` is the field a refused request is blamed on.
+async fn create_on_some_worker<F, Fut>(
     state: &Router,
     tenant: &Tenant,
     model: &str,
-) -> Result<Arc<WorkerEntry>, ApiError> {
-    let worker = state
-        .pool
-        .least_loaded(model)
-        .ok_or_else(|| ApiError::unavailable(format!("no worker of `{model}` is ready")))?;
-    let state_bytes = worker.info().map_or(0, |i| i.state_bytes);
+    param: Option<&str>,
+    mut call: F,
+) -> Result<(Arc<WorkerEntry>, u64), ApiError>
+where
+    F: FnMut(Arc<WorkerEntry>) -> Fut,
+    Fut: std::future::Future<Output = Result<u64, tonic::Status>>,
+{
+    let workers = state.pool.by_load(model);
+    let Some(first) = workers.first() else {
+        return Err(ApiError::unavailable(format!(
+            "no worker of `{model}` is ready"
+        )));
+    };
+    let state_bytes = first.info().map_or(0, |i| i.state_bytes);
     check_quota(&state.pool, tenant, state_bytes).await?;
-    Ok(worker)
+    let refused = |status: &tonic::Status| {
+        let e = ApiError::from_status(status);
+        match param {
+            Some(param) => blame(e, param),
+            None => e,
+        }
+    };
+    let mut full = None;
+    for worker in workers {
+        match call(worker.clone()).await {
+            Ok(id) => return Ok((worker, id)),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                tracing::info!(
+                    worker = worker.record.id,
+                    "no room for another session there: {}",
+                    status.message()
+                );
+                full = Some(status);
+            }
+            Err(status) => return Err(refused(&status)),
+        }
+    }
+    Err(refused(&full.expect("at least one worker was tried")))
 }
 
 /// Session `id` on `worker`.
@@ -122,18 +156,17 @@ pub async fn create(
             tokens
         }
     };
-    let worker = place_new(state, tenant, &model).await?;
-    let session = worker
-        .client
-        .clone()
-        .create_session(wv1::CreateSessionRequest {
+    let (worker, session) = create_on_some_worker(state, tenant, &model, None, |worker| {
+        let request = wv1::CreateSessionRequest {
             tenant: tenant.name().to_owned(),
-            tokens,
-        })
-        .await
-        .map_err(|s| ApiError::from_status(&s))?
-        .into_inner()
-        .session;
+            tokens: tokens.clone(),
+        };
+        async move {
+            let created = worker.client.clone().create_session(request).await?;
+            Ok(created.into_inner().session)
+        }
+    })
+    .await?;
     view(&worker, tenant, on(&worker, session)).await
 }
 
@@ -151,18 +184,17 @@ pub async fn import(
         ));
     }
     let model = session_model(state, model)?;
-    let worker = place_new(state, tenant, &model).await?;
-    let session = worker
-        .client
-        .clone()
-        .import_session(wv1::ImportSessionRequest {
+    let (worker, session) = create_on_some_worker(state, tenant, &model, Some("data"), |worker| {
+        let request = wv1::ImportSessionRequest {
             tenant: tenant.name().to_owned(),
-            data,
-        })
-        .await
-        .map_err(|s| blame(ApiError::from_status(&s), "data"))?
-        .into_inner()
-        .session;
+            data: data.clone(),
+        };
+        async move {
+            let imported = worker.client.clone().import_session(request).await?;
+            Ok(imported.into_inner().session)
+        }
+    })
+    .await?;
     view(&worker, tenant, on(&worker, session)).await
 }
 
