@@ -108,9 +108,9 @@ fn a_reader_that_stops_reading_holds_its_generation_and_loses_nothing() {
 
 #[test]
 fn a_held_generation_gives_its_slot_to_a_waiting_request() {
-    // One slot, and preemption by age effectively off: only the hold lets the second request
-    // in while the first one's reader is away.
-    let engine = start(1, 1 << 40);
+    // One slot, and preemption by age off: only the hold lets the second request in while the
+    // first one's reader is away.
+    let engine = start(1, 0);
     let max_tokens = 600;
     let expected = alone(&weights(), &PROMPT, greedy_params(max_tokens));
     let slow = engine.generate(greedy(&PROMPT, max_tokens)).unwrap();
@@ -127,7 +127,43 @@ fn a_held_generation_gives_its_slot_to_a_waiting_request() {
         .expect("a request waited behind a generation nobody reads");
     assert_eq!(tokens, alone(&weights(), &[9], greedy_params(5)));
     assert!(matches!(end, GenerateEvent::Finished { .. }), "{end:?}");
-    // The held generation resumes (from host memory) once read, exactly.
+    // Back on the free slot, it is held again at once: its reader is as far behind as before.
+    wait_until("the generation is back on its slot, held", || {
+        let stats = engine.stats().unwrap();
+        stats.preempted == 0 && stats.held_for_readers == 1
+    });
+    thread::sleep(Duration::from_millis(100));
     let first = take_waiting(&slow);
+    assert_eq!(first.len(), HOLD_AT, "it ran on after resuming");
+    // Read at last, it ends exactly.
     assert_eq!(read_to_end(slow, first), expected);
+}
+
+/// A generation preempted for a request whose reader then stops: the held request gives the
+/// slot back to the preempted generation, whose reader keeps up, instead of sitting on it.
+#[test]
+fn a_held_generation_gives_its_slot_back_to_a_preempted_one() {
+    let engine = start(1, 8);
+    let long = engine.generate(greedy(&PROMPT, 400)).unwrap();
+    let expected = alone(&weights(), &PROMPT, greedy_params(400));
+    let (done, finished) = mpsc::channel();
+    // `long` is read as it comes, on a thread of its own.
+    let mut reader = Some(long);
+    let first = reader.as_ref().unwrap().recv().unwrap();
+    let long = reader.take().unwrap();
+    thread::spawn(move || {
+        let _ = done.send(long.collect());
+    });
+    // Preempts `long` (after 8 steps), and is never read.
+    let stalled = engine.generate(greedy(&[9], 2000)).unwrap();
+    let (rest, end) = finished
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a preempted generation waited behind one nobody reads");
+    assert!(matches!(end, GenerateEvent::Finished { .. }), "{end:?}");
+    let GenerateEvent::Token { token, .. } = first else {
+        panic!("{first:?}")
+    };
+    let tokens: Vec<u32> = std::iter::once(token).chain(rest).collect();
+    assert_eq!(tokens, expected);
+    drop(stalled);
 }

@@ -91,6 +91,12 @@ impl<B: Backend> Core<B> {
             let Role::Generate(g) = &mut seq.role else {
                 continue;
             };
+            // Only a generation on a slot is held: the scheduler starts every admission
+            // released, so one waiting now is judged again once it runs.
+            if seq.slot.is_none() {
+                g.held = false;
+                continue;
+            }
             let unread = g.events.unread();
             let hold = if g.held {
                 unread > RESUME_AT_UNREAD
@@ -104,6 +110,14 @@ impl<B: Backend> Core<B> {
             held += usize::from(hold);
         }
         self.metrics.held_for_readers(held);
+    }
+
+    /// Whether a generation's reader keeps up (a held one would be released).
+    pub(crate) fn reader_keeps_up(seq: &Seq) -> bool {
+        match &seq.role {
+            Role::Generate(g) => g.events.unread() <= RESUME_AT_UNREAD,
+            Role::Score(_) => true,
+        }
     }
 
     /// Generations held for their readers.

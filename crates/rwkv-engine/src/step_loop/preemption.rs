@@ -8,35 +8,67 @@
 //! slot to the oldest waiting request. A preempted generation is re-admitted like any waiting
 //! request and continues exactly (its state, tokens and sampler are untouched).
 //!
-//! Only new requests trigger preemption, never the preempted ones waiting to resume (that would
-//! swap two generations back and forth every step), and at most as many generations are
+//! Only new requests trigger preemption by age, never the preempted ones waiting to resume (that
+//! would swap two generations back and forth every step). A generation held because its reader
+//! fell behind does nothing with its slot, so it gives it up to anything waiting that can run,
+//! whatever its age and even with preemption by age off. At most as many generations are
 //! preempted at once as there are slots, which bounds their host memory by one copy of the pool.
 
 use std::time::Instant;
 
 use rwkv_model::{Backend, State};
 
-use super::{Core, Role, Seq};
+use super::{Core, Role};
 use crate::error::EngineError;
 use crate::scheduler::SeqId;
 use crate::telemetry::Swap;
 use crate::tiers::Weigh;
 
 impl<B: Backend> Core<B> {
-    /// Preempts long-running generations while new requests wait for slots.
+    /// Preempts generations while requests wait for slots: first those held for their readers
+    /// (they do nothing with their slots), for any waiting sequence that can run, a preempted
+    /// generation whose reader keeps up included, and even with preemption by age off; then,
+    /// for new requests, those that have held their slots for `preempt_after_steps` steps.
     pub(super) fn preempt_for_waiting(&mut self) {
+        if self.sched.waiting_len() == 0 {
+            return;
+        }
+        let (mut fresh, mut resumable) = (0usize, 0usize);
+        for seq in self.seqs.values().filter(|s| s.slot.is_none()) {
+            if seq.preempted.is_none() {
+                fresh += 1;
+            } else if Self::reader_keeps_up(seq) {
+                resumable += 1;
+            }
+        }
+        let total = self.slots.total();
+        // Preempted states held in host memory once admission has run.
+        let mut preempted = self.preempted_len();
+        let need = (fresh + resumable).saturating_sub(self.slots.available());
+        // A held generation swapped out lets a resumable one back in while there are some (the
+        // host then holds as many preempted states as before), else a new request (one more).
+        let mut traded = 0;
+        for _ in 0..need {
+            let trade = traded < resumable;
+            if !trade && preempted >= total {
+                break;
+            }
+            let Some(id) = self.held_holder() else { break };
+            if self.preempt(id).is_err() {
+                return;
+            }
+            if trade {
+                traded += 1;
+            } else {
+                preempted += 1;
+            }
+        }
         let quantum = self.cfg.preempt_after_steps;
-        if quantum == 0 || self.sched.waiting_len() == 0 {
+        if quantum == 0 {
             return;
         }
         // New requests waiting: not preempted ones (those only take free slots).
-        let fresh = self
-            .seqs
-            .values()
-            .filter(|s| s.slot.is_none() && s.preempted.is_none())
-            .count();
         let mut need = fresh.saturating_sub(self.slots.available());
-        let mut preempted = self.preempted_len();
         while need > 0 && preempted < self.slots.total() {
             let Some(id) = self.longest_holder(quantum) else {
                 return;
@@ -51,10 +83,18 @@ impl<B: Backend> Core<B> {
         }
     }
 
-    /// The generation to preempt: one held for its reader (it does not use its slot), or else
-    /// the decoding generation that has held its slot longest, if for at least `quantum` steps.
+    /// A generation held for its reader on a slot, the one held longest first.
+    fn held_holder(&self) -> Option<SeqId> {
+        self.seqs
+            .iter()
+            .filter(|(_, s)| s.slot.is_some() && s.finish.is_none() && s.unfed.len() == 1)
+            .filter(|(_, s)| matches!(&s.role, Role::Generate(g) if g.held))
+            .min_by_key(|(&id, s)| (s.placed_step, id))
+            .map(|(&id, _)| id)
+    }
+
+    /// The decoding generation that has held its slot longest, if for at least `quantum` steps.
     fn longest_holder(&self, quantum: u64) -> Option<SeqId> {
-        let held = |s: &Seq| matches!(&s.role, Role::Generate(g) if g.held);
         self.seqs
             .iter()
             .filter(|(_, s)| {
@@ -63,9 +103,9 @@ impl<B: Backend> Core<B> {
                     && s.finish.is_none()
                     // Decoding: one sampled token to feed (mid-prefill, a chunk is in flight).
                     && s.unfed.len() == 1
-                    && (held(s) || self.steps.saturating_sub(s.placed_step) >= quantum)
+                    && self.steps.saturating_sub(s.placed_step) >= quantum
             })
-            .min_by_key(|(&id, s)| (!held(s), s.placed_step, id))
+            .min_by_key(|(&id, s)| (s.placed_step, id))
             .map(|(&id, _)| id)
     }
 
