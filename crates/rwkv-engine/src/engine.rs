@@ -246,11 +246,11 @@ impl EngineHandle {
         let mut streams = Vec::with_capacity(n);
         let mut choices = Vec::with_capacity(n);
         for (id, sampler) in (first..).zip(samplers) {
-            let (events, rx, unread) = event_channel();
+            let (events, rx, signal) = event_channel();
             streams.push(GenerateStream {
                 id,
                 events: rx,
-                unread,
+                signal,
                 commands: self.commands.clone(),
             });
             choices.push(Sibling {

@@ -2,8 +2,11 @@
 //! stream, and the session identifiers (scoring has its own module, [`crate::score`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SendError, Sender, SyncSender};
-use std::sync::Arc;
+use std::sync::mpsc::{
+    self, Receiver, RecvTimeoutError, SendError, Sender, SyncSender, TryRecvError,
+};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use crate::error::EngineError;
@@ -80,40 +83,80 @@ pub(crate) struct Sibling {
     pub(crate) events: EventSender,
 }
 
+/// What both ends of one generation's event stream share: how many events the reader has not
+/// taken yet, and the async reader waiting for the next one, if any.
+#[derive(Debug, Default)]
+pub(crate) struct EventSignal {
+    unread: AtomicUsize,
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl EventSignal {
+    fn wake(&self) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+    }
+}
+
 /// The engine's end of one generation's event stream. The channel itself is unbounded (the step
 /// loop must never block on a reader), so it counts the events its reader has not taken yet:
 /// the step loop holds a generation whose reader fell behind instead of buffering its tokens
-/// without limit.
+/// without limit. Each event (and the end of the stream) also wakes an async reader.
 #[derive(Debug)]
 pub(crate) struct EventSender {
-    tx: Sender<GenerateEvent>,
-    unread: Arc<AtomicUsize>,
+    /// `None` only while dropping: the channel must be closed before the reader is woken.
+    tx: Option<Sender<GenerateEvent>>,
+    signal: Arc<EventSignal>,
 }
 
 impl EventSender {
     /// Sends `event`; fails when the reader is gone.
     pub(crate) fn send(&self, event: GenerateEvent) -> Result<(), SendError<GenerateEvent>> {
-        self.unread.fetch_add(1, Ordering::SeqCst);
-        self.tx.send(event).inspect_err(|_| {
-            self.unread.fetch_sub(1, Ordering::SeqCst);
-        })
+        let Some(tx) = &self.tx else {
+            return Err(SendError(event));
+        };
+        self.signal.unread.fetch_add(1, Ordering::SeqCst);
+        match tx.send(event) {
+            Ok(()) => {
+                self.signal.wake();
+                Ok(())
+            }
+            Err(e) => {
+                self.signal.unread.fetch_sub(1, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
     /// Events sent that the reader has not taken yet.
     pub(crate) fn unread(&self) -> usize {
-        self.unread.load(Ordering::SeqCst)
+        self.signal.unread.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EventSender {
+    fn drop(&mut self) {
+        // Close the channel first, so that the woken reader finds it closed.
+        drop(self.tx.take());
+        self.signal.wake();
     }
 }
 
 /// A generation's event channel: the engine's end, and the parts of a [`GenerateStream`].
-pub(crate) fn event_channel() -> (EventSender, Receiver<GenerateEvent>, Arc<AtomicUsize>) {
+pub(crate) fn event_channel() -> (EventSender, Receiver<GenerateEvent>, Arc<EventSignal>) {
     let (tx, rx) = mpsc::channel();
-    let unread = Arc::new(AtomicUsize::new(0));
+    let signal = Arc::new(EventSignal::default());
     let sender = EventSender {
-        tx,
-        unread: unread.clone(),
+        tx: Some(tx),
+        signal: signal.clone(),
     };
-    (sender, rx, unread)
+    (sender, rx, signal)
 }
 
 /// Commands the engine thread receives.
@@ -149,8 +192,9 @@ pub(crate) enum Command {
 pub struct GenerateStream {
     pub(crate) id: SeqId,
     pub(crate) events: Receiver<GenerateEvent>,
-    /// Shared with the engine's [`EventSender`]: taken events are counted off here.
-    pub(crate) unread: Arc<AtomicUsize>,
+    /// Shared with the engine's [`EventSender`]: taken events are counted off here, and an
+    /// async reader waits here.
+    pub(crate) signal: Arc<EventSignal>,
     pub(crate) commands: Sender<Command>,
 }
 
@@ -190,8 +234,38 @@ impl GenerateStream {
         Ok(event)
     }
 
+    /// The next event, without blocking a thread: for async readers (the worker's gRPC
+    /// streams), many of which may wait at once. `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<GenerateEvent> {
+        std::future::poll_fn(move |cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<GenerateEvent>> {
+        let mut registered = false;
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => {
+                    self.taken();
+                    return Poll::Ready(Some(event));
+                }
+                Err(TryRecvError::Disconnected) => return Poll::Ready(None),
+                Err(TryRecvError::Empty) if registered => return Poll::Pending,
+                // Register, then look once more: an event sent in between found no waker to
+                // wake, but is in the channel now.
+                Err(TryRecvError::Empty) => {
+                    *self
+                        .signal
+                        .waiting
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+                    registered = true;
+                }
+            }
+        }
+    }
+
     fn taken(&self) {
-        self.unread.fetch_sub(1, Ordering::SeqCst);
+        self.signal.unread.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Asks the engine to stop this generation; it ends with `FinishReason::Cancelled`.

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::convert::{self, status_of};
 use crate::telemetry;
@@ -41,8 +42,7 @@ pub struct WorkerService {
     tokens: Vec<WorkerToken>,
 }
 
-/// How often a stream's bridge thread checks for a vanished client while no event comes
-/// (a sequence waiting for a slot); a token event is noticed immediately.
+/// How often the thread waiting for a score checks for a vanished client.
 const CLIENT_POLL: Duration = Duration::from_millis(100);
 /// Events buffered per stream before the bridge waits for the client (back-pressure).
 const STREAM_BUFFER: usize = 64;
@@ -144,50 +144,51 @@ impl Drop for SetOnDrop {
     }
 }
 
-/// Moves one generation's events from the engine's blocking channel to the gRPC stream, on a
-/// blocking-pool thread. Returning drops `stream`, which cancels the sequence if it still runs:
-/// that is how a disconnected client frees its slot.
 /// Forwards one choice's engine events to the gRPC stream, tagged with the choice, until the
-/// choice ends or the client goes away (dropping `stream` then cancels the choice). Returns the
-/// status code the choice ended with.
-fn bridge(
-    stream: GenerateStream,
+/// choice ends or the client goes away: returning drops `stream`, which cancels the choice if
+/// it still runs (that is how a disconnected client frees its slot). An async task, not a
+/// thread: a worker may stream thousands of choices at once, and a client that reads slowly
+/// only parks its task (the engine holds a generation whose events pile up). Returns the status
+/// code the choice ended with.
+async fn bridge(
+    mut stream: GenerateStream,
     choice: u32,
     out: mpsc::Sender<Result<wv1::GenerateEvent, Status>>,
 ) -> tonic::Code {
     loop {
-        match stream.recv_timeout(CLIENT_POLL) {
-            Ok(event) => {
-                let item = convert::event(event).map(|e| e.for_choice(choice));
-                let last = !matches!(&item, Ok(e) if matches!(e.event, Some(wv1::generate_event::Event::Token(_))));
-                let code = item.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
-                if let Err(status) = &item {
-                    tracing::warn!(choice, "generation failed: {status}");
-                }
-                if out.blocking_send(item).is_err() {
-                    tracing::debug!(choice, "client went away; cancelled");
-                    return tonic::Code::Cancelled;
-                }
-                if last {
-                    tracing::debug!(choice, ?code, "finished");
-                    return code;
-                }
+        let event = tokio::select! {
+            event = stream.next() => event,
+            // Gone while the choice waits for a slot or between tokens.
+            () = out.closed() => {
+                tracing::debug!(choice, "client went away; cancelled");
+                return tonic::Code::Cancelled;
             }
-            Err(ended) => {
-                if ended {
-                    let _ = out.blocking_send(Err(Status::unavailable("the engine stopped")));
-                    return tonic::Code::Unavailable;
-                }
-                if out.is_closed() {
-                    return tonic::Code::Cancelled;
-                }
-            }
+        };
+        let Some(event) = event else {
+            let _ = out
+                .send(Err(Status::unavailable("the engine stopped")))
+                .await;
+            return tonic::Code::Unavailable;
+        };
+        let item = convert::event(event).map(|e| e.for_choice(choice));
+        let last = !matches!(&item, Ok(e) if matches!(e.event, Some(wv1::generate_event::Event::Token(_))));
+        let code = item.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+        if let Err(status) = &item {
+            tracing::warn!(choice, "generation failed: {status}");
+        }
+        if out.send(item).await.is_err() {
+            tracing::debug!(choice, "client went away; cancelled");
+            return tonic::Code::Cancelled;
+        }
+        if last {
+            tracing::debug!(choice, ?code, "finished");
+            return code;
         }
     }
 }
 
-/// Bridges every choice of a generation on its own blocking thread (an engine stream is read
-/// by blocking), and records the call once all have ended: with the first failure, if any.
+/// Bridges every choice of a generation on its own task, and records the call once all have
+/// ended: with the first failure, if any.
 fn bridge_choices(
     streams: Vec<GenerateStream>,
     out: mpsc::Sender<Result<wv1::GenerateEvent, Status>>,
@@ -196,8 +197,8 @@ fn bridge_choices(
     let bridges: Vec<_> = (0..)
         .zip(streams)
         .map(|(choice, stream)| {
-            let (out, span) = (out.clone(), span.clone());
-            tokio::task::spawn_blocking(move || span.in_scope(|| bridge(stream, choice, out)))
+            let out = out.clone();
+            tokio::spawn(bridge(stream, choice, out).instrument(span.clone()))
         })
         .collect();
     drop(out);
