@@ -528,6 +528,11 @@ async fn next_event(
 /// Worker faults are retried elsewhere; request faults go back to the client (an unknown
 /// session by its public id).
 fn classify(spec: &GenerationSpec, status: Status) -> AttemptError {
+    // A session's turn has nowhere else to go: its worker full (of sessions, or of waiting
+    // work) is the client's 429, not a failed worker.
+    if spec.session.is_some() && status.code() == tonic::Code::ResourceExhausted {
+        return AttemptError::Fatal(ApiError::from_status(&status));
+    }
     if crate::pool::is_worker_fault(status.code()) {
         return AttemptError::Retry(status);
     }

@@ -375,13 +375,15 @@ impl WorkerPool {
     /// [`WorkerPool::least_loaded`] ranks them).
     pub fn by_load(&self, model: &str) -> Vec<Arc<WorkerEntry>> {
         let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
-        let mut available: Vec<Arc<WorkerEntry>> = workers
+        // Each worker's load read once: it changes under concurrent requests, and a sort whose
+        // order changes while it runs may panic.
+        let mut available: Vec<(usize, usize, Arc<WorkerEntry>)> = workers
             .values()
             .filter(|w| w.record.model == model && w.is_available())
-            .cloned()
+            .map(|w| (w.assigned(), w.capacity(), w.clone()))
             .collect();
-        available.sort_by(|a, b| (a.assigned() * b.capacity()).cmp(&(b.assigned() * a.capacity())));
-        available
+        available.sort_by(|(a_in, a_cap, _), (b_in, b_cap, _)| (a_in * b_cap).cmp(&(b_in * a_cap)));
+        available.into_iter().map(|(_, _, w)| w).collect()
     }
 
     /// The worker with this id, if it is in the pool.

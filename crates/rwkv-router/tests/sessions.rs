@@ -266,3 +266,43 @@ async fn sessions_are_tenant_scoped_quota_limited_and_validated() {
     assert_eq!(status, 200, "{reply}");
     assert!(reply["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
 }
+
+/// A worker full of session tokens: a turn that would pass the total gets 429 (retry later,
+/// or delete sessions), not a 503 blaming the worker, and the session is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_on_a_worker_full_of_sessions_is_a_429() {
+    let engine = EngineConfig {
+        max_sessions_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let c = start_engine(
+        RouterConfig::default(),
+        2,
+        None,
+        PoolConfig::default(),
+        engine,
+    )
+    .await;
+    let (status, session) = c.post("/v1/sessions", json!({})).await;
+    assert_eq!(status, 201, "{session}");
+    let id = id_of(&session);
+    c.say(&id, "Hi").await;
+    let (_, before) = c.get(&format!("/v1/sessions/{id}"), None).await;
+    let long = "many words ".repeat(40);
+    let (status, body) = c
+        .post(
+            &format!("/v1/sessions/{id}/messages"),
+            json!({"content": long, "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("full of sessions"),
+        "{body}"
+    );
+    let (_, after) = c.get(&format!("/v1/sessions/{id}"), None).await;
+    assert_eq!(after["tokens"], before["tokens"]);
+}

@@ -73,11 +73,22 @@ pub async fn start_pool(
     tenants: Option<TenantsFile>,
     pool_cfg: PoolConfig,
 ) -> Cluster {
+    start_engine(cfg, slots, tenants, pool_cfg, EngineConfig::default()).await
+}
+
+/// [`start_pool`] with these worker engine settings.
+pub async fn start_engine(
+    cfg: RouterConfig,
+    slots: usize,
+    tenants: Option<TenantsFile>,
+    pool_cfg: PoolConfig,
+    engine_cfg: EngineConfig,
+) -> Cluster {
     let engine = Engine::start(
         CpuBackend::new(&weights(), slots),
         EngineConfig {
             model_id: MODEL.into(),
-            ..EngineConfig::default()
+            ..engine_cfg
         },
     )
     .unwrap();
