@@ -167,3 +167,45 @@ fn a_held_generation_gives_its_slot_back_to_a_preempted_one() {
     assert_eq!(tokens, expected);
     drop(stalled);
 }
+
+/// Runs `future` to completion on this thread, parking it until a waker wakes it: enough to
+/// read streams with [`GenerateStream::next`] without an async runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        thread::park();
+    }
+}
+
+/// The async reader (what the worker's streams use) is woken for every event and for the end,
+/// and sees exactly what the blocking reader sees.
+#[test]
+fn an_async_reader_is_woken_for_every_event_and_the_end() {
+    let engine = start(2, 256);
+    let mut stream = engine.generate(greedy(&PROMPT, 300)).unwrap();
+    let (tokens, end) = block_on(async {
+        let mut tokens = Vec::new();
+        loop {
+            match stream.next().await {
+                Some(GenerateEvent::Token { token, .. }) => tokens.push(token),
+                Some(end) => break (tokens, end),
+                None => panic!("the stream closed without its last event"),
+            }
+        }
+    });
+    assert!(matches!(end, GenerateEvent::Finished { .. }), "{end:?}");
+    assert_eq!(tokens, alone(&weights(), &PROMPT, greedy_params(300)));
+    // After the last event the channel closes: the reader is told, not left waiting.
+    assert!(block_on(stream.next()).is_none());
+}
