@@ -16,7 +16,7 @@ use rwkv_model::{Backend, ModelConfig};
 
 use crate::error::EngineError;
 use crate::prefix_cache::CacheStats;
-use crate::request::{event_channel, Command, GenerateRequest, GenerateStream, SessionId, Sibling};
+use crate::request::{Command, GenerateRequest, GenerateStream, SessionId, Sibling};
 use crate::sampler::Sampler;
 use crate::scheduler::SchedulerConfig;
 use crate::score::{PendingScore, ScoreRequest, ScoreResult};
@@ -246,11 +246,10 @@ impl EngineHandle {
         let mut streams = Vec::with_capacity(n);
         let mut choices = Vec::with_capacity(n);
         for (id, sampler) in (first..).zip(samplers) {
-            let (events, rx, signal) = event_channel();
+            let (events, rx) = crate::channel::channel();
             streams.push(GenerateStream {
                 id,
                 events: rx,
-                signal,
                 commands: self.commands.clone(),
             });
             choices.push(Sibling {
@@ -290,8 +289,7 @@ impl EngineHandle {
     pub fn submit_score(&self, req: ScoreRequest) -> Result<PendingScore, EngineError> {
         req.validate(self.config.vocab_size)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // One answer per request, so a buffer of one never blocks the engine thread.
-        let (reply, rx) = mpsc::sync_channel(1);
+        let (reply, rx) = crate::channel::channel();
         self.send(Command::Score { id, req, reply })?;
         Ok(PendingScore {
             id,

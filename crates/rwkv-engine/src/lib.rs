@@ -49,6 +49,8 @@ pub mod telemetry;
 pub mod tiers;
 mod vecmath;
 
+mod channel;
+
 pub use engine::{
     Engine, EngineConfig, EngineHandle, EngineStats, DEFAULT_MAX_SESSIONS,
     DEFAULT_MAX_SESSIONS_TOKENS, DEFAULT_MAX_SESSION_TOKENS, DEFAULT_PREEMPT_AFTER_STEPS,

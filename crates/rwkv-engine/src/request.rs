@@ -1,14 +1,10 @@
 //! What callers send to the engine and what comes back: generation requests, their event
 //! stream, and the session identifiers (scoring has its own module, [`crate::score`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{
-    self, Receiver, RecvTimeoutError, SendError, Sender, SyncSender, TryRecvError,
-};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Waker};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
+use crate::channel;
 use crate::error::EngineError;
 use crate::logprobs::Logprobs;
 use crate::params::SamplingParams;
@@ -83,81 +79,9 @@ pub(crate) struct Sibling {
     pub(crate) events: EventSender,
 }
 
-/// What both ends of one generation's event stream share: how many events the reader has not
-/// taken yet, and the async reader waiting for the next one, if any.
-#[derive(Debug, Default)]
-pub(crate) struct EventSignal {
-    unread: AtomicUsize,
-    waiting: Mutex<Option<Waker>>,
-}
-
-impl EventSignal {
-    fn wake(&self) {
-        let waiting = self
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(waker) = waiting {
-            waker.wake();
-        }
-    }
-}
-
-/// The engine's end of one generation's event stream. The channel itself is unbounded (the step
-/// loop must never block on a reader), so it counts the events its reader has not taken yet:
-/// the step loop holds a generation whose reader fell behind instead of buffering its tokens
-/// without limit. Each event (and the end of the stream) also wakes an async reader.
-#[derive(Debug)]
-pub(crate) struct EventSender {
-    /// `None` only while dropping: the channel must be closed before the reader is woken.
-    tx: Option<Sender<GenerateEvent>>,
-    signal: Arc<EventSignal>,
-}
-
-impl EventSender {
-    /// Sends `event`; fails when the reader is gone.
-    pub(crate) fn send(&self, event: GenerateEvent) -> Result<(), SendError<GenerateEvent>> {
-        let Some(tx) = &self.tx else {
-            return Err(SendError(event));
-        };
-        self.signal.unread.fetch_add(1, Ordering::SeqCst);
-        match tx.send(event) {
-            Ok(()) => {
-                self.signal.wake();
-                Ok(())
-            }
-            Err(e) => {
-                self.signal.unread.fetch_sub(1, Ordering::SeqCst);
-                Err(e)
-            }
-        }
-    }
-
-    /// Events sent that the reader has not taken yet.
-    pub(crate) fn unread(&self) -> usize {
-        self.signal.unread.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for EventSender {
-    fn drop(&mut self) {
-        // Close the channel first, so that the woken reader finds it closed.
-        drop(self.tx.take());
-        self.signal.wake();
-    }
-}
-
-/// A generation's event channel: the engine's end, and the parts of a [`GenerateStream`].
-pub(crate) fn event_channel() -> (EventSender, Receiver<GenerateEvent>, Arc<EventSignal>) {
-    let (tx, rx) = mpsc::channel();
-    let signal = Arc::new(EventSignal::default());
-    let sender = EventSender {
-        tx: Some(tx),
-        signal: signal.clone(),
-    };
-    (sender, rx, signal)
-}
+/// The engine's end of one generation's event stream (see [`crate::channel`]: the step loop
+/// holds a generation whose reader fell behind instead of buffering its tokens without limit).
+pub(crate) type EventSender = channel::Tx<GenerateEvent>;
 
 /// Commands the engine thread receives.
 pub(crate) enum Command {
@@ -176,7 +100,7 @@ pub(crate) enum Command {
     Score {
         id: SeqId,
         req: ScoreRequest,
-        reply: SyncSender<Result<ScoreResult, EngineError>>,
+        reply: channel::Tx<Result<ScoreResult, EngineError>>,
     },
     /// Cancels a generation or a scoring request; unknown (finished) ids are ignored.
     Cancel(SeqId),
@@ -191,10 +115,7 @@ pub(crate) enum Command {
 #[derive(Debug)]
 pub struct GenerateStream {
     pub(crate) id: SeqId,
-    pub(crate) events: Receiver<GenerateEvent>,
-    /// Shared with the engine's [`EventSender`]: taken events are counted off here, and an
-    /// async reader waits here.
-    pub(crate) signal: Arc<EventSignal>,
+    pub(crate) events: channel::Rx<GenerateEvent>,
     pub(crate) commands: Sender<Command>,
 }
 
@@ -219,53 +140,21 @@ impl GenerateStream {
 
     /// The next event; `None` once the stream has ended.
     pub fn recv(&self) -> Option<GenerateEvent> {
-        let event = self.events.recv().ok()?;
-        self.taken();
-        Some(event)
+        self.events.recv()
     }
 
     /// The next event, waiting at most `timeout`; `Err(true)` if the stream has ended.
     pub fn recv_timeout(&self, timeout: Duration) -> Result<GenerateEvent, bool> {
-        let event = self.events.recv_timeout(timeout).map_err(|e| match e {
+        self.events.recv_timeout(timeout).map_err(|e| match e {
             RecvTimeoutError::Timeout => false,
             RecvTimeoutError::Disconnected => true,
-        })?;
-        self.taken();
-        Ok(event)
+        })
     }
 
     /// The next event, without blocking a thread: for async readers (the worker's gRPC
     /// streams), many of which may wait at once. `None` once the stream has ended.
     pub async fn next(&mut self) -> Option<GenerateEvent> {
-        std::future::poll_fn(move |cx| self.poll_next(cx)).await
-    }
-
-    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<GenerateEvent>> {
-        let mut registered = false;
-        loop {
-            match self.events.try_recv() {
-                Ok(event) => {
-                    self.taken();
-                    return Poll::Ready(Some(event));
-                }
-                Err(TryRecvError::Disconnected) => return Poll::Ready(None),
-                Err(TryRecvError::Empty) if registered => return Poll::Pending,
-                // Register, then look once more: an event sent in between found no waker to
-                // wake, but is in the channel now.
-                Err(TryRecvError::Empty) => {
-                    *self
-                        .signal
-                        .waiting
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-                    registered = true;
-                }
-            }
-        }
-    }
-
-    fn taken(&self) {
-        self.signal.unread.fetch_sub(1, Ordering::SeqCst);
+        std::future::poll_fn(move |cx| self.events.poll_recv(cx)).await
     }
 
     /// Asks the engine to stop this generation; it ends with `FinishReason::Cancelled`.

@@ -6,7 +6,7 @@
 //! continuation from a copy of the context's state, asking the backend for every row. Scores are
 //! the log-softmax of the raw logits: no penalties, temperature 1.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{RecvTimeoutError, Sender};
 use std::time::Duration;
 
 use crate::error::EngineError;
@@ -88,7 +88,7 @@ impl ScoreRequest {
 #[derive(Debug)]
 pub struct PendingScore {
     pub(crate) id: SeqId,
-    pub(crate) reply: Receiver<Result<ScoreResult, EngineError>>,
+    pub(crate) reply: crate::channel::Rx<Result<ScoreResult, EngineError>>,
     pub(crate) commands: Sender<Command>,
 }
 
@@ -101,7 +101,7 @@ impl PendingScore {
     /// Waits for the scores.
     pub fn wait(self) -> Result<ScoreResult, EngineError> {
         // The engine answers every request it accepted; a closed channel means it stopped.
-        self.reply.recv().map_err(|_| EngineError::Stopped)?
+        self.reply.recv().ok_or(EngineError::Stopped)?
     }
 
     /// Waits at most `timeout`; `None` if the scores are not ready yet.
@@ -111,6 +111,16 @@ impl PendingScore {
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => Some(Err(EngineError::Stopped)),
         }
+    }
+
+    /// Waits for the scores without blocking a thread (for async servers). Dropping the future
+    /// drops the handle, which cancels the request.
+    pub async fn result(mut self) -> Result<ScoreResult, EngineError> {
+        // A `&mut` (not a `&`) in the future keeps it `Send`: the receiver is not `Sync`.
+        let reply = &mut self.reply;
+        std::future::poll_fn(move |cx| reply.poll_recv(cx))
+            .await
+            .ok_or(EngineError::Stopped)?
     }
 }
 

@@ -42,8 +42,6 @@ pub struct WorkerService {
     tokens: Vec<WorkerToken>,
 }
 
-/// How often the thread waiting for a score checks for a vanished client.
-const CLIENT_POLL: Duration = Duration::from_millis(100);
 /// Events buffered per stream before the bridge waits for the client (back-pressure).
 const STREAM_BUFFER: usize = 64;
 
@@ -135,12 +133,32 @@ impl WorkerService {
     }
 }
 
-/// Sets its flag when dropped (a cancelled RPC's future is dropped, not polled to the end).
-struct SetOnDrop(Arc<AtomicBool>);
+/// Records an RPC's outcome once; dropped before that (tonic drops a cancelled call's future
+/// rather than polling it to the end), it records the call as cancelled.
+struct Unfinished {
+    rpc: &'static str,
+    recorded: bool,
+}
 
-impl Drop for SetOnDrop {
+impl Unfinished {
+    fn new(rpc: &'static str) -> Self {
+        Self {
+            rpc,
+            recorded: false,
+        }
+    }
+
+    fn done(&mut self, code: tonic::Code) {
+        telemetry::rpc_done(self.rpc, code);
+        self.recorded = true;
+    }
+}
+
+impl Drop for Unfinished {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
+        if !self.recorded {
+            telemetry::rpc_done(self.rpc, tonic::Code::Cancelled);
+        }
     }
 }
 
@@ -269,24 +287,24 @@ impl Worker for WorkerService {
             "score"
         );
         let req = convert::score_request(req)?;
-        // tonic drops this future when the client goes away; the guard tells the waiting thread,
-        // which then drops the pending score, and that cancels it in the engine.
-        let gone = Arc::new(AtomicBool::new(false));
-        let _guard = SetOnDrop(gone.clone());
-        self.blocking("score", move |engine| {
-            let pending = engine.submit_score(req).map_err(|e| status_of(&e))?;
-            loop {
-                if let Some(result) = pending.wait_timeout(CLIENT_POLL) {
-                    return result
-                        .map(convert::score_response)
-                        .map_err(|e| status_of(&e));
-                }
-                if gone.load(Ordering::SeqCst) {
-                    return Err(Status::cancelled("the client went away"));
-                }
-            }
-        })
-        .await
+        // tonic drops this future when the client goes away: that drops `pending`, which
+        // cancels the request in the engine, and the guard records the call as cancelled.
+        let mut call = Unfinished::new("score");
+        let pending = self.engine.submit_score(req).map_err(|e| status_of(&e));
+        let result = match pending {
+            Ok(pending) => pending
+                .result()
+                .await
+                .map(convert::score_response)
+                .map_err(|e| status_of(&e)),
+            Err(status) => Err(status),
+        };
+        call.done(
+            result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok),
+        );
+        result.map(Response::new)
     }
 
     async fn create_session(

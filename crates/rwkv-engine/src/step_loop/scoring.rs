@@ -17,7 +17,6 @@
 //! waiting for another, so jobs cannot deadlock each other.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::SyncSender;
 
 use rwkv_model::{Backend, State};
 
@@ -56,7 +55,7 @@ pub(crate) struct ScoreJob {
     saved: Option<State>,
     /// Every lane the job has had (cancelling the job stops those still running).
     lanes: Vec<SeqId>,
-    reply: SyncSender<Result<ScoreResult, EngineError>>,
+    reply: crate::channel::Tx<Result<ScoreResult, EngineError>>,
 }
 
 impl ScoreJob {
@@ -87,7 +86,7 @@ impl<B: Backend> Core<B> {
         &mut self,
         id: SeqId,
         req: ScoreRequest,
-        reply: SyncSender<Result<ScoreResult, EngineError>>,
+        reply: crate::channel::Tx<Result<ScoreResult, EngineError>>,
     ) {
         if let Err(e) = self.usable().and_then(|()| self.sched.enqueue(id)) {
             // The caller may be gone already; then nobody needs the error.
