@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{alone, weights};
+use common::{alone, tokens_until_length, weights};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rwkv_cpu::CpuBackend;
@@ -80,17 +80,7 @@ fn sixty_four_concurrent_sequences_match_running_each_alone() {
         .map(|p| engine.generate(request(p, 6)).unwrap())
         .collect();
     for (p, stream) in prompts.iter().zip(streams) {
-        let (tokens, end) = stream.collect();
-        assert!(
-            matches!(
-                end,
-                GenerateEvent::Finished {
-                    reason: FinishReason::Length,
-                    ..
-                }
-            ),
-            "{end:?}"
-        );
+        let tokens = tokens_until_length(stream);
         assert_eq!(
             tokens,
             alone(&weights, p, greedy(6)),

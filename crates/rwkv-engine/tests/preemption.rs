@@ -8,11 +8,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{hooked, weights};
+use common::{greedy_params, hooked, tokens_until_length, weights};
 use rwkv_cpu::CpuBackend;
 use rwkv_engine::{
-    Engine, EngineConfig, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
-    SamplingParams, SchedulerConfig,
+    Engine, EngineConfig, GenerateEvent, GenerateRequest, GenerateStream, SchedulerConfig,
 };
 use rwkv_model::{ModelWeights, SeqStep};
 
@@ -41,11 +40,7 @@ fn greedy(tokens: &[u32], max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         tenant: TENANT.into(),
         tokens: tokens.to_vec(),
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ..SamplingParams::default()
-        },
+        params: greedy_params(max_tokens),
         ..GenerateRequest::default()
     }
 }
@@ -54,17 +49,7 @@ fn greedy(tokens: &[u32], max_tokens: usize) -> GenerateRequest {
 fn watch(stream: GenerateStream) -> mpsc::Receiver<(Vec<u32>, Instant)> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
-        let (tokens, end) = stream.collect();
-        assert!(
-            matches!(
-                end,
-                GenerateEvent::Finished {
-                    reason: FinishReason::Length,
-                    ..
-                }
-            ),
-            "{end:?}"
-        );
+        let tokens = tokens_until_length(stream);
         let _ = tx.send((tokens, Instant::now()));
     });
     rx

@@ -9,12 +9,9 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{alone, weights};
+use common::{alone, greedy_params, tokens_until_length, weights};
 use rwkv_cpu::CpuBackend;
-use rwkv_engine::{
-    Engine, EngineConfig, FinishReason, GenerateEvent, GenerateRequest, GenerateStream,
-    SamplingParams,
-};
+use rwkv_engine::{Engine, EngineConfig, GenerateEvent, GenerateRequest, GenerateStream};
 
 /// Unread events at which the engine holds a generation (its documented bound).
 const HOLD_AT: usize = 256;
@@ -26,14 +23,6 @@ fn greedy(tokens: &[u32], max_tokens: usize) -> GenerateRequest {
         tokens: tokens.to_vec(),
         params: greedy_params(max_tokens),
         ..GenerateRequest::default()
-    }
-}
-
-fn greedy_params(max_tokens: usize) -> SamplingParams {
-    SamplingParams {
-        temperature: 0.0,
-        max_tokens,
-        ..SamplingParams::default()
     }
 }
 
@@ -67,18 +56,7 @@ fn take_waiting(stream: &GenerateStream) -> Vec<u32> {
 }
 
 fn read_to_end(stream: GenerateStream, mut tokens: Vec<u32>) -> Vec<u32> {
-    let (rest, end) = stream.collect();
-    assert!(
-        matches!(
-            end,
-            GenerateEvent::Finished {
-                reason: FinishReason::Length,
-                ..
-            }
-        ),
-        "{end:?}"
-    );
-    tokens.extend(rest);
+    tokens.extend(tokens_until_length(stream));
     tokens
 }
 

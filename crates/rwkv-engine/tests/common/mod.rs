@@ -11,6 +11,31 @@ use rwkv_engine::{Sampler, SamplingParams};
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, ModelWeights, OutputRows};
 use rwkv_model::{SeqStep, State};
 
+/// Greedy sampling (temperature 0, no penalties beyond the defaults) for `max_tokens` tokens.
+pub fn greedy_params(max_tokens: usize) -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        max_tokens,
+        ..SamplingParams::default()
+    }
+}
+
+/// The tokens of a stream that must end at its `max_tokens` (read to its end).
+pub fn tokens_until_length(stream: rwkv_engine::GenerateStream) -> Vec<u32> {
+    let (tokens, end) = stream.collect();
+    assert!(
+        matches!(
+            end,
+            rwkv_engine::GenerateEvent::Finished {
+                reason: rwkv_engine::FinishReason::Length,
+                ..
+            }
+        ),
+        "{end:?}"
+    );
+    tokens
+}
+
 /// The tiny random-weight fixture (C=128, L=2).
 pub fn weights() -> ModelWeights {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -133,11 +158,7 @@ pub fn greedy_turn(
         tenant: tenant.into(),
         session: Some(session),
         tokens: tokens.to_vec(),
-        params: SamplingParams {
-            temperature: 0.0,
-            max_tokens,
-            ..SamplingParams::default()
-        },
+        params: greedy_params(max_tokens),
         ..GenerateRequest::default()
     };
     match engine.generate(req)?.collect() {
