@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use rwkv_model::{Backend, State};
 
-use super::{Core, Role};
+use super::{Core, Role, Seq};
 use crate::error::EngineError;
 use crate::scheduler::SeqId;
 use crate::telemetry::Swap;
@@ -85,16 +85,16 @@ impl<B: Backend> Core<B> {
 
     /// A generation held for its reader on a slot, the one held longest first.
     fn held_holder(&self) -> Option<SeqId> {
-        self.seqs
-            .iter()
-            .filter(|(_, s)| s.slot.is_some() && s.finish.is_none() && s.unfed.len() == 1)
-            .filter(|(_, s)| matches!(&s.role, Role::Generate(g) if g.held))
-            .min_by_key(|(&id, s)| (s.placed_step, id))
-            .map(|(&id, _)| id)
+        self.longest_decoding(|s| matches!(&s.role, Role::Generate(g) if g.held))
     }
 
     /// The decoding generation that has held its slot longest, if for at least `quantum` steps.
     fn longest_holder(&self, quantum: u64) -> Option<SeqId> {
+        self.longest_decoding(|s| self.steps.saturating_sub(s.placed_step) >= quantum)
+    }
+
+    /// Of the generations decoding on a slot that are `eligible`, the one placed earliest.
+    fn longest_decoding(&self, eligible: impl Fn(&Seq) -> bool) -> Option<SeqId> {
         self.seqs
             .iter()
             .filter(|(_, s)| {
@@ -103,7 +103,7 @@ impl<B: Backend> Core<B> {
                     && s.finish.is_none()
                     // Decoding: one sampled token to feed (mid-prefill, a chunk is in flight).
                     && s.unfed.len() == 1
-                    && self.steps.saturating_sub(s.placed_step) >= quantum
+                    && eligible(s)
             })
             .min_by_key(|(&id, s)| (s.placed_step, id))
             .map(|(&id, _)| id)
