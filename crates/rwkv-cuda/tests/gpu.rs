@@ -557,7 +557,49 @@ fn tensor_parallel_matches_one_device() {
 #[ignore = "requires a CUDA device"]
 fn timing_targets() {
     wkv_decode_bandwidth();
-    model_1b6_step_times();
+    let gemm_tflops = bf16_gemm_rate();
+    model_1b6_step_times(gemm_tflops);
+}
+
+/// The card's measured bf16 GEMM rate (the prefill target's denominator): cuBLAS on bf16
+/// operands with f32 accumulation and f32 output, as every GEMM of the backend runs, on a
+/// large square problem (8192^3) and on the largest GEMM of a 1.6B-shaped prefill of 4096
+/// tokens (the FFN key projection, 7168 x 2048). Returns the better of the two in TFLOP/s.
+fn bf16_gemm_rate() -> f64 {
+    use rwkv_cuda::gemm::{gemm, GemmSpec, WeightLayout};
+    let dev = Device::open(0).unwrap();
+    dev.bind().unwrap();
+    let mut best = 0.0f64;
+    let mut parts = Vec::new();
+    for (name, out, inp, rows) in [
+        ("8192^3", 8192, 8192, 8192),
+        ("ffn.key 7168x2048 x 4096 rows", 7168, 2048, 4096),
+    ] {
+        let spec = GemmSpec::dense(WeightLayout::OutIn, out, inp, rows);
+        // Small values (bf16 1/64 = 0x3C80): the rate does not depend on them.
+        let w = dev.upload(&vec![0x3C80u16; out * inp]).unwrap();
+        let x = dev.upload(&vec![0x3C80u16; rows * inp]).unwrap();
+        let y = dev.zeros::<f32>(rows * out).unwrap();
+        let run = || gemm(&dev.blas, &spec, dev.buf(&w), dev.buf(&x), dev.buf(&y)).unwrap();
+        run();
+        dev.compute.synchronize().unwrap();
+        let reps = 20;
+        let t = Instant::now();
+        for _ in 0..reps {
+            run();
+        }
+        dev.compute.synchronize().unwrap();
+        let secs = t.elapsed().as_secs_f64() / f64::from(reps);
+        let tflops = 2.0 * (out * inp * rows) as f64 / secs / 1e12;
+        best = best.max(tflops);
+        parts.push(format!("{name} {:.3} ms = {tflops:.0} TFLOP/s", secs * 1e3));
+    }
+    eprintln!(
+        "timing cuBLAS bf16 GEMM (f32 accumulate, f32 out) on {}: {}",
+        dev.name,
+        parts.join("; ")
+    );
+    best
 }
 
 fn wkv_decode_bandwidth() {
@@ -638,7 +680,7 @@ fn wkv_decode_bandwidth() {
     );
 }
 
-fn model_1b6_step_times() {
+fn model_1b6_step_times(gemm_tflops: f64) {
     let t = Instant::now();
     let mut spec = rwkv_model::synthetic::SyntheticSpec::new(2048, 24, 65536);
     spec.seed = 7;
@@ -750,9 +792,11 @@ fn model_1b6_step_times() {
         let flops_per_token = 2.0 * (w.config.param_count() as f64 - 65536.0 * 2048.0);
         let prefill_tflops = flops_per_token * 4096.0 / (prefill_ms / 1e3) / 1e12;
         eprintln!(
-            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms (no graphs {no_logits_eager_ms:.2}); greedy, 8 candidates per row {greedy_ms:.2} ms; sampled top-p 0.9 {nucleus_ms:.2} ms with {whole_rows} of 256 rows whole; sampled top-k 40 {top_k_ms:.2} ms), decode B=1 {decode1_ms:.2} ms (no graphs {decode1_eager_ms:.2}), prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s); model built in {build_s:.0} s",
+            "timing 1.6B-shape L24 C2048 V65536 {precision:?}: decode B=256 {decode_ms:.2} ms/step ({:.0} tok/s; floor at 4 TB/s {floor_ms:.2} ms; without logits {no_logits_ms:.2} ms (no graphs {no_logits_eager_ms:.2}); greedy, 8 candidates per row {greedy_ms:.2} ms; sampled top-p 0.9 {nucleus_ms:.2} ms with {whole_rows} of 256 rows whole; sampled top-k 40 {top_k_ms:.2} ms), decode B=1 {decode1_ms:.2} ms (no graphs {decode1_eager_ms:.2}), prefill 8x512 {prefill_ms:.1} ms ({:.0} tok/s, {prefill_tflops:.0} TFLOP/s = {:.0}% of the measured bf16 GEMM rate {gemm_tflops:.0}; decode B=256 without logits {:.0}% of the floor); model built in {build_s:.0} s",
             256.0 / decode_ms * 1e3,
-            4096.0 / prefill_ms * 1e3
+            4096.0 / prefill_ms * 1e3,
+            100.0 * prefill_tflops / gemm_tflops,
+            100.0 * floor_ms / no_logits_ms
         );
     }
 }
