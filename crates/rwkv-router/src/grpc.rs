@@ -406,7 +406,10 @@ impl Inference for PublicApi {
         &self,
         request: Request<av1::TokenizeRequest>,
     ) -> Result<Response<av1::TokenIds>, Status> {
-        self.tenant(&request)?;
+        let _admission = self
+            .tenant(&request)?
+            .admit_request()
+            .map_err(|e| status_of(&e))?;
         let ids =
             encode(&self.state, &request.into_inner().text, "text").map_err(|e| status_of(&e))?;
         Ok(Response::new(av1::TokenIds { ids }))
@@ -416,7 +419,10 @@ impl Inference for PublicApi {
         &self,
         request: Request<av1::TokenIds>,
     ) -> Result<Response<av1::DetokenizeResponse>, Status> {
-        self.tenant(&request)?;
+        let _admission = self
+            .tenant(&request)?
+            .admit_request()
+            .map_err(|e| status_of(&e))?;
         let ids = request.into_inner().ids;
         check_vocab(&self.state, &ids, "ids").map_err(|e| status_of(&e))?;
         let bytes = self.state.tokenizer.decode_bytes_lossy(&ids);

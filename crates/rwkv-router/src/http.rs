@@ -953,7 +953,12 @@ struct TokenizeRequest {
     prompt: String,
 }
 
-async fn tokenize(State(state): State<Router>, body: Body) -> Result<Json<Value>, ApiError> {
+async fn tokenize(
+    State(state): State<Router>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let _admission = tenant.admit_request()?;
     let body = read_body(&state, body).await?;
     let req: TokenizeRequest = api::parse(&body)?;
     let tokens = encode(&state, &req.prompt, "prompt")?;
@@ -969,7 +974,12 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(State(state): State<Router>, body: Body) -> Result<Json<Value>, ApiError> {
+async fn detokenize(
+    State(state): State<Router>,
+    Extension(tenant): Extension<Arc<Tenant>>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let _admission = tenant.admit_request()?;
     let body = read_body(&state, body).await?;
     let req: DetokenizeRequest = api::parse(&body)?;
     check_vocab(&state, &req.tokens, "tokens")?;

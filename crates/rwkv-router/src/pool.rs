@@ -91,6 +91,10 @@ pub struct WorkerEntry {
     assigned: AtomicUsize,
     /// Requests it may have in flight there: its slots times the overcommit.
     capacity: usize,
+    /// Sessions the worker holds (all tenants, all routers): its last load report, plus the
+    /// sessions this router placed there since, so a burst of creations between two reports
+    /// spreads instead of piling onto the worker that looked emptiest.
+    sessions: AtomicUsize,
     failures: AtomicU32,
     /// Breaker open until this instant.
     open_until: Mutex<Option<Instant>>,
@@ -111,6 +115,16 @@ impl WorkerEntry {
 
     fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Sessions held there, as far as this router knows (see the field).
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::SeqCst)
+    }
+
+    /// Counts a session this router just placed there, until the next load report.
+    pub fn session_placed(&self) {
+        self.sessions.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Healthy, known, breaker closed.
@@ -262,6 +276,7 @@ impl WorkerPool {
                 info: RwLock::new(None),
                 assigned: AtomicUsize::new(0),
                 capacity: capacity(record.slots, self.inner.cfg.overcommit),
+                sessions: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
                 open_until: Mutex::new(None),
                 healthy: AtomicBool::new(false),
@@ -364,26 +379,25 @@ impl WorkerPool {
             .await
     }
 
-    /// Where a new session of `model` goes: the available worker with the most room, by
-    /// fraction of capacity in use (sessions do not hold capacity while idle, so this spreads
-    /// them with the traffic).
-    pub fn least_loaded(&self, model: &str) -> Option<Arc<WorkerEntry>> {
-        self.by_load(model).into_iter().next()
-    }
-
-    /// The available workers of `model`, the one with the most room first (as
-    /// [`WorkerPool::least_loaded`] ranks them).
-    pub fn by_load(&self, model: &str) -> Vec<Arc<WorkerEntry>> {
+    /// Where new sessions of `model` go, best first: the available workers holding the fewest
+    /// sessions, ties broken by the most room (fraction of capacity in use). A session stays
+    /// on its worker for life: its state takes that worker's host memory, each of its turns
+    /// runs there, and each worker caps how many it holds (`max_sessions`). Spreading them by
+    /// count evens all three out, where ranking by the moment's traffic would pile a burst
+    /// of new sessions onto whichever worker happened to be idle.
+    pub fn for_new_sessions(&self, model: &str) -> Vec<Arc<WorkerEntry>> {
         let workers = self.inner.workers.read().unwrap_or_else(|e| e.into_inner());
-        // Each worker's load read once: it changes under concurrent requests, and a sort whose
-        // order changes while it runs may panic.
-        let mut available: Vec<(usize, usize, Arc<WorkerEntry>)> = workers
+        // Each worker's counts read once: they change under concurrent requests, and a sort
+        // whose order changes while it runs may panic.
+        let mut available: Vec<(usize, usize, usize, Arc<WorkerEntry>)> = workers
             .values()
             .filter(|w| w.record.model == model && w.is_available())
-            .map(|w| (w.assigned(), w.capacity(), w.clone()))
+            .map(|w| (w.sessions(), w.assigned(), w.capacity(), w.clone()))
             .collect();
-        available.sort_by(|(a_in, a_cap, _), (b_in, b_cap, _)| (a_in * b_cap).cmp(&(b_in * a_cap)));
-        available.into_iter().map(|(_, _, w)| w).collect()
+        available.sort_by(|(a_s, a_in, a_cap, _), (b_s, b_in, b_cap, _)| {
+            a_s.cmp(b_s).then((a_in * b_cap).cmp(&(b_in * a_cap)))
+        });
+        available.into_iter().map(|(_, _, _, w)| w).collect()
     }
 
     /// The worker with this id, if it is in the pool.
@@ -618,7 +632,13 @@ async fn poll(pool: WorkerPool, worker: Arc<WorkerEntry>) {
             }
         } else {
             match tokio::time::timeout(interval * 4, client.load(wv1::LoadRequest {})).await {
-                Ok(Ok(load)) => !load.into_inner().draining,
+                Ok(Ok(load)) => {
+                    let load = load.into_inner();
+                    worker
+                        .sessions
+                        .store(load.sessions as usize, Ordering::SeqCst);
+                    !load.draining
+                }
                 Ok(Err(status)) => {
                     report_refusal(&status);
                     false

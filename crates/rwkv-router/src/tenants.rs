@@ -150,6 +150,14 @@ impl Tenant {
                 ));
             }
         }
+        self.admit_request()
+    }
+
+    /// The limits on requests alone (concurrency and requests per second), for requests that
+    /// run no model tokens (tokenize, detokenize): a tenant out of tokens for the minute may
+    /// still tokenize, but no tenant can call them faster than its request rate.
+    pub fn admit_request(self: &Arc<Self>) -> Result<Admission, ApiError> {
+        let name = &self.config.name;
         if let Some(limit) = self.config.max_concurrent {
             let now = self.in_flight.fetch_add(1, Ordering::SeqCst);
             if now >= limit {
@@ -458,6 +466,30 @@ mod tests {
         let e = t.admit().unwrap_err();
         assert_eq!(e.status, 429);
         assert!(e.retry_after.unwrap() >= 1);
+    }
+
+    #[test]
+    fn requests_without_model_tokens_keep_the_request_limits_but_not_the_token_budget() {
+        let t = Arc::new(Tenant::new(TenantConfig {
+            tokens_per_minute: Some(100),
+            requests_per_second: Some(2.0),
+            max_concurrent: Some(1),
+            ..tenant("a", "k")
+        }));
+        t.record_tokens(100);
+        assert_eq!(t.admit().unwrap_err().status, 429);
+        let held = t.admit_request().unwrap();
+        let busy = t.admit_request().unwrap_err();
+        assert!(
+            busy.message.contains("requests running"),
+            "{}",
+            busy.message
+        );
+        drop(held);
+        // The bucket is 2 deep: one more, then the rate refuses.
+        drop(t.admit_request().unwrap());
+        let over = t.admit_request().unwrap_err();
+        assert!(over.message.contains("per second"), "{}", over.message);
     }
 
     #[test]

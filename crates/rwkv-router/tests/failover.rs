@@ -267,3 +267,57 @@ async fn a_worker_full_of_sessions_passes_new_ones_to_another() {
         "{body}"
     );
 }
+
+/// New sessions go to the worker holding the fewest: a burst of creations with no traffic
+/// alternates between two idle workers (the router counts its own placements until the next
+/// load report), and sessions made behind the router's back, which it learns of from the
+/// workers' load reports, are evened out before the other worker gets more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_go_to_the_worker_holding_the_fewest() {
+    let weights = weights();
+    let (record_a, engine_a, _stop_a) = worker_with(
+        "a",
+        CpuBackend::new(&weights, SLOTS),
+        EngineConfig::default(),
+    )
+    .await;
+    let (record_b, engine_b, _stop_b) = worker_with(
+        "b",
+        CpuBackend::new(&weights, SLOTS),
+        EngineConfig::default(),
+    )
+    .await;
+    let front = router_over(vec![record_a, record_b]).await;
+    let http = reqwest::Client::new();
+    let create = || async {
+        let r = http
+            .post(format!("{}/v1/sessions", front.base))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    };
+    let sessions = |e: &Engine| e.stats().unwrap().sessions;
+    for _ in 0..6 {
+        create().await;
+    }
+    assert_eq!((sessions(&engine_a), sessions(&engine_b)), (3, 3));
+    // Four more on `b`, not through this router: once a load report says so, the next four
+    // new sessions all go to `a`.
+    for _ in 0..4 {
+        engine_b.handle().create_session("elsewhere").unwrap();
+    }
+    let reported = |w: &str| front.pool.worker(w).map_or(0, |w| w.sessions());
+    for _ in 0..200 {
+        if reported("b") == 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reported("b"), 7, "b's load report never arrived");
+    for _ in 0..4 {
+        create().await;
+    }
+    assert_eq!((sessions(&engine_a), sessions(&engine_b)), (7, 7));
+}

@@ -518,3 +518,55 @@ async fn inference_requests_over_the_body_limit_are_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err}");
 }
+
+/// Tokenize and detokenize count against a tenant's request rate on both APIs (a bucket of
+/// one request here): they run no model tokens, but each costs the router's CPU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_counts_against_the_request_rate_on_both_apis() {
+    let slow = |name: &str, key: &str| TenantConfig {
+        requests_per_second: Some(0.01),
+        ..tenant(name, key, false)
+    };
+    let tenants = TenantsFile {
+        tenants: vec![slow("http", "key-h"), slow("grpc", "key-g")],
+    };
+    let c = start_full(RouterConfig::default(), 2, 256, Some(tenants)).await;
+    let tokenize = || {
+        c.http
+            .post(format!("{}/tokenize", c.base))
+            .bearer_auth("key-h")
+            .json(&json!({"prompt": "Hello"}))
+            .send()
+    };
+    assert_eq!(tokenize().await.unwrap().status(), 200);
+    let refused = tokenize().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let detokenize = c
+        .http
+        .post(format!("{}/detokenize", c.base))
+        .bearer_auth("key-h")
+        .json(&json!({"tokens": [33]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(detokenize.status(), 429);
+
+    let mut client = InferenceClient::new(channel(&c).await);
+    let text = || {
+        with_key(
+            av1::TokenizeRequest {
+                text: "Hello".into(),
+            },
+            Some("key-g"),
+        )
+    };
+    assert!(client.tokenize(text()).await.is_ok());
+    let status = client.tokenize(text()).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let status = client
+        .detokenize(with_key(av1::TokenIds { ids: vec![33] }, Some("key-g")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}

@@ -41,8 +41,8 @@ fn session_model(state: &Router, named: Option<String>) -> Result<String, ApiErr
 }
 
 /// Makes a new session of `model` with `call` (a worker call returning the new session's id):
-/// once the tenant's quota allows one more, on the worker with the most room, or on the next
-/// whenever a worker is full of sessions (RESOURCE_EXHAUSTED: its `max_sessions` or
+/// once the tenant's quota allows one more, on the worker holding the fewest sessions
+/// ([`crate::pool::WorkerPool::for_new_sessions`]), or on the next whenever a worker is full of sessions (RESOURCE_EXHAUSTED: its `max_sessions` or
 /// `max_sessions_tokens`), so one full worker does not refuse sessions the others have room
 /// for. Any other refusal is final; `param` is the field a refused request is blamed on.
 async fn create_on_some_worker<F, Fut>(
@@ -56,7 +56,7 @@ where
     F: FnMut(Arc<WorkerEntry>) -> Fut,
     Fut: std::future::Future<Output = Result<u64, tonic::Status>>,
 {
-    let workers = state.pool.by_load(model);
+    let workers = state.pool.for_new_sessions(model);
     let Some(first) = workers.first() else {
         return Err(ApiError::unavailable(format!(
             "no worker of `{model}` is ready"
@@ -74,7 +74,10 @@ where
     let mut full = None;
     for worker in workers {
         match call(worker.clone()).await {
-            Ok(id) => return Ok((worker, id)),
+            Ok(id) => {
+                worker.session_placed();
+                return Ok((worker, id));
+            }
             Err(status) if status.code() == tonic::Code::ResourceExhausted => {
                 tracing::info!(
                     worker = worker.record.id,
