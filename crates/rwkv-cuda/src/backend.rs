@@ -307,8 +307,14 @@ pub(crate) fn check_model(cfg: &ModelConfig) -> Result<()> {
 impl Drop for CudaBackend {
     fn drop(&mut self) {
         // Buffers are freed on the compute stream; the copy stream may still be using the pool
-        // or a pinned buffer, so let both finish first. Errors here have nowhere to go.
-        let _ = self.synchronize();
+        // or a pinned buffer, so let both finish first. Errors here have nowhere to go, and
+        // none may stop the waits: an error cudarc stored from an earlier failed free would
+        // make `synchronize` return before waiting on either stream, so it is taken first
+        // and each stream is waited on whatever the other's result.
+        let _ = self.dev.ctx.check_err();
+        let _ = self.dev.bind();
+        let _ = self.dev.compute.synchronize();
+        let _ = self.dev.copy.synchronize();
     }
 }
 
@@ -410,6 +416,12 @@ impl CudaBackend {
             step.finish(plan, logits, &mut top, &mut nucleus)
         })();
         self.pool.after_compute(&self.dev, plan.slots())?;
+        if ran.is_err() {
+            // The head may have queued copies into the pinned staging buffer before the
+            // failure, and only `finish` waits for them: wait here, so the next step cannot
+            // free or reuse that buffer under a copy still writing into it.
+            let _ = self.dev.compute.synchronize();
+        }
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);
         Ok(Logits {

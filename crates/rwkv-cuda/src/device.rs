@@ -6,6 +6,7 @@
 //! per-buffer event tracking is switched off before anything is allocated: it would record two
 //! events per kernel argument per launch, and our ordering is explicit instead.
 
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
@@ -55,8 +56,8 @@ pub struct Device {
     pub copy: Arc<CudaStream>,
     /// Per-kernel timing of the compute stream, when switched on (`profile.rs`).
     pub profile: Arc<Profile>,
-    /// cuBLAS handle bound to `compute`.
-    pub blas: CudaBlas,
+    /// cuBLAS handle bound to `compute`. Dropped by hand (see `Drop for Device`).
+    pub blas: ManuallyDrop<CudaBlas>,
     /// The handle's workspace, owned here so that it outlives the handle and never moves: a
     /// GEMM captured in a CUDA graph keeps using it (cuBLAS would otherwise allocate one
     /// during the capture).
@@ -66,6 +67,23 @@ pub struct Device {
     pub compute_capability: (i32, i32),
     /// NVRTC target, `sm_XY`.
     pub arch: String,
+}
+
+impl Drop for Device {
+    /// cudarc's `CudaBlas` unwraps the result of destroying its handle, which fails after a
+    /// sticky device fault: that would turn a broken GPU into a panic wherever the backend is
+    /// dropped. The panic is contained here and logged; the workspace (dropped next, after the
+    /// handle) is freed either way.
+    fn drop(&mut self) {
+        // SAFETY: `blas` is not used again; this is the only place that takes it.
+        let blas = unsafe { ManuallyDrop::take(&mut self.blas) };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(blas))).is_err() {
+            tracing::warn!(
+                device = self.ordinal,
+                "the cuBLAS handle could not be destroyed (the device had failed)"
+            );
+        }
+    }
 }
 
 impl Device {
@@ -129,7 +147,7 @@ impl Device {
             compute,
             copy,
             profile: Arc::default(),
-            blas,
+            blas: ManuallyDrop::new(blas),
             _blas_workspace: blas_workspace,
             ordinal,
             name,

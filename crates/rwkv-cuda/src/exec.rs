@@ -203,6 +203,13 @@ impl Workspace {
     ) -> Result<StepBufs> {
         if rows > self.sizes.rows {
             let generation = self.generation + 1;
+            // The old buffers go first (swapped for one-row ones), so growing never holds the
+            // old and the new scratch at once: at long prefills the split buffers alone are
+            // hundreds of MiB. Freed on the compute stream, their memory is reused in stream
+            // order. If the large allocation fails, the one-row scratch stays (a new
+            // generation: no graph refers to it) and the next step tries again.
+            *self = Self::new(dev, cfg, split, 1)?;
+            self.generation = generation;
             *self = Self::new(dev, cfg, split, rows.next_power_of_two().max(16))?;
             self.generation = generation;
         }

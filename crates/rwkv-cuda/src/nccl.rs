@@ -10,8 +10,9 @@
 //! panics on a missing library.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUstream;
 use cudarc::nccl::{result, sys};
@@ -42,13 +43,64 @@ fn nccl(op: &'static str) -> impl FnOnce(result::NcclError) -> CudaError {
     }
 }
 
+/// How long an abort waits for ranks to leave NCCL calls before freeing the communicators
+/// anyway (a rank blocked inside a collective, waiting for the failed peer, never leaves; that
+/// is the case `ncclCommAbort` exists for).
+const ABORT_GRACE: Duration = Duration::from_millis(200);
+
+/// Orders the group's NCCL calls against its abort, so that no rank calls into a communicator
+/// that the abort already freed: a rank counts itself in before it checks the flag, and the
+/// abort sets the flag before it waits for the count to reach zero. With sequentially
+/// consistent atomics either the rank sees the flag and stays out, or the abort sees the rank
+/// and waits for it (up to a grace period).
+#[derive(Debug, Default)]
+pub(crate) struct CallGate {
+    closed: AtomicBool,
+    in_call: AtomicUsize,
+}
+
+/// A rank inside the gate; leaving drops the count.
+pub(crate) struct InCall<'a>(&'a CallGate);
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.0.in_call.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl CallGate {
+    /// Enters for one call, or `None` once the gate is closed.
+    pub(crate) fn enter(&self) -> Option<InCall<'_>> {
+        self.in_call.fetch_add(1, Ordering::SeqCst);
+        let guard = InCall(self);
+        (!self.closed.load(Ordering::SeqCst)).then_some(guard)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the gate (false if it already was), then waits up to `grace` for the ranks
+    /// inside to leave.
+    pub(crate) fn close(&self, grace: Duration) -> bool {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let until = Instant::now() + grace;
+        while self.in_call.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+}
+
 /// One rank's NCCL communicator.
 pub struct NcclComm {
     comm: sys::ncclComm_t,
     rank: usize,
     world: usize,
-    /// Set once the group is aborted: the communicator is gone (NCCL freed it).
-    aborted: Arc<AtomicBool>,
+    /// Closed once the group is aborted: the communicator is gone (NCCL freed it).
+    gate: Arc<CallGate>,
 }
 
 /// Aborts every communicator of a group at once (`ncclCommAbort`, which NCCL allows from
@@ -57,17 +109,19 @@ pub struct NcclComm {
 pub struct NcclAbort {
     /// The communicators, as addresses (NCCL handles are thread-safe to abort).
     comms: Vec<usize>,
-    aborted: Arc<AtomicBool>,
+    gate: Arc<CallGate>,
 }
 
 impl GroupAbort for NcclAbort {
     fn abort(&self) {
-        if self.aborted.swap(true, Ordering::SeqCst) {
+        if !self.gate.close(ABORT_GRACE) {
             return;
         }
         for &comm in &self.comms {
             // SAFETY: each communicator was created by `NcclComm::group` and is aborted once
-            // (guarded by `aborted`); its `NcclComm` skips destroying it afterwards.
+            // (the gate closes once); no rank enters a call after the gate closed, and those
+            // inside were given the grace period (one still inside is blocked in a collective,
+            // which `ncclCommAbort` is documented to end). Its `NcclComm` skips destroying it.
             let _ = unsafe { result::comm_abort(comm as sys::ncclComm_t) };
         }
         tracing::error!("tensor-parallel group aborted after a rank failed");
@@ -99,10 +153,10 @@ impl NcclComm {
         // SAFETY: `comms` has room for `n` communicators and `devs` holds `n` device ordinals.
         unsafe { result::comm_init_all(comms.as_mut_ptr(), n, devs.as_ptr()) }
             .map_err(nccl("ncclCommInitAll"))?;
-        let aborted = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(CallGate::default());
         let abort = Arc::new(NcclAbort {
             comms: comms.iter().map(|&c| c as usize).collect(),
-            aborted: aborted.clone(),
+            gate: gate.clone(),
         });
         let comms = comms
             .into_iter()
@@ -111,7 +165,7 @@ impl NcclComm {
                 comm,
                 rank,
                 world,
-                aborted: aborted.clone(),
+                gate: gate.clone(),
             })
             .collect();
         Ok((comms, abort))
@@ -128,12 +182,12 @@ impl NcclComm {
     /// Sums `buf` across the group in place, queued on `stream` (the rank's compute stream, in
     /// the rank's device context).
     pub fn all_reduce_sum(&self, buf: F32Buf, stream: CUstream) -> Result<()> {
-        if self.aborted.load(Ordering::SeqCst) {
+        let Some(_in_call) = self.gate.enter() else {
             return Err(CudaError::Nccl {
                 op: "ncclAllReduce",
                 detail: "the tensor-parallel group was aborted".into(),
             });
-        }
+        };
         if buf.is_empty() {
             return Ok(());
         }
@@ -158,11 +212,67 @@ impl NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        if self.aborted.load(Ordering::SeqCst) {
+        if self.gate.is_closed() {
             return; // ncclCommAbort freed it
         }
         // SAFETY: the communicator was created by `group` and is destroyed once; its rank's
         // stream is synchronized by the backend's drop before the communicator goes.
         let _ = unsafe { result::comm_destroy(self.comm) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_gate_lets_no_call_in_and_closes_once() {
+        let gate = CallGate::default();
+        assert!(gate.enter().is_some());
+        assert!(gate.close(Duration::ZERO));
+        assert!(gate.enter().is_none());
+        assert!(!gate.close(Duration::ZERO), "a second abort does nothing");
+        assert_eq!(
+            gate.in_call.load(Ordering::SeqCst),
+            0,
+            "refused calls are not counted"
+        );
+    }
+
+    #[test]
+    fn closing_waits_for_a_call_in_flight_and_gives_up_after_the_grace() {
+        let gate = Arc::new(CallGate::default());
+        let (entered, leave) = (std::sync::Barrier::new(2), std::sync::mpsc::channel::<()>());
+        let (entered, (leave_tx, leave_rx)) = (Arc::new(entered), leave);
+        let rank = {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            std::thread::spawn(move || {
+                let call = gate.enter().unwrap();
+                entered.wait();
+                leave_rx.recv().unwrap();
+                drop(call);
+            })
+        };
+        entered.wait();
+        // Leaves after 50 ms: the close waits for it.
+        let leaver = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            leave_tx.send(()).unwrap();
+        });
+        let t = Instant::now();
+        assert!(gate.close(Duration::from_secs(30)));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert_eq!(gate.in_call.load(Ordering::SeqCst), 0);
+        rank.join().unwrap();
+        leaver.join().unwrap();
+
+        // A call that never leaves (blocked in a collective): the close gives up after the
+        // grace period.
+        let stuck = CallGate::default();
+        let call = stuck.enter().unwrap();
+        let t = Instant::now();
+        assert!(stuck.close(Duration::from_millis(20)));
+        assert!(t.elapsed() >= Duration::from_millis(20));
+        drop(call);
     }
 }

@@ -160,6 +160,21 @@ impl std::fmt::Debug for HostState {
     }
 }
 
+impl Drop for HostState {
+    /// Waits for a swap still using the buffer before its pinned memory is freed: cudarc's own
+    /// wait on drop relies on event tracking, which the backend turns off (device.rs), so
+    /// `copied` is the only fence, and a caller may drop a buffer whose swap is in flight.
+    fn drop(&mut self) {
+        // A first failure may be an error cudarc stored earlier and hands to the next call
+        // (clearing it) before that call waits: the second try waits for real.
+        if self.wait_for_copy().is_err() {
+            if let Err(e) = self.wait_for_copy() {
+                tracing::warn!(error = %e, "a state swap failed while its host buffer was dropped");
+            }
+        }
+    }
+}
+
 impl HostState {
     /// A zeroed pinned buffer of `len` f32 values.
     pub(crate) fn alloc(dev: &Device, len: usize) -> Result<Self> {
