@@ -148,6 +148,14 @@ impl Scheduler {
         self.waiting.push_front(id);
     }
 
+    /// Moves a waiting sequence to the front of the queue (nothing if it is not waiting).
+    pub fn promote(&mut self, id: SeqId) {
+        if let Some(i) = self.waiting.iter().position(|&w| w == id) {
+            self.waiting.remove(i);
+            self.waiting.push_front(id);
+        }
+    }
+
     /// Takes a running sequence off its slot and queues it again, last, whatever the bound (it
     /// was admitted already). [`Scheduler::resume`] puts it back when it is admitted again.
     pub fn preempt(&mut self, id: SeqId) {

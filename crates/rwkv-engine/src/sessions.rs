@@ -47,6 +47,11 @@ pub(crate) struct Session {
     /// Conversation length (`history + pending`) at creation and at the end of each turn:
     /// where a rewind may go back to.
     pub(crate) turns: Vec<usize>,
+    /// The state came in with an import: whatever the export's checksum says, nothing proves
+    /// it is what `history` computes, so no state descending from it goes into the tenant's
+    /// prefix cache (where other requests with that prefix would pick it up). Forks inherit
+    /// it; a rewind that drops the state clears it.
+    pub(crate) imported_state: bool,
 }
 
 impl Session {
@@ -416,6 +421,7 @@ impl<B: Backend> Core<B> {
         } else {
             session.history.clear();
             session.pending = all;
+            session.imported_state = false;
         }
         session.turns.truncate(turn + 1);
         Ok(info_of(key.id, session))
@@ -466,6 +472,7 @@ impl<B: Backend> Core<B> {
             history: snap.history,
             pending: snap.pending,
             busy: None,
+            imported_state: true,
         };
         let id = self.new_session(tenant, session)?;
         // If no tier can hold it, the session replays its history instead.

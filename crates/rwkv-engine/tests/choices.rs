@@ -249,3 +249,40 @@ fn choices_of_an_exact_cache_hit_leave_the_slots_promised_to_other_admissions() 
         );
     }
 }
+
+/// Choices of an exact cache hit that ends at its first token: the first choice leaves during
+/// its own placement and the others, queued then with a host copy, start in the same round,
+/// with nothing else running and no other command to wake the engine (the streams are kept
+/// open, so no cancellation does either).
+#[test]
+fn choices_of_a_hit_that_ends_at_placement_start_without_another_command() {
+    let weights = weights();
+    let engine = Engine::start(CpuBackend::new(&weights, 2), EngineConfig::default()).unwrap();
+    let prompt = prompt();
+    let (_, end) = engine
+        .generate(request(&prompt, sampled(1, 3)))
+        .unwrap()
+        .collect();
+    finished(&end);
+    let choices = engine
+        .generate_n(request(&prompt, sampled(1, 7)), 3)
+        .unwrap();
+    for (i, stream) in (0..).zip(&choices) {
+        let mut tokens = Vec::new();
+        loop {
+            match stream.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok(GenerateEvent::Token { token, .. }) => tokens.push(token),
+                Ok(end) => {
+                    assert_eq!(finished(&end).0, FinishReason::Length, "choice {i}");
+                    break;
+                }
+                Err(ended) => panic!("choice {i}: no end after 10 s (stream ended: {ended})"),
+            }
+        }
+        assert_eq!(
+            tokens,
+            alone(&weights, &prompt, sampled(1, 7 + i)),
+            "choice {i}"
+        );
+    }
+}

@@ -309,6 +309,45 @@ fn forks_and_imports_continue_exactly_and_stay_tenant_scoped() {
     assert!(engine.fork_session(TENANT, fork).is_err());
 }
 
+/// An imported state is not proven to be what its history computes (a checksum is no
+/// signature), so nothing descending from it enters the tenant's prefix cache, where
+/// stateless requests with that prefix would start from it; forks of it neither. A session
+/// computed here caches its turns as usual.
+#[test]
+fn states_descending_from_an_import_stay_out_of_the_prefix_cache() {
+    let weights = weights();
+    let mut cfg = config(64, 16);
+    cfg.prefix_cache_bytes = 64 << 20;
+    let engine = start(&weights, 2, cfg);
+    let turn = |id, tokens: &[u32]| {
+        let mut req = request(tokens, 4);
+        req.tenant = "beta".into();
+        req.session = Some(id);
+        run(&engine, req)
+    };
+    let entries = || engine.stats().unwrap().cache_entries;
+    let native = engine.create_session("beta").unwrap();
+    let before = entries();
+    turn(native, &[4, 5, 6, 7, 8]);
+    assert!(entries() > before, "a session's turn is cached");
+    let imported = engine
+        .import_session("beta", engine.export_session("beta", native).unwrap())
+        .unwrap();
+    let fork = engine.fork_session("beta", imported).unwrap();
+    let before = entries();
+    turn(imported, &[1, 2]);
+    turn(fork, &[3]);
+    turn(imported, &[9, 10, 11]);
+    assert_eq!(
+        entries(),
+        before,
+        "nothing from the imported state was cached"
+    );
+    // The same conversation, computed here, is cached.
+    turn(native, &[1, 2]);
+    assert!(entries() > before);
+}
+
 #[test]
 fn bad_requests_are_refused_with_clear_errors() {
     let weights = weights();

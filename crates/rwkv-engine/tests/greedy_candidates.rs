@@ -85,3 +85,37 @@ fn greedy_decodes_from_candidates_exactly_and_penalties_keep_whole_rows() {
     assert_eq!(tokens, alone(&weights, &prompts[0], params(vec![], 0.7)));
     assert_eq!(top_requests.load(Ordering::SeqCst), 0);
 }
+
+/// A backend's candidate outside the vocabulary fails the step with a clear error: it is
+/// never sent to the client as a token or fed back to the model.
+#[test]
+fn a_candidate_outside_the_vocabulary_fails_the_step() {
+    let weights = weights();
+    let vocab = weights.config.vocab_size as u32;
+    let backend = common::Custom::new(
+        CpuBackend::new(&weights, 2),
+        move |backend: &mut CpuBackend, steps: &[SeqStep<'_>]| {
+            let mut logits = rwkv_model::Backend::forward(backend, steps)?;
+            for c in &mut logits.top {
+                c.token = vocab + 5;
+            }
+            Ok(logits)
+        },
+    );
+    let engine = Engine::start(backend, EngineConfig::default()).unwrap();
+    let req = GenerateRequest {
+        tenant: "t".into(),
+        tokens: vec![5, 6, 7],
+        params: params(vec![], 0.0),
+        ..GenerateRequest::default()
+    };
+    let (tokens, end) = engine.generate(req).unwrap().collect();
+    // The first token comes from the prompt's whole row; the first decode step fails.
+    assert_eq!(tokens.len(), 1);
+    match end {
+        rwkv_engine::GenerateEvent::Error(rwkv_engine::EngineError::StepFailed(m)) => {
+            assert!(m.contains("token id below"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

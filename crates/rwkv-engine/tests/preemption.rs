@@ -199,3 +199,35 @@ fn with_preemption_disabled_new_requests_wait_for_a_slot() {
         "the short request ran before the long one ended"
     );
 }
+
+/// A prompt with one token left between two prefill chunks is not decoding: it keeps its slot
+/// against waiting requests as every prefill does, and its choices still fork from its
+/// prompt's logits. (Preempted as a decode, it came back with its last prompt token run as a
+/// decode step, whose logits come back as greedy candidates rather than the whole row, so the
+/// second choice was never forked and got no token at all.)
+#[test]
+fn a_prompt_one_token_short_of_its_end_is_not_preempted_as_a_decode() {
+    let weights = weights();
+    // One slot, chunks of 16, preemption after one step.
+    let engine = start(&weights, 1, 1);
+    let prompt: Vec<u32> = (100..117).collect(); // 16 + 1 tokens
+                                                 // Greedy without penalties: decode steps ask only for the best candidates.
+    let candidates = |tokens: &[u32], max_tokens| {
+        let mut req = greedy(tokens, max_tokens);
+        req.params.presence_penalty = 0.0;
+        req.params.frequency_penalty = 0.0;
+        req
+    };
+    let choices = engine.generate_n(candidates(&prompt, 6), 2).unwrap();
+    // A request arriving while the prompt is in: it waits for the slot.
+    let other = watch(engine.generate(greedy(&[5, 6], 3)).unwrap());
+    let want = undisturbed(&weights, candidates(&prompt, 6));
+    assert_eq!(want.len(), 6);
+    for (i, choice) in choices.into_iter().enumerate() {
+        assert_eq!(tokens_until_length(choice), want, "choice {i}");
+    }
+    assert_eq!(
+        other.recv().unwrap().0,
+        undisturbed(&weights, greedy(&[5, 6], 3))
+    );
+}

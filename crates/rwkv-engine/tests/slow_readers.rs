@@ -146,6 +146,43 @@ fn a_held_generation_gives_its_slot_back_to_a_preempted_one() {
     drop(stalled);
 }
 
+/// A held generation swapped out for a preempted one hands the slot to that one, even with
+/// new requests queued ahead of it, so preempted states never outnumber the slots: here, with
+/// one slot, there is never more than one. (When the new request took the slot, the held and
+/// the preempted generation were both in host memory.)
+#[test]
+fn a_trade_with_new_requests_queued_keeps_one_pool_of_preempted_states() {
+    let engine = start(1, 8);
+    let long = engine.generate(greedy(&PROMPT, 400)).unwrap();
+    let expected = alone(&weights(), &PROMPT, greedy_params(400));
+    let first = long.recv().unwrap();
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done.send(long.collect());
+    });
+    // Neither is ever read: `stalled` preempts `long` and is held at 256 unread events;
+    // `queued` waits ahead of the preempted `long`.
+    let stalled = engine.generate(greedy(&[9], 2000)).unwrap();
+    let queued = engine.generate(greedy(&[10], 2000)).unwrap();
+    let mut most_preempted = 0;
+    let (rest, end) = loop {
+        most_preempted = most_preempted.max(engine.stats().unwrap().preempted);
+        match finished.recv_timeout(Duration::from_millis(1)) {
+            Ok(result) => break result,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(matches!(end, GenerateEvent::Finished { .. }), "{end:?}");
+    let GenerateEvent::Token { token, .. } = first else {
+        panic!("{first:?}")
+    };
+    let tokens: Vec<u32> = std::iter::once(token).chain(rest).collect();
+    assert_eq!(tokens, expected);
+    assert_eq!(most_preempted, 1, "preempted states beyond the one slot");
+    drop((stalled, queued));
+}
+
 /// Runs `future` to completion on this thread, parking it until a waker wakes it: enough to
 /// read streams with [`GenerateStream::next`] without an async runtime.
 fn block_on<F: std::future::Future>(future: F) -> F::Output {

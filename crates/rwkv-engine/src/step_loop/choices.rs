@@ -143,7 +143,10 @@ impl<B: Backend> Core<B> {
         let Role::Generate(g) = &mut seq.role else {
             return false;
         };
-        if g.siblings.is_empty() {
+        // Siblings are forked when the prompt's logits come back, before the first token is
+        // sampled: a lead that has sampled has none left to hand its sequence to (and its
+        // sequence holds its own tokens, which no other choice may inherit).
+        if g.siblings.is_empty() || g.usage.generated_tokens > 0 {
             return false;
         }
         // The next choice inherits the sequence (its place in the queue and its prefill so

@@ -62,6 +62,16 @@ pub(crate) struct Seq {
     pub(crate) placed_step: u64,
 }
 
+impl Seq {
+    /// A generation past its prompt: it has sampled a token, which is all it has left to feed.
+    /// (A prompt still prefilling can also have one token left between two chunks; it is not
+    /// decoding: its last token's logits must come back whole, for its choices' fork.)
+    pub(crate) fn is_decoding(&self) -> bool {
+        matches!(&self.role, Role::Generate(g) if g.usage.generated_tokens > 0)
+            && self.unfed.len() == 1
+    }
+}
+
 /// The state and the logits row a forked choice starts from.
 pub(crate) struct Forked {
     pub(crate) state: State,
@@ -238,14 +248,25 @@ impl<B: Backend> Core<B> {
         }
         self.retire_finished();
         self.preempt_for_waiting();
-        self.placing = true;
-        for id in self.sched.admit(self.slots.available()) {
-            if let Err(e) = self.place(id) {
-                self.fail(id, e);
+        // Again while sequences wait and slots are free: a sequence can leave during its own
+        // placement (an exact cache hit whose first token ends it, a failed placement) and
+        // free its slot, or queue choices forked at placement. Left to the next round, they
+        // would wait for an unrelated command when nothing else runs.
+        loop {
+            self.placing = true;
+            let admitted = self.sched.admit(self.slots.available());
+            let any = !admitted.is_empty();
+            for id in admitted {
+                if let Err(e) = self.place(id) {
+                    self.fail(id, e);
+                }
+            }
+            self.placing = false;
+            self.retire_finished();
+            if !any || self.sched.waiting_len() == 0 || self.slots.available() == 0 {
+                break;
             }
         }
-        self.placing = false;
-        self.retire_finished();
         self.record_load();
         true
     }
@@ -485,16 +506,18 @@ impl<B: Backend> Core<B> {
             }
             NucleusRow::Row(row) => row.len() != vocab,
         });
+        let bad_candidate = logits.top.iter().any(|c| c.token as usize >= vocab);
         if logits.data.len() != rows * logits.vocab
             || logits.vocab != vocab
             || logits.top.len() != candidates
             || logits.nucleus.len() != nucleus
             || bad_nucleus
+            || bad_candidate
         {
             return Err(EngineError::StepFailed(format!(
                 "the backend returned {} logits of width {} and {} candidates and {} nucleus \
                  rows, expected {rows} rows of {vocab}, {candidates} candidates and {nucleus} \
-                 nucleus rows (of kept tokens or {vocab} logits)",
+                 nucleus rows (of kept tokens or {vocab} logits), every token id below {vocab}",
                 logits.data.len(),
                 logits.vocab,
                 logits.top.len(),
@@ -596,6 +619,14 @@ impl<B: Backend> Core<B> {
         }
         let seq = &self.seqs[&id];
         let Some(slot) = seq.slot else { return };
+        let untrusted = seq
+            .session
+            .as_ref()
+            .and_then(|key| self.sessions.get(key))
+            .is_some_and(|s| s.imported_state);
+        if untrusted {
+            return;
+        }
         // A failed copy only costs a future cache miss, so it is not an error for the request.
         if let Ok(state) = self.backend.save_state(slot) {
             let logits = logits.map(<[f32]>::to_vec);
@@ -634,7 +665,10 @@ impl<B: Backend> Core<B> {
         };
         if let Role::Generate(g) = &seq.role {
             g.finished(reason);
-            self.metrics.ended(Ended::Generation(reason));
+            // Choices never forked end with it: each is a stream of its own.
+            for _ in 0..=g.siblings.len() {
+                self.metrics.ended(Ended::Generation(reason));
+            }
         }
         self.release_seq(id, seq, true);
     }
@@ -693,7 +727,9 @@ impl<B: Backend> Core<B> {
         match &seq.role {
             Role::Generate(g) => {
                 g.failed(e);
-                self.metrics.ended(Ended::GenerationFailed);
+                for _ in 0..=g.siblings.len() {
+                    self.metrics.ended(Ended::GenerationFailed);
+                }
             }
             Role::Score(lane) => self.fail_job(lane.job, e),
         }
@@ -711,5 +747,7 @@ impl<B: Backend> Core<B> {
         for id in ids {
             self.fail(id, EngineError::Stopped);
         }
+        // Nothing runs or waits any more: the gauges say so rather than their last values.
+        self.record_load();
     }
 }

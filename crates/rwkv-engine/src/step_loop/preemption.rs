@@ -33,23 +33,28 @@ impl<B: Backend> Core<B> {
         if self.sched.waiting_len() == 0 {
             return;
         }
-        let (mut fresh, mut resumable) = (0usize, 0usize);
-        for seq in self.seqs.values().filter(|s| s.slot.is_none()) {
+        let mut fresh = 0usize;
+        let mut resumable = Vec::new();
+        for (&id, seq) in self.seqs.iter().filter(|(_, s)| s.slot.is_none()) {
             if seq.preempted.is_none() {
                 fresh += 1;
             } else if Self::reader_keeps_up(seq) {
-                resumable += 1;
+                resumable.push(id);
             }
         }
+        // The longest preempted first.
+        resumable.sort_unstable();
         let total = self.slots.total();
         // Preempted states held in host memory once admission has run.
         let mut preempted = self.preempted_len();
-        let need = (fresh + resumable).saturating_sub(self.slots.available());
+        let need = (fresh + resumable.len()).saturating_sub(self.slots.available());
         // A held generation swapped out lets a resumable one back in while there are some (the
-        // host then holds as many preempted states as before), else a new request (one more).
-        let mut traded = 0;
+        // host then holds as many preempted states as before: the resumable one goes to the
+        // front of the queue, so that it, not a new request, takes the slot), else a new
+        // request (one more).
+        let mut resumable = resumable.into_iter();
         for _ in 0..need {
-            let trade = traded < resumable;
+            let trade = resumable.len() > 0;
             if !trade && preempted >= total {
                 break;
             }
@@ -57,10 +62,9 @@ impl<B: Backend> Core<B> {
             if self.preempt(id).is_err() {
                 return;
             }
-            if trade {
-                traded += 1;
-            } else {
-                preempted += 1;
+            match resumable.next() {
+                Some(heir) => self.sched.promote(heir),
+                None => preempted += 1,
             }
         }
         let quantum = self.cfg.preempt_after_steps;
@@ -98,12 +102,7 @@ impl<B: Backend> Core<B> {
         self.seqs
             .iter()
             .filter(|(_, s)| {
-                matches!(s.role, Role::Generate(_))
-                    && s.slot.is_some()
-                    && s.finish.is_none()
-                    // Decoding: one sampled token to feed (mid-prefill, a chunk is in flight).
-                    && s.unfed.len() == 1
-                    && eligible(s)
+                s.slot.is_some() && s.finish.is_none() && s.is_decoding() && eligible(s)
             })
             .min_by_key(|(&id, s)| (s.placed_step, id))
             .map(|(&id, _)| id)
@@ -160,7 +159,8 @@ impl<B: Backend> Core<B> {
         };
         seq.slot = Some(slot);
         seq.placed_step = self.steps;
-        self.sched.resume(id, seq.fed.len(), seq.unfed.len(), true);
+        self.sched
+            .resume(id, seq.fed.len(), seq.unfed.len(), seq.is_decoding());
         Ok(())
     }
 
