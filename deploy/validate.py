@@ -18,7 +18,8 @@ What it checks, without a cluster, a Docker daemon or the network:
   worker token (one compose secret for the router and workers, its file git-ignored and, where it
   exists, a valid token), and `docker compose config` where the compose plugin exists;
 - the Dockerfiles with BuildKit's parser (stages, non-root user, pinned bases);
-- the example configs: TOML syntax, keys and values, each key documented;
+- the example configs: TOML syntax, keys and values, each key documented, and every key of the
+  command listed (set or commented out);
 - every RWKV_* variable and config key against the flags of the `rwkv` sources
   (crates/rwkv-cli/src), and the Grafana dashboard's PromQL (parsed) and metric names against the
   metric names defined in crates/*/src;
@@ -58,7 +59,7 @@ K8S_VERSIONS = os.environ.get("K8S_VERSIONS", f"1.30.0 {kv.latest_version()}").s
 # used only if the sources cannot be read that way (with a warning).
 FALLBACK_ROUTER_KEYS = {"listen", "max_queue", "worker_overcommit", "request_timeout",
                         "max_prompt_tokens", "max_tokens_limit", "max_body_bytes", "tenants",
-                        "tls_cert", "tls_key"}
+                        "tls_cert", "tls_key", "metrics_listen"}
 FALLBACK_ENGINE_KEYS = {"model", "model_id", "tokenizer", "backend", "cpu_precision", "gpu_precision", "slots",
                         "max_batch_tokens", "prefill_chunk", "host_tier_mb", "prefix_cache_mb",
                         "preempt_after_steps", "disk_tier_dir", "disk_tier_mb", "gpus",
@@ -288,6 +289,9 @@ def check_value(key: str, value, where: str, from_env: bool = False) -> list[str
     elif key in AT_LEAST_ONE:
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1):
             return [f"{err} is not a number >= 1"]
+    elif key == "lease_ttl":
+        if not (isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= 3600):
+            return [f"{err} is not an integer from 2 to 3600 (seconds)"]
     elif key in INT_KEYS:
         low = 0 if key in ZERO_OK else 1
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
@@ -331,7 +335,15 @@ def check_configs() -> None:
         if not path.exists():
             R.check(f"config {rel(path)}", ["missing"])
             continue
-        errors, _ = check_toml_config(path.read_text(), command, rel(path), require_docs=True)
+        text = path.read_text()
+        errors, data = check_toml_config(text, command, rel(path), require_docs=True)
+        # deploy/README.md promises that each example lists every key of its command, set or
+        # commented out.
+        listed = set(data) | set(re.findall(r"^#\s*([a-z_]+)\s*=\s*\S", text, re.M))
+        missing = sorted(COMMAND_KEYS[command] - listed)
+        if missing:
+            errors.append(f"{rel(path)}: keys of `rwkv {command}` not listed (set or commented "
+                          f"out): {', '.join(missing)}")
         R.check(f"config {rel(path)} (rwkv {command})", errors)
 
 

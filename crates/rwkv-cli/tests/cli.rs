@@ -226,3 +226,67 @@ fn generate_is_reproducible_with_a_seed() {
     ];
     assert_eq!(stdout_ok(&greedy), stdout_ok(&greedy));
 }
+
+/// The server commands check what they can before loading a model (minutes for a large one):
+/// here the model does not even exist, and each run must fail on the setting, not the model.
+#[test]
+fn server_settings_are_checked_before_the_model_loads() {
+    let dir = std::env::temp_dir().join(format!("rwkv-cli-settings-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_pem = dir.join("bad.pem");
+    std::fs::write(&bad_pem, "not a certificate").unwrap();
+    let bad_pem = bad_pem.to_str().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let missing = "/nonexistent-model.pth";
+    let worker = ["worker", "--model", missing, "--worker-id", "w"];
+    let etcd = ["--etcd", "http://127.0.0.1:9"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        ([&worker[..], &etcd, &["--listen", "127.0.0.1:0"]].concat(), "--etcd"),
+        (
+            [&worker[..], &["--listen", "127.0.0.1:0", "--lease-ttl", "0"]].concat(),
+            "--lease-ttl",
+        ),
+        (
+            [
+                &worker[..],
+                &etcd,
+                &["--listen", "127.0.0.1:0", "--tls-cert", bad_pem, "--tls-key", bad_pem],
+            ]
+            .concat(),
+            "--tls-cert",
+        ),
+        (
+            [&worker[..], &etcd, &["--listen", taken.as_str()]].concat(),
+            "cannot listen",
+        ),
+        (
+            vec!["serve", "--model", missing, "--max-queue", "0"],
+            "--max-queue",
+        ),
+        (
+            vec!["serve", "--model", missing, "--listen", taken.as_str()],
+            "cannot listen",
+        ),
+        (
+            vec!["router", "--max-queue", "0", "--etcd", "http://127.0.0.1:9"],
+            "--max-queue",
+        ),
+    ];
+    for (args, expected) in cases {
+        // The first case names an etcd that cannot be reached: only settings may fail here.
+        let args: Vec<&str> = if expected == "--etcd" {
+            args.into_iter()
+                .filter(|a| *a != "--etcd" && *a != "http://127.0.0.1:9")
+                .collect()
+        } else {
+            args
+        };
+        let out = rwkv(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains(missing), "{args:?} loaded the model first: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

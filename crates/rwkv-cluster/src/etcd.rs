@@ -166,20 +166,25 @@ fn parse(id: &str, value: &[u8]) -> Option<WorkerRecord> {
 /// What a worker finds under its own key at a lease refresh.
 enum OwnKey {
     Ours,
+    /// No record, or ours under a lease this worker no longer keeps alive (a put that timed
+    /// out but was applied during a re-registration): either way it must be written again
+    /// under the live lease, or it disappears.
     Gone,
     Another,
 }
 
-/// Checks that `key` still holds `value`.
+/// Checks that `key` still holds `value`, under `lease`.
 async fn own_key(
     client: &mut Client,
     key: &str,
     value: &[u8],
+    lease: i64,
 ) -> Result<OwnKey, etcd_client::Error> {
     let response = client.get(key, None).await?;
     Ok(match response.kvs().first() {
         None => OwnKey::Gone,
-        Some(kv) if kv.value() == value => OwnKey::Ours,
+        Some(kv) if kv.value() == value && kv.lease() == lease => OwnKey::Ours,
+        Some(kv) if kv.value() == value => OwnKey::Gone,
         Some(_) => OwnKey::Another,
     })
 }
@@ -213,18 +218,33 @@ impl Registry for EtcdRegistry {
                                 Some(r) if r.ttl() > 0 => {}
                                 _ => return Ok::<(), etcd_client::Error>(()),
                             }
-                            match own_key(&mut client, &key, &value).await? {
+                            // Bounded, so that a slow read (an etcd leader election) never
+                            // delays the next keep-alive past the lease's expiry; the check
+                            // is simply skipped this round.
+                            let check = tokio::time::timeout(
+                                ttl / 3,
+                                own_key(&mut client, &key, &value, lease),
+                            );
+                            match check.await.unwrap_or(Ok(OwnKey::Ours))? {
                                 OwnKey::Ours => {}
                                 // Deleted by hand (etcdctl del) while the lease lives: without
                                 // this the worker would stay out of every router's table.
                                 OwnKey::Gone => {
                                     tracing::warn!(
-                                        "this worker's etcd record was deleted; writing it again"
+                                        "this worker's etcd record was deleted (or is under a \
+                                         lost lease); writing it again"
                                     );
                                     let options = PutOptions::new().with_lease(lease);
-                                    client
-                                        .put(key.as_str(), value.as_slice(), Some(options))
-                                        .await?;
+                                    let put =
+                                        client.put(key.as_str(), value.as_slice(), Some(options));
+                                    match tokio::time::timeout(ttl / 3, put).await {
+                                        Ok(written) => {
+                                            written?;
+                                        }
+                                        Err(_) => {
+                                            tracing::warn!("rewriting the etcd record timed out")
+                                        }
+                                    }
                                 }
                                 // Overwriting it back would make two workers flap; say it once.
                                 OwnKey::Another if !duplicate_reported => {

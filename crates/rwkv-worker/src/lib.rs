@@ -14,4 +14,4 @@ mod service;
 pub mod telemetry;
 
 pub use convert::status_of;
-pub use service::{serve, serve_tls, WorkerIdentity, WorkerService};
+pub use service::{check_tls, serve, serve_tls, WorkerIdentity, WorkerService};

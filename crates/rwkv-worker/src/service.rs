@@ -113,10 +113,23 @@ impl WorkerService {
     pub async fn drain_for(&self, timeout: Duration) -> Result<wv1::WorkerLoad, Status> {
         self.start_drain();
         tracing::info!(?timeout, "draining");
-        let deadline = Instant::now() + timeout;
+        // A timeout too large for the clock (a client's u64::MAX) is no timeout.
+        let deadline = Instant::now().checked_add(timeout);
+        let past = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
         loop {
-            let load = self.load_now().await?;
-            if (load.running == 0 && load.waiting == 0) || Instant::now() >= deadline {
+            // The engine answers between steps; a stuck engine (a hung device) must not hold
+            // the drain past its deadline.
+            let load = match deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), self.load_now())
+                    .await
+                    .map_err(|_| {
+                        Status::deadline_exceeded(
+                            "the engine did not answer before the drain deadline",
+                        )
+                    })??,
+                None => self.load_now().await?,
+            };
+            if (load.running == 0 && load.waiting == 0) || past(deadline) {
                 return Ok(load);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -509,7 +522,12 @@ async fn serve_with(
         "worker gRPC service listening"
     );
     telemetry::describe();
-    let mut builder = tonic::transport::Server::builder();
+    // Keepalive pings find routers that vanished without closing their connections (a host
+    // that lost power, a dropped NAT entry): their streams end, which cancels their
+    // generations, and a drain's GOAWAY is not left waiting for a peer that never answers.
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -525,18 +543,31 @@ async fn serve_with(
         .await
 }
 
-/// Accepted connections with TCP_NODELAY. The builder's `tcp_nodelay` only applies to listeners
-/// it binds itself; without it every token event (a small HTTP/2 frame) waits for the peer's
-/// delayed ACK, about 40 ms per token.
+/// HTTP/2 pings on an otherwise quiet connection, and how long the peer has to answer one.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// TCP keepalive probes start after this much silence (a backstop under the HTTP/2 pings).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Accepted connections with TCP_NODELAY and TCP keepalive. The builder's settings only apply
+/// to listeners it binds itself; without NODELAY every token event (a small HTTP/2 frame)
+/// waits for the peer's delayed ACK, about 40 ms per token.
 fn incoming(
     listener: tokio::net::TcpListener,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        conn.set_nodelay(true)?;
-        Ok(conn)
-    })
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(TCP_KEEPALIVE))
+}
+
+/// Checks a TLS certificate chain and key (PEM) the way [`serve_tls`] will use them, so a bad
+/// pair is reported before the worker loads a model or registers anywhere.
+pub fn check_tls(cert_pem: &[u8], key_pem: &[u8]) -> Result<(), tonic::transport::Error> {
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map(|_| ())
 }
 
 /// Largest accepted message: a session export of a 7B model's state (33 MiB) with room to spare.

@@ -8,7 +8,9 @@ use rwkv_model::{Backend, ModelWeights};
 #[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
-    /// CUDA if a GPU is usable, else the CPU.
+    /// CUDA if the machine has a GPU, else the CPU. A GPU that is there but cannot be used
+    /// (a missing `--gpus` device, out of memory, NCCL missing for several GPUs) is an error,
+    /// not a quiet fallback to CPU speed.
     Auto,
     /// The CPU backend.
     Cpu,
@@ -86,12 +88,16 @@ pub fn open_on(
     precisions: Precisions,
     devices: &[usize],
 ) -> anyhow::Result<Box<dyn Backend>> {
-    if kind != BackendKind::Cpu {
-        match open_cuda(weights, slots, devices, precisions.gpu) {
-            Ok(backend) => return Ok(backend),
-            Err(err) if kind == BackendKind::Cuda => return Err(err),
-            Err(err) => eprintln!("[rwkv] no usable GPU ({err:#}); running on the CPU"),
-        }
+    match kind {
+        BackendKind::Cuda => return open_cuda(weights, slots, devices, precisions.gpu),
+        BackendKind::Auto => match gpu_absence() {
+            None => return open_cuda(weights, slots, devices, precisions.gpu),
+            Some(why) => {
+                eprintln!("[rwkv] no GPU ({why}); running on the CPU");
+                tracing::warn!("no GPU ({why}); running on the CPU");
+            }
+        },
+        BackendKind::Cpu => {}
     }
     let precision = match precisions.cpu {
         CpuPrecision::F32 => Precision::F32,
@@ -105,16 +111,32 @@ pub fn open_on(
     Ok(Box::new(CpuBackend::with_options(weights, slots, options)))
 }
 
-/// Whether `auto` would pick a GPU: the binary has CUDA and the driver library is installed.
+/// Whether the backend will be CUDA: `cuda`, or `auto` on a machine with a GPU.
 pub fn gpu_likely(kind: BackendKind) -> bool {
     match kind {
         BackendKind::Cpu => false,
         BackendKind::Cuda => true,
-        #[cfg(feature = "cuda")]
-        BackendKind::Auto => rwkv_cuda::driver_available(),
-        #[cfg(not(feature = "cuda"))]
-        BackendKind::Auto => false,
+        BackendKind::Auto => gpu_absence().is_none(),
     }
+}
+
+/// Why `auto` runs on the CPU (no CUDA in the binary, no driver, no device), or `None` when
+/// the machine has a GPU, which `auto` then must use.
+#[cfg(feature = "cuda")]
+fn gpu_absence() -> Option<String> {
+    if !rwkv_cuda::driver_available() {
+        return Some("the CUDA driver library is not installed".into());
+    }
+    match rwkv_cuda::device_count() {
+        Ok(0) => Some("the CUDA driver sees no device".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("the CUDA driver cannot count devices: {e}")),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_absence() -> Option<String> {
+    Some("this binary was built without the `cuda` feature".into())
 }
 
 #[cfg(feature = "cuda")]

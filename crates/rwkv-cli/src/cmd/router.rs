@@ -74,23 +74,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
+    if let Some((cert, key)) = &tls {
+        rwkv_router::tls::server_config(cert, key).map_err(anyhow::Error::msg)?;
+    }
     let tokenizer = Tokenizer::load(tokenizer_spec.as_deref().unwrap_or("world"))?;
     let prometheus = server::install_metrics()?;
     let runtime = server::runtime()?;
     runtime.block_on(async move {
-        let registry = etcd_args.connect().await?;
+        // The settings are checked before etcd is waited for.
         let mut pool_config = router_args.pool_config()?;
         if let Some(ca) = &worker_ca {
             pool_config.worker_tls =
                 Some(rwkv_router::tls::worker_client_config(ca).map_err(anyhow::Error::msg)?);
         }
         pool_config.worker_token = worker_token;
+        let cfg = router_args.router_config(default_model)?;
+        let registry = etcd_args
+            .connect_retrying(super::worker::ETCD_START_WAIT)
+            .await?;
         let pool = WorkerPool::new(pool_config);
         pool.follow(&registry).await?;
         if let Some(addr) = router_args.metrics_listen {
             server::serve_metrics(addr, prometheus.clone()).await?;
         }
-        let cfg = router_args.router_config(default_model)?;
         let router = router_args.build_router(cfg, pool, Arc::new(tokenizer), prometheus)?;
         let listen = router_args
             .listen

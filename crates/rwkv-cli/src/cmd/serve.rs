@@ -122,6 +122,11 @@ impl RouterArgs {
             self.request_timeout != Some(0),
             "--request-timeout must be at least 1 second"
         );
+        // Zero would refuse every request (413 for any body).
+        anyhow::ensure!(
+            self.max_body_bytes != Some(0),
+            "--max-body-bytes must be at least 1"
+        );
         Ok(RouterConfig {
             default_model,
             max_prompt_tokens: self.max_prompt_tokens.unwrap_or(d.max_prompt_tokens),
@@ -141,6 +146,8 @@ impl RouterArgs {
             overcommit.is_finite() && overcommit >= 1.0,
             "--worker-overcommit must be a number >= 1, got {overcommit}"
         );
+        // Zero would answer 429 to every request that finds the workers busy for an instant.
+        anyhow::ensure!(self.max_queue != Some(0), "--max-queue must be at least 1");
         Ok(PoolConfig {
             max_queue: self.max_queue.unwrap_or(d.max_queue),
             overcommit,
@@ -164,6 +171,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let file: ServeFile = server::read_config(args.config.as_deref())?;
     let router_args = args.router.or(file.router);
     let engine_args = args.engine.or(file.engine);
+    // Settings and the port are checked before the model loads (minutes for a large one).
+    let pool_config = router_args.pool_config()?;
+    router_args.router_config(None)?;
+    let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
+    if let Some((cert, key)) = &tls {
+        rwkv_router::tls::server_config(cert, key).map_err(anyhow::Error::msg)?;
+    }
+    let listen = router_args.listen();
+    let listener = std::net::TcpListener::bind(listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let prometheus = server::install_metrics()?;
     let model = server::load_model(&engine_args)?;
     let tokenizer = server::load_tokenizer(&engine_args, model.weights.config.vocab_size)?;
@@ -199,7 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await?;
         let pool = WorkerPool::new(PoolConfig {
             worker_token: Some(token),
-            ..router_args.pool_config()?
+            ..pool_config
         });
         pool.follow(&registry).await?;
         if let Some(addr) = router_args.metrics_listen {
@@ -211,10 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Arc::new(tokenizer),
             prometheus,
         )?;
-        let listen = router_args.listen();
-        let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
+        let listener = tokio::net::TcpListener::from_std(listener)
             .with_context(|| format!("cannot listen on {listen}"))?;
         eprintln!(
             "[rwkv] serving `{}` on {}://{} (OpenAI API under /v1, gRPC rwkv.api.v1; Ctrl-C stops)",

@@ -327,7 +327,20 @@ pub async fn serve_metrics(
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
+/// A second one exits at once (status 130), for an operator who will not wait for open streams
+/// to finish.
 pub async fn shutdown_signal() {
+    one_signal().await;
+    tracing::info!("shutdown requested (a second Ctrl-C or SIGTERM exits at once)");
+    tokio::spawn(async {
+        one_signal().await;
+        tracing::warn!("second shutdown request: exiting now");
+        std::process::exit(130);
+    });
+}
+
+/// Resolves on the next Ctrl-C or SIGTERM.
+async fn one_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -346,7 +359,6 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
-    tracing::info!("shutdown requested");
 }
 
 /// `--tls-cert` and `--tls-key`: both (TLS) or neither (plaintext).

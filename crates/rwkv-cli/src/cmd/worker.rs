@@ -145,25 +145,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("{}-{}", host_name(), listen.port()));
+    // Everything that can be checked is, before the model loads (minutes for a large one):
+    // the TLS pair, the port, etcd.
+    if let Some((cert, key)) = &tls_pem {
+        rwkv_worker::check_tls(cert, key).context("--tls-cert / --tls-key")?;
+    }
+    let listener = std::net::TcpListener::bind(listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let lease_ttl = etcd_args.lease_ttl()?;
+    let runtime = server::runtime()?;
+    let registry = runtime.block_on(etcd_args.connect_retrying(ETCD_START_WAIT))?;
     let prometheus = server::install_metrics()?;
     let model = server::load_model(&engine_args)?;
     let tokenizer = server::load_tokenizer(&engine_args, model.weights.config.vocab_size)?;
     let (engine, identity) = server::start_engine(&engine_args, &model, &tokenizer, &worker_id)?;
     let drain_timeout = Duration::from_secs(worker_args.drain_timeout.unwrap_or(60));
-    let runtime = server::runtime()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         if let Some(addr) = worker_args.metrics_listen {
             server::serve_metrics(addr, prometheus).await?;
         }
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
+        let listener = tokio::net::TcpListener::from_std(listener)
             .with_context(|| format!("cannot listen on {listen}"))?;
         let service = WorkerService::new(engine.handle(), identity.clone()).require_tokens(tokens);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let stopped = async {
             let _ = server_stopped.await;
         };
-        let server = match tls_pem {
+        let mut server = match tls_pem {
             Some((cert, key)) => tokio::spawn(rwkv_worker::serve_tls(
                 service.clone(),
                 listener,
@@ -173,7 +182,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )),
             None => tokio::spawn(rwkv_worker::serve(service.clone(), listener, stopped)),
         };
-        let registry = etcd_args.connect().await?;
         let registration = registry
             .register(WorkerRecord {
                 id: worker_id.clone(),
@@ -182,23 +190,90 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 slots: identity.slots as u32,
             })
             .await?;
+        tracing::debug!(?lease_ttl, "registered");
         eprintln!(
             "[rwkv] worker `{worker_id}` serving `{}` at {advertise}",
             identity.model_id
         );
-        server::shutdown_signal().await;
+        // Until a signal, the gRPC server failing, or the backend breaking (a GPU fault):
+        // the last two stop the worker with an error, so that its supervisor restarts it.
+        let failure = tokio::select! {
+            () = server::shutdown_signal() => None,
+            ended = &mut server => Some(match ended {
+                Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped"),
+                Ok(Err(e)) => anyhow::Error::new(e).context("the gRPC server failed"),
+                Err(e) => anyhow::Error::new(e).context("the gRPC server task failed"),
+            }),
+            why = backend_broken(&engine) => Some(anyhow::anyhow!(
+                "the backend cannot run any more ({why}); restart the worker"
+            )),
+        };
+        if let Some(e) = &failure {
+            tracing::error!("{e:#}");
+        }
 
         // Drain: leave the registry, refuse new work, let the work in flight finish.
         service.start_drain();
         registration.deregister().await;
-        let load = service.drain_for(drain_timeout).await?;
-        tracing::info!(
-            unfinished = load.running + load.waiting,
-            "drained; stopping"
-        );
+        let drained = if failure.is_none() {
+            service.drain_for(drain_timeout).await
+        } else {
+            service.drain_for(Duration::ZERO).await
+        };
+        match drained {
+            Ok(load) => tracing::info!(
+                unfinished = load.running + load.waiting,
+                "drained; stopping"
+            ),
+            Err(status) => tracing::warn!("drain: {}", status.message()),
+        }
+        // What did not finish in time fails now (its streams end with the engine's error),
+        // so the server's graceful stop has nothing left to wait for but the goodbyes; a
+        // peer that never answers those is not waited for either.
+        stop_engine(engine).await;
         let _ = stop_server.send(());
-        let _ = server.await;
-        engine.shutdown();
-        anyhow::Ok(())
-    })
+        if tokio::time::timeout(SERVER_STOP_WAIT, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after {SERVER_STOP_WAIT:?}; leaving them");
+            server.abort();
+        }
+        failure.map_or(Ok(()), Err)
+    });
+    // An engine thread stuck in a hung device call must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// How long a starting worker keeps trying to reach etcd (which may be starting too).
+pub const ETCD_START_WAIT: Duration = Duration::from_secs(120);
+/// How long the gRPC server may take to close its connections once the engine has stopped.
+const SERVER_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Resolves with the reason once the engine reports its backend broken (or itself stopped).
+async fn backend_broken(engine: &rwkv_engine::Engine) -> String {
+    let handle = engine.handle();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let handle = handle.clone();
+        match tokio::task::spawn_blocking(move || handle.stats()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(rwkv_engine::EngineError::BackendBroken(why))) => return why,
+            Ok(Err(rwkv_engine::EngineError::Stopped)) => return "the engine stopped".into(),
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
+}
+
+/// Stops the engine (failing what still runs) without blocking the async threads, and without
+/// waiting for ever on an engine stuck in a device call.
+async fn stop_engine(engine: rwkv_engine::Engine) {
+    let stopping = tokio::task::spawn_blocking(move || engine.shutdown());
+    if tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .is_err()
+    {
+        tracing::error!("the engine did not stop within 10 s (a hung device?); exiting anyway");
+    }
 }
