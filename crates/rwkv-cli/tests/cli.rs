@@ -242,16 +242,30 @@ fn server_settings_are_checked_before_the_model_loads() {
     let worker = ["worker", "--model", missing, "--worker-id", "w"];
     let etcd = ["--etcd", "http://127.0.0.1:9"];
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        ([&worker[..], &etcd, &["--listen", "127.0.0.1:0"]].concat(), "--etcd"),
         (
-            [&worker[..], &["--listen", "127.0.0.1:0", "--lease-ttl", "0"]].concat(),
+            [&worker[..], &etcd, &["--listen", "127.0.0.1:0"]].concat(),
+            "--etcd",
+        ),
+        (
+            [
+                &worker[..],
+                &["--listen", "127.0.0.1:0", "--lease-ttl", "0"],
+            ]
+            .concat(),
             "--lease-ttl",
         ),
         (
             [
                 &worker[..],
                 &etcd,
-                &["--listen", "127.0.0.1:0", "--tls-cert", bad_pem, "--tls-key", bad_pem],
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--tls-cert",
+                    bad_pem,
+                    "--tls-key",
+                    bad_pem,
+                ],
             ]
             .concat(),
             "--tls-cert",
@@ -286,7 +300,10 @@ fn server_settings_are_checked_before_the_model_loads() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
-        assert!(!stderr.contains(missing), "{args:?} loaded the model first: {stderr}");
+        assert!(
+            !stderr.contains(missing),
+            "{args:?} loaded the model first: {stderr}"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }

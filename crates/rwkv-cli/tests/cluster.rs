@@ -489,3 +489,73 @@ async fn etcd_membership_follows_the_keys() {
     tokio::time::sleep(ttl).await;
     assert!(!members.borrow().contains_key("a"));
 }
+
+/// An etcd with authentication on: without a user nothing can be registered, with one the
+/// membership works as before, and etcd's roles decide which prefix a user may write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_with_authentication_needs_the_user() {
+    use etcd_client::{Client, Permission};
+    use rwkv_cluster::{EtcdRegistry, EtcdSecurity, Registry, WorkerRecord};
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (_etcd, etcd) = running_etcd(dir.path(), &http).await;
+    let mut admin = Client::connect([etcd.as_str()], None).await.unwrap();
+    admin.user_add("root", "root-pw", None).await.unwrap();
+    let _ = admin.role_add("root").await; // present already in some etcd versions
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.user_add("rwkv", "rwkv-pw", None).await.unwrap();
+    admin.role_add("rwkv").await.unwrap();
+    admin
+        .role_grant_permission("rwkv", Permission::read_write("/a/").with_prefix())
+        .await
+        .unwrap();
+    admin.user_grant_role("rwkv", "rwkv").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let ttl = Duration::from_secs(3);
+    let endpoints = std::slice::from_ref(&etcd);
+    let record = WorkerRecord {
+        id: "w".into(),
+        address: "http://10.0.0.1:50051".into(),
+        model: "tiny".into(),
+        slots: 4,
+    };
+    let open = EtcdRegistry::connect(endpoints, "/a", ttl).await;
+    let refused = match open {
+        Ok(registry) => registry.register(record.clone()).await.err(),
+        Err(e) => Some(e),
+    };
+    assert!(
+        refused.is_some(),
+        "registered in an etcd with auth, without a user"
+    );
+
+    let user = EtcdSecurity {
+        user: Some(("rwkv".into(), "rwkv-pw".into())),
+        ..EtcdSecurity::default()
+    };
+    let registry = EtcdRegistry::connect_secured(endpoints, "/a", ttl, &user)
+        .await
+        .unwrap();
+    let registration = registry.register(record.clone()).await.unwrap();
+    let members = registry.watch().await.unwrap();
+    assert_eq!(members.borrow().get("w"), Some(&record));
+    registration.deregister().await;
+
+    // The user may not write outside its prefix.
+    let elsewhere = EtcdRegistry::connect_secured(endpoints, "/b", ttl, &user)
+        .await
+        .unwrap();
+    assert!(elsewhere.register(record).await.is_err());
+    // A wrong password is refused when connecting.
+    let wrong = EtcdSecurity {
+        user: Some(("rwkv".into(), "nope".into())),
+        ..EtcdSecurity::default()
+    };
+    assert!(EtcdRegistry::connect_secured(endpoints, "/a", ttl, &wrong)
+        .await
+        .is_err());
+}

@@ -39,6 +39,67 @@ fn backend(e: etcd_client::Error) -> RegistryError {
 /// How long to wait before retrying a failed etcd call in a background task.
 const RETRY: Duration = Duration::from_millis(500);
 
+/// How to reach an etcd that is not open to anyone on its network: TLS (a CA to verify it,
+/// and a client certificate for etcd's `--client-cert-auth`) and a user (etcd's
+/// authentication, so that its roles decide who may write the membership).
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    /// PEM CA that signed etcd's certificate; set, the endpoints must be `https://`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM certificate chain and key this process presents to etcd.
+    pub client_identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// User name and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdSecurity")
+            .field("tls", &self.ca_pem.is_some())
+            .field("client_certificate", &self.client_identity.is_some())
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl EtcdSecurity {
+    fn apply(
+        &self,
+        endpoints: &[String],
+        options: ConnectOptions,
+    ) -> Result<ConnectOptions, RegistryError> {
+        let mut options = options;
+        if let Some((name, password)) = &self.user {
+            // etcd's auth tokens expire (5 minutes by default): a long-lived worker renews them.
+            options = options
+                .with_user(name.clone(), password.clone())
+                .with_auto_token_refresh(true);
+        }
+        match &self.ca_pem {
+            Some(ca) => {
+                if let Some(plain) = endpoints.iter().find(|e| !e.starts_with("https://")) {
+                    return Err(RegistryError::Backend(format!(
+                        "etcd endpoint {plain} is not https:// but an etcd CA is set"
+                    )));
+                }
+                let mut tls = etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(ca.clone()));
+                if let Some((cert, key)) = &self.client_identity {
+                    tls = tls.identity(etcd_client::Identity::from_pem(cert.clone(), key.clone()));
+                }
+                options = options.with_tls(tls);
+            }
+            None if self.client_identity.is_some() => {
+                return Err(RegistryError::Backend(
+                    "an etcd client certificate needs the etcd CA too".into(),
+                ));
+            }
+            None => {}
+        }
+        Ok(options)
+    }
+}
+
 impl EtcdRegistry {
     /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Records live under `prefix`
     /// (e.g. `/rwkv`); a worker's record expires `ttl` after its process stops refreshing it.
@@ -47,10 +108,21 @@ impl EtcdRegistry {
         prefix: &str,
         ttl: Duration,
     ) -> Result<Self, RegistryError> {
+        Self::connect_secured(endpoints, prefix, ttl, &EtcdSecurity::default()).await
+    }
+
+    /// [`EtcdRegistry::connect`] to an etcd that needs TLS or a user.
+    pub async fn connect_secured(
+        endpoints: &[String],
+        prefix: &str,
+        ttl: Duration,
+        security: &EtcdSecurity,
+    ) -> Result<Self, RegistryError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let options = security.apply(endpoints, options)?;
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(backend)?;

@@ -9,7 +9,7 @@
 mod etcd;
 mod memory;
 
-pub use etcd::EtcdRegistry;
+pub use etcd::{EtcdRegistry, EtcdSecurity};
 pub use memory::MemoryRegistry;
 
 use std::collections::BTreeMap;
