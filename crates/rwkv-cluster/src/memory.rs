@@ -25,8 +25,16 @@ impl MemoryRegistry {
         Self::default()
     }
 
-    fn remove(&self, id: &str) {
-        self.members.send_if_modified(|m| m.remove(id).is_some());
+    /// Removes `record` if it is still the one registered under its id (a newer registration
+    /// under the same id stays).
+    fn remove(&self, record: &WorkerRecord) {
+        self.members.send_if_modified(|m| {
+            let ours = m.get(&record.id) == Some(record);
+            if ours {
+                m.remove(&record.id);
+            }
+            ours
+        });
     }
 }
 
@@ -34,14 +42,14 @@ impl MemoryRegistry {
 impl Registry for MemoryRegistry {
     async fn register(&self, record: WorkerRecord) -> Result<Registration, RegistryError> {
         validate(&record)?;
-        let id = record.id.clone();
+        let registered = record.clone();
         self.members.send_modify(|m| {
             m.insert(record.id.clone(), record);
         });
         let me = self.clone();
         Ok(Registration::new(move || {
             Box::pin(async move {
-                me.remove(&id);
+                me.remove(&registered);
             })
         }))
     }
@@ -62,6 +70,20 @@ mod tests {
             model: "m".into(),
             slots: 4,
         }
+    }
+
+    #[tokio::test]
+    async fn an_old_registration_leaving_keeps_a_newer_one_of_the_same_id() {
+        let registry = MemoryRegistry::new();
+        let old = registry.register(record("a")).await.unwrap();
+        let newer = WorkerRecord {
+            address: "http://127.0.0.1:2".into(),
+            ..record("a")
+        };
+        let _new = registry.register(newer.clone()).await.unwrap();
+        old.deregister().await;
+        let members = registry.watch().await.unwrap().borrow().clone();
+        assert_eq!(members.get("a"), Some(&newer));
     }
 
     #[tokio::test]

@@ -185,7 +185,10 @@ mod tests {
         assert_eq!(user.user, Some(("rwkv".into(), "secret".into())));
         type Setting<'a> = &'a dyn Fn(&mut EtcdArgs);
         let cases: [(Setting<'_>, &str); 4] = [
-            (&|a| a.etcd_user = Some("rwkv".into()), "--etcd-password-file"),
+            (
+                &|a| a.etcd_user = Some("rwkv".into()),
+                "--etcd-password-file",
+            ),
             (
                 &|a| {
                     a.etcd_user = Some("rwkv".into());

@@ -116,7 +116,26 @@ pub fn read_config<T: serde::de::DeserializeOwned + Default>(
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    parse_config(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// A config file's settings. The files are built from flattened groups of settings, and serde
+/// loses the key of a flattened value that has the wrong type ("invalid type: string \"64\",
+/// expected usize"): the key at fault is then found by reading each setting alone.
+fn parse_config<T: serde::de::DeserializeOwned + Default>(text: &str) -> anyhow::Result<T> {
+    let whole = match toml::from_str::<T>(text) {
+        Ok(config) => return Ok(config),
+        Err(e) => e,
+    };
+    if let Ok(table) = text.parse::<toml::Table>() {
+        for (key, value) in table {
+            let one = toml::Table::from_iter([(key.clone(), value)]);
+            if let Err(e) = T::deserialize(one) {
+                anyhow::bail!("`{key}`: {}", e.message());
+            }
+        }
+    }
+    Err(whole.into())
 }
 
 /// Shape of the built-in demo model: small enough to start in a second on any CPU, with the
@@ -417,6 +436,26 @@ mod tests {
         );
         let bad = toml::from_str::<EngineArgs>("gpu_precision = \"fp8\"").unwrap_err();
         assert!(bad.to_string().contains("gpu_precision"), "{bad}");
+    }
+
+    #[test]
+    fn a_setting_of_the_wrong_type_is_named_in_a_file_of_flattened_groups() {
+        #[derive(Debug, Default, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        struct File {
+            #[serde(flatten)]
+            engine: EngineArgs,
+        }
+        let err = super::parse_config::<File>("slots = \"64\"\nprefill_chunk = 8\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`slots`"), "{err}");
+        let err = super::parse_config::<File>("slot = 64\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slot"), "{err}");
+        let ok = super::parse_config::<File>("slots = 64\n").unwrap();
+        assert_eq!(ok.engine.slots, Some(64));
     }
 
     #[test]
