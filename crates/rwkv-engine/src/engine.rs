@@ -70,7 +70,15 @@ pub struct EngineConfig {
     /// Most tokens all sessions' conversations hold together when a session is created,
     /// forked, imported or continued (the histories live in host memory, 4 bytes a token).
     pub max_sessions_tokens: usize,
+    /// A session not used (no turn, fork, rewind or export) for this long is deleted, with its
+    /// state: clients that walk away do not hold host memory and `max_sessions` for ever.
+    /// `None`: sessions live until deleted.
+    pub session_idle_timeout: Option<std::time::Duration>,
 }
+
+/// The default [`EngineConfig::session_idle_timeout`]: a day.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(24 * 60 * 60);
 
 /// The default [`EngineConfig::max_session_tokens`]: 1 Mi tokens, 4 MiB of history.
 pub const DEFAULT_MAX_SESSION_TOKENS: usize = 1 << 20;
@@ -96,6 +104,7 @@ impl Default for EngineConfig {
             max_session_tokens: DEFAULT_MAX_SESSION_TOKENS,
             max_sessions: DEFAULT_MAX_SESSIONS,
             max_sessions_tokens: DEFAULT_MAX_SESSIONS_TOKENS,
+            session_idle_timeout: Some(DEFAULT_SESSION_IDLE_TIMEOUT),
         }
     }
 }

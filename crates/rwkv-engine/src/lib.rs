@@ -54,7 +54,7 @@ mod channel;
 pub use engine::{
     Engine, EngineConfig, EngineHandle, EngineStats, DEFAULT_MAX_SESSIONS,
     DEFAULT_MAX_SESSIONS_TOKENS, DEFAULT_MAX_SESSION_TOKENS, DEFAULT_PREEMPT_AFTER_STEPS,
-    MAX_CHOICES,
+    DEFAULT_SESSION_IDLE_TIMEOUT, MAX_CHOICES,
 };
 pub use error::EngineError;
 pub use logprobs::{token_logprobs, LogSoftmax, Logprobs};

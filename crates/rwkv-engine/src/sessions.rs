@@ -7,7 +7,10 @@
 //! never data. Keys carry the tenant: another tenant's id is simply not found.
 
 use std::sync::mpsc::SyncSender;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// Idle sessions are looked for at most this often (each look reads every session).
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 use rwkv_model::{Backend, State};
 
@@ -47,6 +50,9 @@ pub(crate) struct Session {
     /// Conversation length (`history + pending`) at creation and at the end of each turn:
     /// where a rewind may go back to.
     pub(crate) turns: Vec<usize>,
+    /// When it was created or last used (a turn started or ended, a fork, rewind or export):
+    /// sessions idle past `session_idle_timeout` are deleted. Set by `new_session`.
+    pub(crate) last_used: Option<Instant>,
     /// The state came in with an import: whatever the export's checksum says, nothing proves
     /// it is what `history` computes, so no state descending from it goes into the tenant's
     /// prefix cache (where other requests with that prefix would pick it up). Forks inherit
@@ -216,6 +222,7 @@ impl<B: Backend> Core<B> {
         self.room_for_session_tokens(new_tokens)?;
         if let Some(s) = self.sessions.get_mut(key) {
             s.busy = Some(id);
+            s.last_used = Some(Instant::now());
         }
         Ok(())
     }
@@ -225,7 +232,44 @@ impl<B: Backend> Core<B> {
         if let Some(s) = self.sessions.get_mut(key) {
             if s.busy == Some(id) {
                 s.busy = None;
+                s.last_used = Some(Instant::now());
             }
+        }
+    }
+
+    /// Marks a session as used now (it does not expire for another idle timeout).
+    fn touch(&mut self, key: &SessionKey) {
+        if let Some(s) = self.sessions.get_mut(key) {
+            s.last_used = Some(Instant::now());
+        }
+    }
+
+    /// Deletes the sessions idle for longer than `session_idle_timeout` (none is busy: a turn
+    /// in progress is use), with their states in every tier. Looks at most once a second.
+    pub(crate) fn expire_idle_sessions(&mut self) {
+        let Some(timeout) = self.cfg.session_idle_timeout else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(self.expiry_checked) < EXPIRY_CHECK_EVERY {
+            return;
+        }
+        self.expiry_checked = now;
+        let expired: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.busy.is_none()
+                    && s.last_used
+                        .is_some_and(|t| now.saturating_duration_since(t) > timeout)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &expired {
+            self.remove_session(key);
+        }
+        if !expired.is_empty() {
+            self.metrics.sessions_expired(expired.len());
         }
     }
 
@@ -282,6 +326,10 @@ impl<B: Backend> Core<B> {
         self.room_for_session_tokens(session.len())?;
         let id = self.next_session;
         self.next_session += 1;
+        let session = Session {
+            last_used: Some(Instant::now()),
+            ..session
+        };
         self.sessions.insert(SessionKey::new(tenant, id), session);
         Ok(id)
     }
@@ -362,6 +410,7 @@ impl<B: Backend> Core<B> {
     /// A new session with the same tokens and a copy of the state: a device-to-device copy when a
     /// slot is free, otherwise a host copy.
     fn fork(&mut self, key: &SessionKey) -> Result<SessionId, EngineError> {
+        self.touch(key);
         let copy = Session {
             busy: None,
             ..self.idle_session(key)?.clone()
@@ -395,6 +444,7 @@ impl<B: Backend> Core<B> {
     /// it has consumed no dropped token; otherwise it is dropped and the next turn restores
     /// the conversation from the prefix cache (turn ends are cached) or recomputes it.
     fn rewind(&mut self, key: &SessionKey, turn: usize) -> Result<SessionInfo, EngineError> {
+        self.touch(key);
         let session = self.idle_session(key)?;
         let Some(&len) = session.turns.get(turn) else {
             return Err(EngineError::NoSuchTurn {
@@ -429,15 +479,21 @@ impl<B: Backend> Core<B> {
 
     fn delete(&mut self, key: &SessionKey) -> Result<(), EngineError> {
         self.idle_session(key)?;
+        self.remove_session(key);
+        Ok(())
+    }
+
+    /// Removes an idle session and its state from every tier.
+    fn remove_session(&mut self, key: &SessionKey) {
         self.sessions.remove(key);
         if let Some(slot) = self.slots.unpark(key) {
             self.slots.release(slot);
         }
         self.drop_stored(key);
-        Ok(())
     }
 
     fn export(&mut self, key: &SessionKey) -> Result<Vec<u8>, EngineError> {
+        self.touch(key);
         let session = self.idle_session(key)?.clone();
         let state = match self.stored_state(key)? {
             Some(state) => state,
@@ -472,6 +528,7 @@ impl<B: Backend> Core<B> {
             history: snap.history,
             pending: snap.pending,
             busy: None,
+            last_used: None,
             imported_state: true,
         };
         let id = self.new_session(tenant, session)?;

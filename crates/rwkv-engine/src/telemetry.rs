@@ -44,6 +44,8 @@ pub const SWAP_SECONDS: &str = "rwkv_engine_swap_seconds";
 pub const HELD_FOR_READERS: &str = "rwkv_engine_generations_held_for_readers";
 /// Counter: generations preempted (swapped out so that waiting requests get a slot).
 pub const PREEMPTIONS: &str = "rwkv_engine_preemptions_total";
+/// Counter: sessions deleted because they sat idle longer than `session_idle_timeout`.
+pub const SESSIONS_EXPIRED: &str = "rwkv_engine_sessions_expired_total";
 /// Counter: prefix-cache lookups that found a cached state.
 pub const PREFIX_CACHE_HITS: &str = "rwkv_engine_prefix_cache_hits_total";
 /// Counter: prefix-cache lookups that found nothing (the prefill starts from scratch).
@@ -91,6 +93,11 @@ pub fn describe() {
         PREEMPTIONS,
         Count,
         "Generations preempted for waiting requests."
+    );
+    describe_counter!(
+        SESSIONS_EXPIRED,
+        Count,
+        "Sessions deleted after sitting idle past the idle timeout."
     );
     describe_counter!(PREFIX_CACHE_HITS, Count, "Prefix-cache lookups that hit.");
     describe_counter!(
@@ -159,6 +166,7 @@ pub(crate) struct Metrics {
     cache_skipped: Counter,
     generated: Counter,
     preemptions: Counter,
+    sessions_expired: Counter,
     /// Generations by reason: length, stop, cancelled, error.
     generations_ended: [Counter; 4],
     /// Scoring requests by reason: scored, cancelled, error.
@@ -195,6 +203,7 @@ impl Metrics {
             cache_skipped: counter!(PREFIX_CACHE_SKIPPED_TOKENS),
             generated: counter!(GENERATED_TOKENS),
             preemptions: counter!(PREEMPTIONS),
+            sessions_expired: counter!(SESSIONS_EXPIRED),
             generations_ended: ["length", "stop", "cancelled", "error"].map(generation),
             scores_ended: ["scored", "cancelled", "error"].map(score),
             ttft: histogram!(TIME_TO_FIRST_TOKEN),
@@ -232,6 +241,11 @@ impl Metrics {
     /// A generation was preempted (its swap out is recorded by [`Metrics::swap`]).
     pub(crate) fn preempted(&self) {
         self.preemptions.increment(1);
+    }
+
+    /// Sessions deleted for sitting idle.
+    pub(crate) fn sessions_expired(&self, count: usize) {
+        self.sessions_expired.increment(count as u64);
     }
 
     /// A prefix-cache lookup: `Some(len)` on a hit that skipped `len` tokens.

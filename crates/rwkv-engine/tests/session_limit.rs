@@ -6,6 +6,8 @@
 //! `max_sessions` and `max_sessions_tokens`: the worker as a whole holds at most so many
 //! sessions and so many session tokens, whatever tenants ask for; creating, forking, importing
 //! or continuing past them is refused with a retryable error, and deleting makes room.
+//!
+//! `session_idle_timeout`: a session nobody used for that long is deleted, and makes room.
 
 mod common;
 
@@ -124,4 +126,28 @@ fn all_sessions_together_hold_at_most_max_sessions_tokens() {
     assert!(is_capacity(&err, "tokens"), "{err}");
     engine.delete_session(TENANT, a).unwrap();
     engine.create_session_with("third", vec![5]).unwrap();
+}
+
+#[test]
+fn sessions_idle_past_the_timeout_are_deleted_and_make_room() {
+    use std::time::Duration;
+    let engine = start_with(EngineConfig {
+        session_idle_timeout: Some(Duration::from_secs(2)),
+        max_sessions: 2,
+        ..EngineConfig::default()
+    });
+    let old = engine.create_session(TENANT).unwrap();
+    turn(&engine, old, &[5, 6]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let recent = engine.create_session(TENANT).unwrap();
+    let err = engine.create_session(TENANT).unwrap_err();
+    assert!(is_capacity(&err, "sessions"), "{err}");
+    std::thread::sleep(Duration::from_millis(1000));
+    // `old` has been idle for 2.5 s, `recent` for 1 s: the next command finds one gone.
+    let third = engine.create_session(TENANT).unwrap();
+    let err = engine.session_info(TENANT, old).unwrap_err();
+    assert!(matches!(err, EngineError::SessionNotFound { .. }), "{err}");
+    engine.session_info(TENANT, recent).unwrap();
+    engine.session_info(TENANT, third).unwrap();
+    assert_eq!(engine.stats().unwrap().sessions, 2);
 }

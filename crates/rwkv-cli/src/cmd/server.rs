@@ -75,6 +75,10 @@ pub struct EngineArgs {
     /// a session or turn that would go past it is refused (429) [default: 1073741824].
     #[arg(long, env = "RWKV_MAX_SESSIONS_TOKENS")]
     pub max_sessions_tokens: Option<usize>,
+    /// Seconds a session may sit unused (no turn, fork, rewind or export) before it is
+    /// deleted with its state; 0 keeps sessions until they are deleted [default: 86400].
+    #[arg(long, env = "RWKV_SESSION_IDLE_TIMEOUT")]
+    pub session_idle_timeout: Option<u64>,
     /// GPUs to run on [default: 0]. One GPU (`0`) runs the whole model; several (`0,1`) shard it
     /// over them, tensor parallel over NCCL (their number must divide the model's heads).
     #[arg(long, env = "RWKV_GPUS")]
@@ -100,6 +104,7 @@ impl EngineArgs {
             max_session_tokens: self.max_session_tokens.or(file.max_session_tokens),
             max_sessions: self.max_sessions.or(file.max_sessions),
             max_sessions_tokens: self.max_sessions_tokens.or(file.max_sessions_tokens),
+            session_idle_timeout: self.session_idle_timeout.or(file.session_idle_timeout),
             disk_tier_dir: self.disk_tier_dir.or(file.disk_tier_dir),
             disk_tier_mb: self.disk_tier_mb.or(file.disk_tier_mb),
             gpus: self.gpus.or(file.gpus),
@@ -246,6 +251,11 @@ pub fn start_engine(
         max_sessions: args
             .max_sessions
             .unwrap_or(rwkv_engine::DEFAULT_MAX_SESSIONS),
+        session_idle_timeout: match args.session_idle_timeout {
+            None => Some(rwkv_engine::DEFAULT_SESSION_IDLE_TIMEOUT),
+            Some(0) => None,
+            Some(secs) => Some(std::time::Duration::from_secs(secs)),
+        },
         max_sessions_tokens: args
             .max_sessions_tokens
             .unwrap_or(rwkv_engine::DEFAULT_MAX_SESSIONS_TOKENS),

@@ -36,6 +36,8 @@ pub(crate) use scoring::{Lane, ScoreJob};
 
 /// How often an idle step loop looks at the readers of held generations.
 const HELD_POLL: Duration = Duration::from_millis(20);
+/// How often an idle engine with sessions wakes up to delete the expired ones.
+const EXPIRY_POLL: Duration = Duration::from_secs(10);
 
 /// One sequence in flight: a slot and the tokens it feeds.
 pub(crate) struct Seq {
@@ -117,6 +119,8 @@ pub(crate) struct Core<B: Backend> {
     pub(crate) initial: State,
     pub(crate) metrics: Metrics,
     commands: Receiver<Command>,
+    /// When idle sessions were last looked for (at most once a second).
+    pub(crate) expiry_checked: Instant,
 }
 
 /// What one forward step returned: the logits, and which rows each planned sequence asked for.
@@ -175,6 +179,7 @@ impl<B: Backend> Core<B> {
             steps: 0,
             placing: false,
             commands,
+            expiry_checked: Instant::now(),
         })
     }
 
@@ -213,14 +218,23 @@ impl<B: Backend> Core<B> {
         // Nothing could run last step, so only a command can change that: wait for one. Or a
         // reader catching up, which sends none: while generations are held for their readers,
         // look again every HELD_POLL.
-        if idle && self.held_len() > 0 {
-            match self.commands.recv_timeout(HELD_POLL) {
+        // Idle with sessions that may expire: wake up now and then to delete them, so that
+        // their states leave host memory even when no request comes.
+        let poll = if self.held_len() > 0 {
+            Some(HELD_POLL)
+        } else if self.cfg.session_idle_timeout.is_some() && !self.sessions.is_empty() {
+            Some(EXPIRY_POLL)
+        } else {
+            None
+        };
+        if let (true, Some(poll)) = (idle, poll) {
+            match self.commands.recv_timeout(poll) {
                 Ok(cmd) => {
                     if !self.handle(cmd) {
                         return false;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Timeout) => self.expire_idle_sessions(),
                 Err(RecvTimeoutError::Disconnected) => return false,
             }
         } else if idle {
@@ -273,6 +287,8 @@ impl<B: Backend> Core<B> {
 
     /// Applies one command; false means shut down.
     fn handle(&mut self, cmd: Command) -> bool {
+        // First, so that a new session finds the room the expired ones left.
+        self.expire_idle_sessions();
         match cmd {
             Command::Generate {
                 id,
