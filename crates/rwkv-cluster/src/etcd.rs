@@ -194,6 +194,13 @@ impl EtcdRegistry {
                 return Ok(true);
             };
             if response.canceled() {
+                // A compaction (the membership is read again) or something lasting, such as a
+                // permission etcd refuses: say which, since the re-read repeats every 500 ms.
+                tracing::warn!(
+                    reason = response.cancel_reason(),
+                    compact_revision = response.compact_revision(),
+                    "etcd cancelled the membership watch; reading the membership again"
+                );
                 return Ok(true);
             }
             for event in response.events() {

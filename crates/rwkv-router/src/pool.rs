@@ -50,6 +50,10 @@ pub struct PoolConfig {
     /// preempting long generations (`preempt_after_steps`), so short requests are not stuck
     /// behind long ones that hold every slot.
     pub overcommit: f64,
+    /// HTTP/2 pings to each worker this often (each answered within half of it, or the
+    /// connection and its streams fail and fail over): a worker that vanished without closing
+    /// its connections (a host that lost power) is noticed within seconds.
+    pub worker_keepalive: Duration,
 }
 
 /// Default of [`PoolConfig::overcommit`].
@@ -66,6 +70,7 @@ impl Default for PoolConfig {
             worker_tls: None,
             worker_token: None,
             overcommit: DEFAULT_OVERCOMMIT,
+            worker_keepalive: Duration::from_secs(10),
         }
     }
 }
@@ -257,9 +262,16 @@ impl WorkerPool {
                 continue;
             }
             let channel = match self.endpoint(&record.address) {
+                // Pings find a worker that vanished without closing the connection (a host
+                // that lost power): its streams fail within seconds and fail over, instead of
+                // waiting out the request timeout.
                 Ok(endpoint) => endpoint
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
+                    .tcp_keepalive(Some(Duration::from_secs(30)))
+                    .http2_keep_alive_interval(self.inner.cfg.worker_keepalive)
+                    .keep_alive_timeout(self.inner.cfg.worker_keepalive / 2)
+                    .keep_alive_while_idle(true)
                     .connect_lazy(),
                 Err(e) => {
                     tracing::warn!(worker = id, address = record.address, "skipped: {e}");

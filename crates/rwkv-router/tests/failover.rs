@@ -12,10 +12,11 @@ use common::*;
 use rwkv_model::{Backend, BackendError, Logits, ModelConfig, SeqStep, State};
 
 /// The CPU backend, failing every forward step once `steps_left` reaches zero (a GPU that
-/// fell off the bus, say).
+/// fell off the bus, say), each step taking at least `delay`.
 struct FailAfter {
     inner: CpuBackend,
     steps_left: Arc<AtomicUsize>,
+    delay: Duration,
 }
 
 impl Backend for FailAfter {
@@ -34,6 +35,7 @@ impl Backend for FailAfter {
             return Err(BackendError::Device("injected failure".into()));
         }
         self.steps_left.store(left - 1, Ordering::SeqCst);
+        std::thread::sleep(self.delay);
         self.inner.forward(steps)
     }
     fn load_state(&mut self, slot: usize, state: &State) -> Result<(), BackendError> {
@@ -63,6 +65,11 @@ struct Front {
 }
 
 async fn router_over(records: Vec<WorkerRecord>) -> Front {
+    router_over_with(records, PoolConfig::default()).await
+}
+
+/// [`router_over`] with these pool settings (its health polls every 50 ms whatever they say).
+async fn router_over_with(records: Vec<WorkerRecord>, pool: PoolConfig) -> Front {
     let registry = MemoryRegistry::new();
     let n = records.len();
     let mut registrations = Vec::new();
@@ -71,7 +78,7 @@ async fn router_over(records: Vec<WorkerRecord>) -> Front {
     }
     let pool = WorkerPool::new(PoolConfig {
         poll_interval: Duration::from_millis(50),
-        ..PoolConfig::default()
+        ..pool
     });
     pool.follow(&registry).await.unwrap();
     let tokenizer = Arc::new(Tokenizer::world());
@@ -163,6 +170,7 @@ async fn choices_streamed_by_a_failing_worker_continue_exactly_on_another() {
     let failing = FailAfter {
         inner: CpuBackend::new(&weights, SLOTS),
         steps_left: steps_left.clone(),
+        delay: Duration::ZERO,
     };
     let (record_a, _engine_a, _stop_a) = worker("a", failing).await;
     let (record_b, engine_b, _stop_b) = worker("b", CpuBackend::new(&weights, SLOTS)).await;
@@ -320,4 +328,131 @@ async fn new_sessions_go_to_the_worker_holding_the_fewest() {
         create().await;
     }
     assert_eq!((sessions(&engine_a), sessions(&engine_b)), (7, 7));
+}
+
+/// A TCP relay in front of a worker that can freeze: it then stops passing bytes either way
+/// but keeps every connection open, like a host that lost power or a dropped NAT entry.
+struct FreezingRelay {
+    address: String,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingRelay {
+    async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let target = target.trim_start_matches("http://").to_owned();
+        let flag = frozen.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(Self::pass(cr, sw, flag.clone()));
+                tokio::spawn(Self::pass(sr, cw, flag.clone()));
+            }
+        });
+        Self { address, frozen }
+    }
+
+    async fn pass(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        frozen: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.load(Ordering::SeqCst) {
+                // Silent for ever, the sockets still open.
+                let _keep = (from, to);
+                std::future::pending::<()>().await;
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A worker that goes silent mid-stream without closing its connection: the router's pings
+/// go unanswered, the connection fails within seconds, and the stream continues exactly on
+/// another worker, long before the request timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_from_a_worker_gone_silent_fails_over_within_the_keepalive() {
+    let weights = weights();
+    // Each step takes a few milliseconds, so the stream is still running when `a` freezes.
+    let slow = FailAfter {
+        inner: CpuBackend::new(&weights, SLOTS),
+        steps_left: Arc::new(AtomicUsize::new(usize::MAX)),
+        delay: Duration::from_millis(5),
+    };
+    let (record_a, _engine_a, _stop_a) = worker("a", slow).await;
+    let (record_b, engine_b, _stop_b) = worker("b", CpuBackend::new(&weights, SLOTS)).await;
+    let relay = FreezingRelay::start(record_a.address.clone()).await;
+    let record_a = WorkerRecord {
+        address: relay.address.clone(),
+        ..record_a
+    };
+    let front = router_over_with(
+        vec![record_a, record_b],
+        PoolConfig {
+            worker_keepalive: Duration::from_millis(500),
+            ..PoolConfig::default()
+        },
+    )
+    .await;
+    let prompt = "The keepalive test prompt:";
+    let tokens = front.tokenizer.encode(prompt).unwrap();
+    front.pool.remember_prefix(&tokens, "a");
+    let max_tokens = 120;
+    let body = json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                      "stream": true});
+    let started = std::time::Instant::now();
+    let mut response = reqwest::Client::new()
+        .post(format!("{}/v1/completions", front.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The first tokens come from `a`; then it goes silent.
+    let mut raw = Vec::new();
+    while raw.len() < 200 {
+        raw.extend_from_slice(&response.chunk().await.unwrap().expect("stream ended early"));
+    }
+    relay.freeze();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        raw.extend_from_slice(&chunk);
+    }
+    let elapsed = started.elapsed();
+    let mut text = String::new();
+    for block in String::from_utf8(raw).unwrap().split("\n\n") {
+        let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) else {
+            continue;
+        };
+        let data = data.trim();
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert!(v.get("error").is_none(), "{v}");
+        text.push_str(v["choices"][0]["text"].as_str().unwrap_or_default());
+    }
+    assert_eq!(
+        text,
+        greedy_text(&engine_b, &front.tokenizer, tokens, max_tokens)
+    );
+    // Well under the 600 s request timeout: the keepalive found the silent worker.
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
 }
