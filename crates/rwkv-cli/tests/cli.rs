@@ -296,7 +296,13 @@ fn server_settings_are_checked_before_the_model_loads() {
         } else {
             args
         };
-        let out = rwkv(&args);
+        // Without the caller's RWKV_* settings (an RWKV_ETCD would make the first case wait
+        // for that etcd).
+        let out = Command::new(env!("CARGO_BIN_EXE_rwkv"))
+            .args(&args)
+            .env_clear()
+            .output()
+            .expect("run rwkv");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");

@@ -292,6 +292,10 @@ impl Registry for EtcdRegistry {
                         let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
                         let mut duplicate_reported = false;
                         loop {
+                            // Keep-alives every ttl/3 whatever the checks below cost: they
+                            // share a budget of ttl/4 and the round ends at its start + ttl/3.
+                            let round = tokio::time::Instant::now();
+                            let budget = round + ttl / 4;
                             keeper.keep_alive().await?;
                             match responses.message().await? {
                                 Some(r) if r.ttl() > 0 => {}
@@ -300,8 +304,8 @@ impl Registry for EtcdRegistry {
                             // Bounded, so that a slow read (an etcd leader election) never
                             // delays the next keep-alive past the lease's expiry; the check
                             // is simply skipped this round.
-                            let check = tokio::time::timeout(
-                                ttl / 3,
+                            let check = tokio::time::timeout_at(
+                                budget,
                                 own_key(&mut client, &key, &value, lease),
                             );
                             match check.await.unwrap_or(Ok(OwnKey::Ours))? {
@@ -316,7 +320,7 @@ impl Registry for EtcdRegistry {
                                     let options = PutOptions::new().with_lease(lease);
                                     let put =
                                         client.put(key.as_str(), value.as_slice(), Some(options));
-                                    match tokio::time::timeout(ttl / 3, put).await {
+                                    match tokio::time::timeout_at(budget, put).await {
                                         Ok(written) => {
                                             written?;
                                         }
@@ -336,7 +340,7 @@ impl Registry for EtcdRegistry {
                                 }
                                 OwnKey::Another => {}
                             }
-                            tokio::time::sleep(ttl / 3).await;
+                            tokio::time::sleep_until(round + ttl / 3).await;
                         }
                     };
                     tokio::select! {

@@ -10,12 +10,18 @@ use crate::{validate, Membership, Registration, Registry, RegistryError, WorkerR
 #[derive(Clone, Debug)]
 pub struct MemoryRegistry {
     members: Arc<watch::Sender<Membership>>,
+    /// Which registration wrote each id's record (a serial number per registration), so an
+    /// old registration leaving never removes a newer one's record, even an identical one.
+    owners: Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+    serials: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Default for MemoryRegistry {
     fn default() -> Self {
         Self {
             members: Arc::new(watch::channel(Membership::new()).0),
+            owners: Arc::default(),
+            serials: Arc::default(),
         }
     }
 }
@@ -25,16 +31,15 @@ impl MemoryRegistry {
         Self::default()
     }
 
-    /// Removes `record` if it is still the one registered under its id (a newer registration
-    /// under the same id stays).
-    fn remove(&self, record: &WorkerRecord) {
-        self.members.send_if_modified(|m| {
-            let ours = m.get(&record.id) == Some(record);
-            if ours {
-                m.remove(&record.id);
-            }
-            ours
-        });
+    /// Removes the record of `id` if registration `serial` still owns it (a newer
+    /// registration under the same id stays).
+    fn remove(&self, id: &str, serial: u64) {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        if owners.get(id) != Some(&serial) {
+            return;
+        }
+        owners.remove(id);
+        self.members.send_if_modified(|m| m.remove(id).is_some());
     }
 }
 
@@ -42,14 +47,21 @@ impl MemoryRegistry {
 impl Registry for MemoryRegistry {
     async fn register(&self, record: WorkerRecord) -> Result<Registration, RegistryError> {
         validate(&record)?;
-        let registered = record.clone();
-        self.members.send_modify(|m| {
-            m.insert(record.id.clone(), record);
-        });
+        let id = record.id.clone();
+        let serial = self
+            .serials
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+            owners.insert(id.clone(), serial);
+            self.members.send_modify(|m| {
+                m.insert(record.id.clone(), record);
+            });
+        }
         let me = self.clone();
         Ok(Registration::new(move || {
             Box::pin(async move {
-                me.remove(&registered);
+                me.remove(&id, serial);
             })
         }))
     }
@@ -76,14 +88,11 @@ mod tests {
     async fn an_old_registration_leaving_keeps_a_newer_one_of_the_same_id() {
         let registry = MemoryRegistry::new();
         let old = registry.register(record("a")).await.unwrap();
-        let newer = WorkerRecord {
-            address: "http://127.0.0.1:2".into(),
-            ..record("a")
-        };
-        let _new = registry.register(newer.clone()).await.unwrap();
+        // The same worker back (an identical record) before the old registration left.
+        let _new = registry.register(record("a")).await.unwrap();
         old.deregister().await;
         let members = registry.watch().await.unwrap().borrow().clone();
-        assert_eq!(members.get("a"), Some(&newer));
+        assert_eq!(members.get("a"), Some(&record("a")));
     }
 
     #[tokio::test]

@@ -415,13 +415,16 @@ impl CudaBackend {
             )?;
             step.finish(plan, logits, &mut top, &mut nucleus)
         })();
-        self.pool.after_compute(&self.dev, plan.slots())?;
-        if ran.is_err() {
+        let recorded = self.pool.after_compute(&self.dev, plan.slots());
+        if ran.is_err() || recorded.is_err() {
             // The head may have queued copies into the pinned staging buffer before the
             // failure, and only `finish` waits for them: wait here, so the next step cannot
-            // free or reuse that buffer under a copy still writing into it.
+            // free or reuse that buffer under a copy still writing into it. (An error cudarc
+            // stored earlier would end the wait before it starts: it is taken first.)
+            let _ = self.dev.ctx.check_err();
             let _ = self.dev.compute.synchronize();
         }
+        recorded?;
         ran?;
         let data = copy_out(&staging.as_slice()?[..len]);
         Ok(Logits {

@@ -255,11 +255,11 @@ mod tests {
         };
         entered.wait();
         // Leaves after 50 ms: the close waits for it.
+        let t = Instant::now();
         let leaver = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
             leave_tx.send(()).unwrap();
         });
-        let t = Instant::now();
         assert!(gate.close(Duration::from_secs(30)));
         assert!(t.elapsed() >= Duration::from_millis(50));
         assert_eq!(gate.in_call.load(Ordering::SeqCst), 0);

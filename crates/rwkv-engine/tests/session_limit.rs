@@ -132,18 +132,18 @@ fn all_sessions_together_hold_at_most_max_sessions_tokens() {
 fn sessions_idle_past_the_timeout_are_deleted_and_make_room() {
     use std::time::Duration;
     let engine = start_with(EngineConfig {
-        session_idle_timeout: Some(Duration::from_secs(2)),
+        session_idle_timeout: Some(Duration::from_secs(4)),
         max_sessions: 2,
         ..EngineConfig::default()
     });
     let old = engine.create_session(TENANT).unwrap();
     turn(&engine, old, &[5, 6]).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     let recent = engine.create_session(TENANT).unwrap();
     let err = engine.create_session(TENANT).unwrap_err();
     assert!(is_capacity(&err, "sessions"), "{err}");
-    std::thread::sleep(Duration::from_millis(1000));
-    // `old` has been idle for 2.5 s, `recent` for 1 s: the next command finds one gone.
+    std::thread::sleep(Duration::from_millis(2000));
+    // `old` has been idle for 4.5 s, `recent` for 2 s: the next command finds one gone.
     let third = engine.create_session(TENANT).unwrap();
     let err = engine.session_info(TENANT, old).unwrap_err();
     assert!(matches!(err, EngineError::SessionNotFound { .. }), "{err}");

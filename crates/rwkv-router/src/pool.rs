@@ -96,10 +96,13 @@ pub struct WorkerEntry {
     assigned: AtomicUsize,
     /// Requests it may have in flight there: its slots times the overcommit.
     capacity: usize,
-    /// Sessions the worker holds (all tenants, all routers): its last load report, plus the
-    /// sessions this router placed there since, so a burst of creations between two reports
-    /// spreads instead of piling onto the worker that looked emptiest.
-    sessions: AtomicUsize,
+    /// Sessions the worker holds (all tenants, all routers): its last load report, with the
+    /// value of `placed` when that report was asked for. Together with the sessions this
+    /// router placed there since, a burst of creations between two reports spreads instead
+    /// of piling onto the worker that looked emptiest.
+    reported_sessions: Mutex<(usize, usize)>,
+    /// Sessions this router has placed on the worker, ever.
+    placed: AtomicUsize,
     failures: AtomicU32,
     /// Breaker open until this instant.
     open_until: Mutex<Option<Instant>>,
@@ -122,14 +125,20 @@ impl WorkerEntry {
         self.capacity
     }
 
-    /// Sessions held there, as far as this router knows (see the field).
+    /// Sessions held there, as far as this router knows: the last report, plus what this
+    /// router placed after that report was asked for (a placement the report already counts
+    /// may count twice until the next one).
     pub fn sessions(&self) -> usize {
-        self.sessions.load(Ordering::SeqCst)
+        let (reported, base) = *self
+            .reported_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        reported + self.placed.load(Ordering::SeqCst).saturating_sub(base)
     }
 
-    /// Counts a session this router just placed there, until the next load report.
+    /// Counts a session this router just placed there.
     pub fn session_placed(&self) {
-        self.sessions.fetch_add(1, Ordering::SeqCst);
+        self.placed.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Healthy, known, breaker closed.
@@ -288,7 +297,8 @@ impl WorkerPool {
                 info: RwLock::new(None),
                 assigned: AtomicUsize::new(0),
                 capacity: capacity(record.slots, self.inner.cfg.overcommit),
-                sessions: AtomicUsize::new(0),
+                reported_sessions: Mutex::new((0, 0)),
+                placed: AtomicUsize::new(0),
                 failures: AtomicU32::new(0),
                 open_until: Mutex::new(None),
                 healthy: AtomicBool::new(false),
@@ -643,12 +653,15 @@ async fn poll(pool: WorkerPool, worker: Arc<WorkerEntry>) {
                 Err(_) => false,
             }
         } else {
+            let placed_before = worker.placed.load(Ordering::SeqCst);
             match tokio::time::timeout(interval * 4, client.load(wv1::LoadRequest {})).await {
                 Ok(Ok(load)) => {
                     let load = load.into_inner();
-                    worker
-                        .sessions
-                        .store(load.sessions as usize, Ordering::SeqCst);
+                    *worker
+                        .reported_sessions
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) =
+                        (load.sessions as usize, placed_before);
                     !load.draining
                 }
                 Ok(Err(status)) => {

@@ -470,9 +470,11 @@ mod tests {
 
     #[test]
     fn requests_without_model_tokens_keep_the_request_limits_but_not_the_token_budget() {
+        // A bucket two deep that refills once in 100 s: nothing refills during the test.
         let t = Arc::new(Tenant::new(TenantConfig {
             tokens_per_minute: Some(100),
-            requests_per_second: Some(2.0),
+            requests_per_second: Some(0.01),
+            burst: Some(2),
             max_concurrent: Some(1),
             ..tenant("a", "k")
         }));

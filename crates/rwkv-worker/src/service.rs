@@ -115,24 +115,36 @@ impl WorkerService {
         tracing::info!(?timeout, "draining");
         // A timeout too large for the clock (a client's u64::MAX) is no timeout.
         let deadline = Instant::now().checked_add(timeout);
-        let past = |deadline: Option<Instant>| deadline.is_some_and(|d| Instant::now() >= d);
+        let mut last = None;
         loop {
-            // The engine answers between steps; a stuck engine (a hung device) must not hold
-            // the drain past its deadline.
-            let load = match deadline {
-                Some(d) => tokio::time::timeout_at(d.into(), self.load_now())
-                    .await
-                    .map_err(|_| {
-                        Status::deadline_exceeded(
-                            "the engine did not answer before the drain deadline",
-                        )
-                    })??,
-                None => self.load_now().await?,
+            // The engine answers between steps, so each reading may take a step's time; a
+            // stuck engine (a hung device) must not hold the drain past its deadline, but even
+            // a drain whose time is up gets one reading (within a second) to report.
+            let wait = match (deadline, &last) {
+                (Some(d), Some(_)) => Some(d),
+                (Some(d), None) => Some(d.max(Instant::now() + FIRST_READING)),
+                (None, _) => None,
             };
-            if (load.running == 0 && load.waiting == 0) || past(deadline) {
+            let reading = match wait {
+                Some(until) => tokio::time::timeout_at(until.into(), self.load_now()).await,
+                None => Ok(self.load_now().await),
+            };
+            let load = match (reading, last) {
+                (Ok(load), _) => load?,
+                (Err(_), Some(last)) => return Ok(last),
+                (Err(_), None) => {
+                    return Err(Status::deadline_exceeded(
+                        "the engine did not answer before the drain deadline",
+                    ))
+                }
+            };
+            let now = Instant::now();
+            if (load.running == 0 && load.waiting == 0) || deadline.is_some_and(|d| now >= d) {
                 return Ok(load);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let pause = deadline.map_or(DRAIN_POLL, |d| DRAIN_POLL.min(d - now));
+            last = Some(load);
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -542,6 +554,11 @@ async fn serve_with(
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
+
+/// How often a drain reads the engine's load.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// How long a drain whose time is already up waits for its one reading of the load.
+const FIRST_READING: Duration = Duration::from_secs(1);
 
 /// HTTP/2 pings on an otherwise quiet connection, and how long the peer has to answer one.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);

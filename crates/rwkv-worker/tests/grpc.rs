@@ -405,6 +405,35 @@ async fn a_client_that_goes_away_frees_its_slot() {
     assert_eq!((load.running, load.slots_free), (0, SLOTS as u32));
 }
 
+/// A drain whose time runs out reports what is still running (it is not an error), and so
+/// does one with no time at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_times_out_reports_the_work_still_running() {
+    let mut fx = start().await;
+    let mut running = fx.client.clone();
+    let in_flight = tokio::spawn(async move {
+        collect(&mut running, generate_request(&[3, 4], greedy(100_000))).await
+    });
+    for _ in 0..400 {
+        let load = fx.client.load(wv1::LoadRequest {}).await.unwrap();
+        if load.into_inner().running == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for timeout_ms in [0, 200] {
+        let load = fx
+            .client
+            .drain(wv1::DrainRequest { timeout_ms })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(load.draining);
+        assert_eq!(load.running, 1, "timeout {timeout_ms} ms");
+    }
+    in_flight.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_finishes_work_in_flight_and_refuses_new_work() {
     let mut fx = start().await;

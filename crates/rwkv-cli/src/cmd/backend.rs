@@ -120,8 +120,9 @@ pub fn gpu_likely(kind: BackendKind) -> bool {
     }
 }
 
-/// Why `auto` runs on the CPU (no CUDA in the binary, no driver, no device), or `None` when
-/// the machine has a GPU, which `auto` then must use.
+/// Why `auto` runs on the CPU (no CUDA in the binary, no driver, or no device the driver can
+/// use: containers often carry the driver library without a GPU, where counting devices
+/// fails), or `None` when the machine has a GPU, which `auto` then must use.
 #[cfg(feature = "cuda")]
 fn gpu_absence() -> Option<String> {
     if !rwkv_cuda::driver_available() {

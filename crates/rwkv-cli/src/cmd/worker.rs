@@ -150,9 +150,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some((cert, key)) = &tls_pem {
         rwkv_worker::check_tls(cert, key).context("--tls-cert / --tls-key")?;
     }
-    let listener = std::net::TcpListener::bind(listen)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    // Checked, then let go: a port that accepted connections while the model loads would
+    // pass a TCP readiness probe minutes early (and a rolling update would stop the next old
+    // worker too soon).
+    drop(
+        std::net::TcpListener::bind(listen)
+            .with_context(|| format!("cannot listen on {listen}"))?,
+    );
     let lease_ttl = etcd_args.lease_ttl()?;
     let runtime = server::runtime()?;
     let registry = runtime.block_on(etcd_args.connect_retrying(ETCD_START_WAIT))?;
@@ -165,7 +169,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(addr) = worker_args.metrics_listen {
             server::serve_metrics(addr, prometheus).await?;
         }
-        let listener = tokio::net::TcpListener::from_std(listener)
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let service = WorkerService::new(engine.handle(), identity.clone()).require_tokens(tokens);
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -197,13 +202,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         // Until a signal, the gRPC server failing, or the backend breaking (a GPU fault):
         // the last two stop the worker with an error, so that its supervisor restarts it.
+        let mut server_ended = false;
         let failure = tokio::select! {
             () = server::shutdown_signal() => None,
-            ended = &mut server => Some(match ended {
-                Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped"),
-                Ok(Err(e)) => anyhow::Error::new(e).context("the gRPC server failed"),
-                Err(e) => anyhow::Error::new(e).context("the gRPC server task failed"),
-            }),
+            ended = &mut server => {
+                server_ended = true;
+                Some(match ended {
+                    Ok(Ok(())) => anyhow::anyhow!("the gRPC server stopped"),
+                    Ok(Err(e)) => anyhow::Error::new(e).context("the gRPC server failed"),
+                    Err(e) => anyhow::Error::new(e).context("the gRPC server task failed"),
+                })
+            }
             why = backend_broken(&engine) => Some(anyhow::anyhow!(
                 "the backend cannot run any more ({why}); restart the worker"
             )),
@@ -232,9 +241,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // peer that never answers those is not waited for either.
         stop_engine(engine).await;
         let _ = stop_server.send(());
-        if tokio::time::timeout(SERVER_STOP_WAIT, &mut server)
-            .await
-            .is_err()
+        // (A finished task's handle must not be polled again.)
+        if !server_ended
+            && tokio::time::timeout(SERVER_STOP_WAIT, &mut server)
+                .await
+                .is_err()
         {
             tracing::warn!("connections still open after {SERVER_STOP_WAIT:?}; leaving them");
             server.abort();

@@ -42,7 +42,7 @@ impl<B: Backend> Core<B> {
                 resumable.push(id);
             }
         }
-        // The longest preempted first.
+        // In request order, so that which heir is promoted does not depend on hashing.
         resumable.sort_unstable();
         let total = self.slots.total();
         // Preempted states held in host memory once admission has run.
