@@ -558,4 +558,53 @@ async fn an_etcd_with_authentication_needs_the_user() {
     assert!(EtcdRegistry::connect_secured(endpoints, "/a", ttl, &wrong)
         .await
         .is_err());
+
+    // Through the CLI: a router with the user's password file follows the membership (its
+    // health port answers); with a wrong password it stops at once, saying why.
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (good, bad) = (file("pw", "rwkv-pw\n"), file("bad-pw", "nope\n"));
+    let router = |password: &Path, port: u16, metrics: u16| {
+        rwkv()
+            .args(["router", "--etcd", etcd.as_str(), "--etcd-prefix", "/a"])
+            .args(["--etcd-user", "rwkv", "--etcd-password-file"])
+            .arg(password)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start router")
+    };
+    let (port, metrics) = (free_port(), free_port());
+    let mut good_router = router(&good, port, metrics);
+    // Its log is not read: drained, so that it never blocks on a full pipe.
+    let log = good_router.stderr.take().unwrap();
+    std::thread::spawn(move || std::io::copy(&mut { log }, &mut std::io::sink()));
+    let _router = Proc(good_router);
+    wait_for(
+        "the router with the etcd user",
+        Duration::from_secs(60),
+        async || {
+            http.get(format!("http://127.0.0.1:{metrics}/health"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        },
+    )
+    .await;
+    let refused = router(&bad, free_port(), free_port());
+    let started = Instant::now();
+    let out = tokio::task::spawn_blocking(move || refused.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("authentication failed"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a wrong password was retried"
+    );
 }

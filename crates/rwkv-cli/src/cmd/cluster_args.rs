@@ -119,6 +119,8 @@ impl EtcdArgs {
         loop {
             match self.connect().await {
                 Ok(registry) => return Ok(registry),
+                // etcd answered and refused the user: waiting will not change that.
+                Err(e) if format!("{e:#}").contains("authentication failed") => return Err(e),
                 Err(e) if tokio::time::Instant::now() + pause < deadline => {
                     tracing::warn!("{e:#}; trying again in {pause:?}");
                     tokio::time::sleep(pause).await;
