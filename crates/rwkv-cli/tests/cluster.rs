@@ -608,3 +608,123 @@ async fn an_etcd_with_authentication_needs_the_user() {
         "a wrong password was retried"
     );
 }
+
+/// An etcd that speaks only TLS and asks for client certificates (`--client-cert-auth`): the
+/// membership works with its CA and a client certificate it trusts, and not without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_behind_tls_with_client_certificates() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rwkv_cluster::{EtcdRegistry, EtcdSecurity, Registry, WorkerRecord};
+    if !etcd_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["rwkv-worker".into()]);
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca_file = write("ca.pem", &ca.pem());
+    let (cert_file, key_file) = (
+        write("server.pem", &server_cert),
+        write("server-key.pem", &server_key),
+    );
+    let (client, peer) = (free_port(), free_port());
+    let url = format!("https://127.0.0.1:{client}");
+    let _etcd = Proc(
+        Command::new(etcd_binary().unwrap())
+            .args(["--name", "tls", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args(["--initial-cluster", &format!("tls=http://127.0.0.1:{peer}")])
+            .arg("--cert-file")
+            .arg(&cert_file)
+            .arg("--key-file")
+            .arg(&key_file)
+            .arg("--trusted-ca-file")
+            .arg(&ca_file)
+            .arg("--client-cert-auth")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd"),
+    );
+    let secured = EtcdSecurity {
+        ca_pem: Some(ca.pem().into_bytes()),
+        client_identity: Some((client_cert.into_bytes(), client_key.into_bytes())),
+        user: None,
+    };
+    let endpoints = [url.clone()];
+    let ttl = Duration::from_secs(3);
+    let record = WorkerRecord {
+        id: "w".into(),
+        address: "http://10.0.0.1:50051".into(),
+        model: "tiny".into(),
+        slots: 4,
+    };
+    // etcd takes a moment to listen.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let registration = loop {
+        let attempt = async {
+            let registry = EtcdRegistry::connect_secured(&endpoints, "/t", ttl, &secured).await?;
+            registry
+                .register(record.clone())
+                .await
+                .map(|r| (registry, r))
+        };
+        match attempt.await {
+            Ok(done) => break done,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("etcd over TLS never answered: {e}"),
+        }
+    };
+    let (registry, registration) = registration;
+    assert_eq!(
+        registry.watch().await.unwrap().borrow().get("w"),
+        Some(&record)
+    );
+    registration.deregister().await;
+
+    // Without a client certificate, or without the CA, nothing gets through.
+    let no_client_cert = EtcdSecurity {
+        client_identity: None,
+        ..secured.clone()
+    };
+    for (what, security) in [
+        ("no client certificate", no_client_cert),
+        ("plaintext", EtcdSecurity::default()),
+    ] {
+        let refused = match EtcdRegistry::connect_secured(&endpoints, "/t", ttl, &security).await {
+            Ok(registry) => registry.register(record.clone()).await.err(),
+            Err(e) => Some(e),
+        };
+        assert!(refused.is_some(), "registered with {what}");
+    }
+}
