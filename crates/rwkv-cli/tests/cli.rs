@@ -275,6 +275,20 @@ fn server_settings_are_checked_before_the_model_loads() {
             "cannot listen",
         ),
         (
+            [
+                &worker[..],
+                &etcd,
+                &[
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--metrics-listen",
+                    taken.as_str(),
+                ],
+            ]
+            .concat(),
+            "for metrics",
+        ),
+        (
             vec!["serve", "--model", missing, "--max-queue", "0"],
             "--max-queue",
         ),

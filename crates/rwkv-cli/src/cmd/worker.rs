@@ -157,6 +157,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         std::net::TcpListener::bind(listen)
             .with_context(|| format!("cannot listen on {listen}"))?,
     );
+    if let Some(addr) = worker_args.metrics_listen {
+        drop(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+        );
+    }
     let lease_ttl = etcd_args.lease_ttl()?;
     let runtime = server::runtime()?;
     let registry = runtime.block_on(etcd_args.connect_retrying(ETCD_START_WAIT))?;
