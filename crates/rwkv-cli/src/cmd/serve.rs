@@ -171,7 +171,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let file: ServeFile = server::read_config(args.config.as_deref())?;
     let router_args = args.router.or(file.router);
     let engine_args = args.engine.or(file.engine);
-    // Settings and the port are checked before the model loads (minutes for a large one).
+    // The router's settings, TLS pair and port are checked before the model loads (minutes
+    // for a large one); the engine's when it starts.
     let pool_config = router_args.pool_config()?;
     router_args.router_config(None)?;
     let tls = server::tls_pair(&router_args.tls_cert, &router_args.tls_key)?;

@@ -27,7 +27,8 @@ pub struct EngineArgs {
     /// `world`, a Hugging Face tokenizer.json, or a World vocabulary .txt.
     #[arg(long, env = "RWKV_TOKENIZER")]
     pub tokenizer: Option<String>,
-    /// Compute backend [default: auto = CUDA if a GPU is usable, else CPU].
+    /// Compute backend [default: auto = CUDA when the machine has a GPU (an error if it cannot
+    /// be used), else the CPU].
     #[arg(long, value_enum, env = "RWKV_BACKEND")]
     pub backend: Option<BackendKind>,
     /// Weight precision on the CPU [default: bf16].
