@@ -66,6 +66,15 @@ fn prompt() -> Vec<u32> {
     (0..40).map(|i| (i * 37 + 11) % 1000 + 1).collect()
 }
 
+/// Runs `prompt` once, so that the engine caches its end with the logits (an exact hit later).
+fn cache_prompt_end(engine: &Engine, prompt: &[u32]) {
+    let (_, end) = engine
+        .generate(request(prompt, sampled(1, 3)))
+        .unwrap()
+        .collect();
+    finished(&end);
+}
+
 fn finished(end: &GenerateEvent) -> (FinishReason, Usage) {
     match end {
         GenerateEvent::Finished { reason, usage } => (*reason, *usage),
@@ -222,12 +231,7 @@ fn choices_of_an_exact_cache_hit_leave_the_slots_promised_to_other_admissions() 
     };
     let engine = Engine::start(CpuBackend::new(&weights, 2), cfg).unwrap();
     let prompt = prompt();
-    // Caches the prompt's end with its logits.
-    let (_, end) = engine
-        .generate(request(&prompt, sampled(1, 3)))
-        .unwrap()
-        .collect();
-    finished(&end);
+    cache_prompt_end(&engine, &prompt);
     // Both are admitted together onto the two free slots; the first samples at placement (an
     // exact hit) and forks its choices, which must not take the slot the second was given.
     let choices = engine
@@ -259,11 +263,7 @@ fn choices_of_a_hit_that_ends_at_placement_start_without_another_command() {
     let weights = weights();
     let engine = Engine::start(CpuBackend::new(&weights, 2), EngineConfig::default()).unwrap();
     let prompt = prompt();
-    let (_, end) = engine
-        .generate(request(&prompt, sampled(1, 3)))
-        .unwrap()
-        .collect();
-    finished(&end);
+    cache_prompt_end(&engine, &prompt);
     let choices = engine
         .generate_n(request(&prompt, sampled(1, 7)), 3)
         .unwrap();

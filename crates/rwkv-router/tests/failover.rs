@@ -267,13 +267,7 @@ async fn a_worker_full_of_sessions_passes_new_ones_to_another() {
     let full = post("/v1/sessions", json!({})).await.unwrap();
     assert_eq!(full.status(), 429);
     let body: Value = full.json().await.unwrap();
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("full of sessions"),
-        "{body}"
-    );
+    assert_error_mentions(&body, "full of sessions");
 }
 
 /// New sessions go to the worker holding the fewest: a burst of creations with no traffic

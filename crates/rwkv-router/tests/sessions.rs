@@ -296,13 +296,7 @@ async fn a_turn_on_a_worker_full_of_sessions_is_a_429() {
         )
         .await;
     assert_eq!(status, 429, "{body}");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("full of sessions"),
-        "{body}"
-    );
+    assert_error_mentions(&body, "full of sessions");
     let (_, after) = c.get(&format!("/v1/sessions/{id}"), None).await;
     assert_eq!(after["tokens"], before["tokens"]);
 }

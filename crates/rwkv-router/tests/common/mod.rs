@@ -238,3 +238,9 @@ pub fn tenant(name: &str, key: &str, admin: bool) -> TenantConfig {
         max_state_bytes: None,
     }
 }
+
+/// Asserts that an OpenAI-style error body's message mentions `what`.
+pub fn assert_error_mentions(body: &Value, what: &str) {
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(what), "no {what:?} in {body}");
+}
