@@ -125,7 +125,20 @@ impl EtcdRegistry {
         let options = security.apply(endpoints, options)?;
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(backend)?;
+            .map_err(|e| match e {
+                // With a user, connecting authenticates: etcd answers a wrong name or
+                // password with INVALID_ARGUMENT ("authentication failed").
+                etcd_client::Error::GRpcStatus(status)
+                    if security.user.is_some()
+                        && matches!(
+                            status.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::Unauthenticated
+                        ) =>
+                {
+                    RegistryError::Refused(status.message().to_owned())
+                }
+                e => backend(e),
+            })?;
         Ok(Self {
             client,
             prefix: format!("{}/workers/", prefix.trim_end_matches('/')),

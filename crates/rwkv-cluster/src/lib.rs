@@ -39,6 +39,9 @@ pub enum RegistryError {
     InvalidRecord(String, String),
     #[error("registry backend error: {0}")]
     Backend(String),
+    /// The backend answered and refused these credentials: trying again will not help.
+    #[error("the registry refused this user: {0}")]
+    Refused(String),
 }
 
 /// Where workers announce themselves and routers learn about them.

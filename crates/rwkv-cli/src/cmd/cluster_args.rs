@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use rwkv_cluster::{EtcdRegistry, EtcdSecurity};
+use rwkv_cluster::{EtcdRegistry, EtcdSecurity, RegistryError};
 use serde::Deserialize;
 
 #[derive(clap::Args, Clone, Debug, Default, Deserialize)]
@@ -107,27 +107,34 @@ impl EtcdArgs {
         Ok(Duration::from_secs(ttl))
     }
 
-    /// [`EtcdArgs::connect`], trying again (every 1 to 10 s) for up to `wait`: a cluster
-    /// starting at once has etcd, workers and routers coming up in any order.
+    /// Connects to etcd with these settings, trying again (every 1 to 10 s) for up to
+    /// `wait`: a cluster starting at once has etcd, workers and routers coming up in any
+    /// order. Settings that are wrong stay wrong, so they are checked (and their files read)
+    /// once, and a user etcd refuses ends it at once.
     pub async fn connect_retrying(&self, wait: Duration) -> anyhow::Result<EtcdRegistry> {
-        // Settings that are wrong stay wrong: only reaching etcd is tried again.
-        self.endpoints()?;
-        self.lease_ttl()?;
-        self.security()?;
+        let endpoints = self.endpoints()?;
+        let prefix = self.etcd_prefix.as_deref().unwrap_or("/rwkv");
+        let ttl = self.lease_ttl()?;
+        let security = self.security()?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_secs(1);
         loop {
-            match self.connect().await {
+            let e = match EtcdRegistry::connect_secured(&endpoints, prefix, ttl, &security).await {
                 Ok(registry) => return Ok(registry),
-                // etcd answered and refused the user: waiting will not change that.
-                Err(e) if format!("{e:#}").contains("authentication failed") => return Err(e),
-                Err(e) if tokio::time::Instant::now() + pause < deadline => {
-                    tracing::warn!("{e:#}; trying again in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
-                }
-                Err(e) => return Err(e.context(format!("gave up after {wait:?}"))),
+                Err(e) => e,
+            };
+            let refused = matches!(e, RegistryError::Refused(_));
+            let e = anyhow::Error::new(e)
+                .context(format!("cannot reach etcd at {}", endpoints.join(",")));
+            if refused {
+                return Err(e);
             }
+            if tokio::time::Instant::now() + pause >= deadline {
+                return Err(e.context(format!("gave up after {wait:?}")));
+            }
+            tracing::warn!("{e:#}; trying again in {pause:?}");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -142,16 +149,6 @@ impl EtcdArgs {
             .collect();
         anyhow::ensure!(!endpoints.is_empty(), "--etcd names no endpoint");
         Ok(endpoints)
-    }
-
-    pub async fn connect(&self) -> anyhow::Result<EtcdRegistry> {
-        let endpoints = self.endpoints()?;
-        let prefix = self.etcd_prefix.as_deref().unwrap_or("/rwkv");
-        let ttl = self.lease_ttl()?;
-        let security = self.security()?;
-        EtcdRegistry::connect_secured(&endpoints, prefix, ttl, &security)
-            .await
-            .with_context(|| format!("cannot reach etcd at {}", endpoints.join(",")))
     }
 }
 

@@ -163,7 +163,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {addr} for metrics"))?,
         );
     }
-    let lease_ttl = etcd_args.lease_ttl()?;
     let runtime = server::runtime()?;
     let registry = runtime.block_on(etcd_args.connect_retrying(ETCD_START_WAIT))?;
     let prometheus = server::install_metrics()?;
@@ -201,7 +200,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 slots: identity.slots as u32,
             })
             .await?;
-        tracing::debug!(?lease_ttl, "registered");
         eprintln!(
             "[rwkv] worker `{worker_id}` serving `{}` at {advertise}",
             identity.model_id

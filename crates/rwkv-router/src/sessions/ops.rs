@@ -42,9 +42,9 @@ fn session_model(state: &Router, named: Option<String>) -> Result<String, ApiErr
 
 /// Makes a new session of `model` with `call` (a worker call returning the new session's id):
 /// once the tenant's quota allows one more, on the worker holding the fewest sessions
-/// ([`crate::pool::WorkerPool::for_new_sessions`]), or on the next whenever a worker is full of sessions (RESOURCE_EXHAUSTED: its `max_sessions` or
-/// `max_sessions_tokens`), so one full worker does not refuse sessions the others have room
-/// for. Any other refusal is final; `param` is the field a refused request is blamed on.
+/// ([`crate::pool::WorkerPool::for_new_sessions`]), or on the next whenever a worker is full
+/// of sessions (RESOURCE_EXHAUSTED: its `max_sessions` or `max_sessions_tokens`), so one full
+/// worker does not refuse sessions the others have room for. Any other refusal is final; `param` is the field a refused request is blamed on.
 async fn create_on_some_worker<F, Fut>(
     state: &Router,
     tenant: &Tenant,
