@@ -27,8 +27,13 @@ fn etcd_binary() -> Option<PathBuf> {
 }
 
 fn start_etcd(dir: &Path) -> (Proc, String) {
+    start_etcd_with(dir, "http", &[])
+}
+
+/// An etcd whose clients use `scheme` (`https` needs its certificate flags in `extra`).
+fn start_etcd_with(dir: &Path, scheme: &str, extra: &[&std::ffi::OsStr]) -> (Proc, String) {
     let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
+    let url = format!("{scheme}://127.0.0.1:{client}");
     let child = Command::new(etcd_binary().unwrap())
         .args([
             "--name",
@@ -46,11 +51,22 @@ fn start_etcd(dir: &Path) -> (Proc, String) {
             "--initial-cluster",
             &format!("test=http://127.0.0.1:{peer}"),
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start etcd");
     (Proc(child), url)
+}
+
+/// A worker record of the `tiny` model with 4 slots.
+fn record(id: &str, address: &str) -> rwkv_cluster::WorkerRecord {
+    rwkv_cluster::WorkerRecord {
+        id: id.into(),
+        address: address.into(),
+        model: "tiny".into(),
+        slots: 4,
+    }
 }
 
 fn rwkv() -> Command {
@@ -419,12 +435,6 @@ async fn etcd_membership_follows_the_keys() {
     let registry = EtcdRegistry::connect(std::slice::from_ref(&etcd), "/t", ttl)
         .await
         .unwrap();
-    let record = |id: &str, address: &str| WorkerRecord {
-        id: id.into(),
-        address: address.into(),
-        model: "tiny".into(),
-        slots: 4,
-    };
     let a = record("a", "http://10.0.0.1:50051");
     let registration = registry.register(a.clone()).await.unwrap();
     let mut members = registry.watch().await.unwrap();
@@ -495,7 +505,7 @@ async fn etcd_membership_follows_the_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_with_authentication_needs_the_user() {
     use etcd_client::{Client, Permission};
-    use rwkv_cluster::{EtcdRegistry, EtcdSecurity, Registry, WorkerRecord};
+    use rwkv_cluster::{EtcdRegistry, EtcdSecurity, Registry};
     if !etcd_available() {
         return;
     }
@@ -517,12 +527,7 @@ async fn an_etcd_with_authentication_needs_the_user() {
 
     let ttl = Duration::from_secs(3);
     let endpoints = std::slice::from_ref(&etcd);
-    let record = WorkerRecord {
-        id: "w".into(),
-        address: "http://10.0.0.1:50051".into(),
-        model: "tiny".into(),
-        slots: 4,
-    };
+    let record = record("w", "http://10.0.0.1:50051");
     let open = EtcdRegistry::connect(endpoints, "/a", ttl).await;
     let refused = match open {
         Ok(registry) => registry.register(record.clone()).await.err(),
@@ -555,9 +560,11 @@ async fn an_etcd_with_authentication_needs_the_user() {
         user: Some(("rwkv".into(), "nope".into())),
         ..EtcdSecurity::default()
     };
-    assert!(EtcdRegistry::connect_secured(endpoints, "/a", ttl, &wrong)
-        .await
-        .is_err());
+    let refused = EtcdRegistry::connect_secured(endpoints, "/a", ttl, &wrong).await;
+    assert!(
+        matches!(refused, Err(rwkv_cluster::RegistryError::Refused(_))),
+        "{refused:?}"
+    );
 
     // Through the CLI: a router with the user's password file follows the membership (its
     // health port answers); with a wrong password it stops at once, saying why.
@@ -614,7 +621,7 @@ async fn an_etcd_with_authentication_needs_the_user() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_behind_tls_with_client_certificates() {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    use rwkv_cluster::{EtcdRegistry, EtcdSecurity, Registry, WorkerRecord};
+    use rwkv_cluster::{EtcdRegistry, EtcdSecurity, Registry};
     if !etcd_available() {
         return;
     }
@@ -643,35 +650,18 @@ async fn an_etcd_behind_tls_with_client_certificates() {
         write("server.pem", &server_cert),
         write("server-key.pem", &server_key),
     );
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("https://127.0.0.1:{client}");
-    let _etcd = Proc(
-        Command::new(etcd_binary().unwrap())
-            .args(["--name", "tls", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args(["--initial-cluster", &format!("tls=http://127.0.0.1:{peer}")])
-            .arg("--cert-file")
-            .arg(&cert_file)
-            .arg("--key-file")
-            .arg(&key_file)
-            .arg("--trusted-ca-file")
-            .arg(&ca_file)
-            .arg("--client-cert-auth")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start etcd"),
+    let (_etcd, url) = start_etcd_with(
+        dir.path(),
+        "https",
+        &[
+            "--cert-file".as_ref(),
+            cert_file.as_os_str(),
+            "--key-file".as_ref(),
+            key_file.as_os_str(),
+            "--trusted-ca-file".as_ref(),
+            ca_file.as_os_str(),
+            "--client-cert-auth".as_ref(),
+        ],
     );
     let secured = EtcdSecurity {
         ca_pem: Some(ca.pem().into_bytes()),
@@ -680,12 +670,7 @@ async fn an_etcd_behind_tls_with_client_certificates() {
     };
     let endpoints = [url.clone()];
     let ttl = Duration::from_secs(3);
-    let record = WorkerRecord {
-        id: "w".into(),
-        address: "http://10.0.0.1:50051".into(),
-        model: "tiny".into(),
-        slots: 4,
-    };
+    let record = record("w", "http://10.0.0.1:50051");
     // etcd takes a moment to listen.
     let deadline = Instant::now() + Duration::from_secs(30);
     let registration = loop {
