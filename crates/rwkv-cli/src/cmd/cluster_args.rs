@@ -112,9 +112,9 @@ impl EtcdArgs {
     /// order. Settings that are wrong stay wrong, so they are checked (and their files read)
     /// once, and a user etcd refuses ends it at once.
     pub async fn connect_retrying(&self, wait: Duration) -> anyhow::Result<EtcdRegistry> {
+        let ttl = self.lease_ttl()?;
         let endpoints = self.endpoints()?;
         let prefix = self.etcd_prefix.as_deref().unwrap_or("/rwkv");
-        let ttl = self.lease_ttl()?;
         let security = self.security()?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_secs(1);
